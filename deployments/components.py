@@ -1,0 +1,166 @@
+"""Model components for the Wan2.2 I2V stages: built at random in code, or loaded from files.
+
+Every stage loads only what it needs through these functions, so the encoder's VAE and the
+decoder's VAE are the same model (same source, same seed) even though they live in different
+processes. Random components are deterministic: component k of a profile is built under
+`torch.manual_seed(seed + k)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+from deployments.config import DiffusersWeights, RandomWeights
+
+# Offsets added to the profile seed, one per component, so each has its own stream.
+_SEED_OFFSET = {"text_encoder": 0, "vae": 1, "high": 2, "low": 3}
+
+# ------------------------------------------------------------------ architectures
+
+# Tiny: runs the whole graph on a CPU in about a second (REFERENCE.md).
+TINY = {
+    "text_encoder": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                         dropout_rate=0.0),
+    "vae": dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True]),
+    "expert": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                   in_channels=36, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                   num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                   rope_max_seq_len=32),
+}
+
+# Full size Wan2.2-I2V-A14B (umT5-XXL encoder, Wan2.1 VAE, 14.29 B-parameter experts): for speed
+# measurements with random weights, where speed does not depend on weight values.
+A14B = {
+    "text_encoder": dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                         num_heads=64, relative_attention_num_buckets=32,
+                         feed_forward_proj="gated-gelu", dropout_rate=0.0),
+    "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                temperal_downsample=[False, True, True]),
+    "expert": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                   in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                   num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                   eps=1e-6, rope_max_seq_len=1024),
+}
+ARCHS = {"tiny": TINY, "a14b": A14B}
+
+
+def tiny_tokenizer() -> T5Tokenizer:
+    """A unigram tokenizer built in code: specials, letters, digits, a few words (< 64 ids).
+
+    Any ASCII prompt tokenizes (into letters if need be); other characters map to <unk>.
+    """
+    words = ["▁a", "▁the", "▁of", "▁and", "▁portrait", "▁talks", "▁smiles", "▁camera", "▁woman",
+             "▁man", "▁cat"]
+    singles = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789") + list(".,")
+    pieces = ["<pad>", "</s>", "<unk>"] + words + singles
+    vocab = [(p, 0.0) for p in pieces[:3]] + [(p, -1.0 - i / 10) for i, p in enumerate(words)]
+    vocab += [(p, -10.0) for p in singles]
+    assert len(vocab) <= TINY["text_encoder"]["vocab_size"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+@contextmanager
+def _building(dtype: torch.dtype, device: torch.device | str, seed: int):
+    """Build modules directly in `dtype` on `device` (a full-size fp32 copy would not fit)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _random(cls: type, kwargs: dict[str, Any], weights: RandomWeights, component: str,
+            dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    # Random weights are drawn in fp32 on the CPU for tiny models (bit-identical everywhere);
+    # full-size ones are drawn in the target dtype on the target device.
+    seed = weights.seed + _SEED_OFFSET[component]
+    if weights.arch == "tiny":
+        torch.manual_seed(seed)
+        model = cls(**kwargs).to(device=device)
+    else:
+        with _building(dtype, device, seed):
+            model = cls(**kwargs)
+    return cast_keeping_fp32(model, dtype).eval()
+
+
+def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to `dtype`, but keep the modules the model class marks `_keep_in_fp32_modules` in fp32
+    (Wan: rope, time embedder, modulation tables, norms) -- what `from_pretrained(torch_dtype=...)`
+    does for files, done here for models built in code."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, param in model.named_parameters():
+        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        param.data = param.data.to(target)
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point():
+            target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+            buf.data = buf.data.to(target)
+    return model
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def load_text_encoder(weights, dtype: torch.dtype, device) -> tuple[Any, UMT5EncoderModel]:
+    """-> (tokenizer, UMT5EncoderModel) in `dtype` on `device`."""
+    if isinstance(weights, RandomWeights):
+        config = UMT5Config(**ARCHS[weights.arch]["text_encoder"])
+        return tiny_tokenizer(), _random(UMT5EncoderModel, {"config": config}, weights,
+                                         "text_encoder", dtype, device)
+    if isinstance(weights, DiffusersWeights):
+        tokenizer = AutoTokenizer.from_pretrained(weights.path, subfolder="tokenizer",
+                                                  local_files_only=True)
+        model = UMT5EncoderModel.from_pretrained(weights.path, subfolder="text_encoder",
+                                                 torch_dtype=dtype, local_files_only=True)
+        return tokenizer, model.to(device).eval()
+    raise TypeError(f"text encoder cannot load weights of kind {weights.kind!r}")
+
+
+def load_vae(weights, dtype: torch.dtype, device) -> AutoencoderKLWan:
+    if isinstance(weights, RandomWeights):
+        return _random(AutoencoderKLWan, ARCHS[weights.arch]["vae"], weights, "vae", dtype, device)
+    if isinstance(weights, DiffusersWeights):
+        vae = AutoencoderKLWan.from_pretrained(weights.path, subfolder="vae", torch_dtype=dtype,
+                                               local_files_only=True)
+        return vae.to(device).eval()
+    raise TypeError(f"VAE cannot load weights of kind {weights.kind!r}")
+
+
+def load_expert(weights, role: str, dtype: torch.dtype, device) -> WanTransformer3DModel:
+    """The high-noise expert is diffusers' `transformer`, the low-noise one `transformer_2`."""
+    if isinstance(weights, RandomWeights):
+        return _random(WanTransformer3DModel, ARCHS[weights.arch]["expert"], weights, role,
+                       dtype, device)
+    if isinstance(weights, DiffusersWeights):
+        subfolder = weights.subfolder or ("transformer" if role == "high" else "transformer_2")
+        model = WanTransformer3DModel.from_pretrained(weights.path, subfolder=subfolder,
+                                                      torch_dtype=dtype, local_files_only=True)
+        return model.to(device).eval()
+    raise TypeError(f"expert cannot load weights of kind {weights.kind!r}")
+
+
+def get_dummy_components(seed: int = 0) -> dict[str, Any]:
+    """The tiny random components as diffusers' `WanImageToVideoPipeline` names them (fp32, CPU).
+
+    Built through the same loaders the stages use, so a pipeline made from these has exactly the
+    weights of a tiny-profile graph with `weights.seed == seed`.
+    """
+    w = RandomWeights(arch="tiny", seed=seed)
+    tokenizer, text_encoder = load_text_encoder(w, torch.float32, "cpu")
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": load_vae(w, torch.float32, "cpu"),
+        "transformer": load_expert(w, "high", torch.float32, "cpu"),
+        "transformer_2": load_expert(w, "low", torch.float32, "cpu"),
+    }

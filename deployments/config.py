@@ -1,0 +1,220 @@
+"""Configuration: one root `GraphConfig` holding one sub-config per stage and the serving settings.
+
+A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up; every stage
+receives its own sub-config as a constructor argument and never reads files or the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- weights sources
+
+
+class RandomWeights(_Strict):
+    """Random weights built in code (no files): `tiny` for tests and the demo, `a14b` for speed."""
+
+    kind: Literal["random"] = "random"
+    arch: Literal["tiny", "a14b"] = "tiny"
+    seed: int = 0
+
+
+class DiffusersWeights(_Strict):
+    """A diffusers-format folder (local path or a Hub repo id already in the local cache)."""
+
+    kind: Literal["diffusers"] = "diffusers"
+    path: str
+    subfolder: str | None = None
+
+
+WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights], Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- placement
+
+
+class Placement(_Strict):
+    """Where and how many: maps onto `serve.deployment(...)` options in graph.py."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.1, ge=0)
+    replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(4, ge=1)
+    accelerator_type: str | None = None
+
+
+# ---------------------------------------------------------------- stages
+
+
+class StageBase(_Strict):
+    weights: WeightsSource = RandomWeights()
+    placement: Placement = Placement()
+    # "auto": the first CUDA device the replica can see, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EncoderConfig(StageBase):
+    """UMT5 text encoder + Wan VAE encode of the first frame."""
+
+    # The text encoder runs in bf16 on a GPU even where the DIT computes in fp16 (DESIGN.md);
+    # CPUs may run it in fp32.
+    text_encoder_dtype: DType = "bfloat16"
+    text_encoder_dtype_cpu: DType = "float32"
+    vae_dtype: DType = "float32"
+    max_sequence_length: int = Field(512, ge=1)
+
+
+class ExpertConfig(StageBase):
+    """One Wan2.2 expert; the same class serves the `high` and `low` roles."""
+
+    role: Literal["high", "low"]
+    compute_dtype: DType = "bfloat16"
+    compute_dtype_cpu: DType = "float32"
+    # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
+    # (plain SDPA). A kernel choice is a config value, never an import side effect.
+    attention_backend: str | None = None
+
+
+class DecoderConfig(StageBase):
+    vae_dtype: DType = "bfloat16"
+    vae_dtype_cpu: DType = "float32"
+
+
+class IngressConfig(_Strict):
+    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=16)
+
+
+class Stages(_Strict):
+    encoder: EncoderConfig = EncoderConfig()
+    high: ExpertConfig = ExpertConfig(role="high")
+    low: ExpertConfig = ExpertConfig(role="low")
+    decoder: DecoderConfig = DecoderConfig()
+    ingress: IngressConfig = IngressConfig()
+
+    @model_validator(mode="after")
+    def _roles_match_slots(self) -> "Stages":
+        if self.high.role != "high" or self.low.role != "low":
+            raise ValueError("stages.high must have role 'high' and stages.low role 'low'")
+        return self
+
+
+# ---------------------------------------------------------------- sampler
+
+
+class SamplerConfig(_Strict):
+    """How the denoise loop is scheduled and split between the two experts."""
+
+    scheduler: Literal["unipc", "euler"] = "unipc"
+    flow_shift: float = Field(3.0, gt=0)
+    num_inference_steps: int = Field(40, ge=1)
+    # Explicit sigma schedule before the shift (distilled models: [1.0, 0.75, 0.5, 0.25]).
+    # When set, the number of steps is fixed to its length.
+    sigmas: list[float] | None = None
+    guidance_scale: float = Field(3.5, ge=0)
+    guidance_scale_2: float = Field(3.5, ge=0)
+    # Wan2.2 rule: the high-noise expert runs while t >= boundary_ratio * num_train_timesteps.
+    boundary_ratio: float = Field(0.9, gt=0, le=1)
+    # Distilled profiles split by step index instead: the first `high_steps` steps are high.
+    high_steps: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SamplerConfig":
+        if self.sigmas is not None:
+            if self.scheduler != "euler":
+                raise ValueError("sampler.sigmas needs scheduler 'euler'")
+            if len(self.sigmas) != self.num_inference_steps:
+                raise ValueError("sampler.num_inference_steps must equal len(sampler.sigmas)")
+        return self
+
+    @property
+    def fixed_steps(self) -> bool:
+        return self.sigmas is not None
+
+
+# ---------------------------------------------------------------- requests and serving
+
+
+class GenerationDefaults(_Strict):
+    """Values a request gets when it leaves a field out."""
+
+    width: int = 832
+    height: int = 480
+    num_frames: int = 81
+    fps: int = 16
+    negative_prompt: str = ""
+
+
+class Limits(_Strict):
+    """Per-profile bounds checked at the ingress before any stage is called."""
+
+    max_width: int = 1280
+    max_height: int = 1280
+    max_pixels: int = 1280 * 720
+    max_frames: int = 121
+    max_steps: int = 100
+    max_prompt_chars: int = 2000
+    max_image_bytes: int = 20 * 1024 * 1024
+
+
+class ServingConfig(_Strict):
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class GraphConfig(_Strict):
+    name: str
+    description: str = ""
+    stages: Stages = Stages()
+    sampler: SamplerConfig = SamplerConfig()
+    defaults: GenerationDefaults = GenerationDefaults()
+    limits: Limits = Limits()
+    serving: ServingConfig = ServingConfig()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """Return `base` with `overrides` merged in, recursing into nested mappings."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def profile_path(profile: str) -> Path:
+    """A profile is a name in `configs/` (`tiny`) or a path to a YAML file."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{profile}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown profile {profile!r}; known profiles: {known}")
+    return candidate
+
+
+def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None) -> GraphConfig:
+    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    # The role of each expert follows from its slot; a profile need not repeat it.
+    for role in ("high", "low"):
+        raw.setdefault("stages", {}).setdefault(role, {}).setdefault("role", role)
+    return GraphConfig.model_validate(raw)

@@ -1,0 +1,74 @@
+"""Decoder stage: Wan VAE decode of the final latents into video frames.
+
+    latents (1, 16, T, h, w) fp32 -> denormalise -> VAE decode -> (1, 3, F, 8h, 8w) in [-1, 1]
+    -> float frames (F, H, W, 3) in [0, 1] -> uint8 frames (F, H, W, 3)
+
+The decoder also muxes MP4 (`decode_mp4`), so the ~100 MB of frames of an 81-frame 480p clip
+never leave this process on the HTTP path; only the few-hundred-kB MP4 does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.video_processor import VideoProcessor
+
+from deployments.components import load_vae
+from deployments.config import DecoderConfig
+from deployments.payloads import DenoiseState, Frames
+from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.transport import unpack
+from deployments.video import encode_mp4
+
+
+def vae_norm_constants(vae, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dtype policy: the latents mean/std are cast together with the VAE weights.
+
+    Left in fp32 they would silently upcast the bf16 latents and the decode with them.
+    Returns (mean, std), each (1, z, 1, 1, 1) in the VAE's dtype.
+    """
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
+    return mean, std
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """float frames in [0, 1] -> uint8, rounded as diffusers' `numpy_to_pil` does."""
+    return (frames * 255).round().astype(np.uint8)
+
+
+class Decoder:
+    def __init__(self, cfg: DecoderConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = dtype_for(self.device, cfg.vae_dtype, cfg.vae_dtype_cpu)
+        self.vae = load_vae(cfg.weights, self.dtype, self.device)
+        # Cast once with the weights (see vae_norm_constants).
+        self.latents_mean, self.latents_std = vae_norm_constants(self.vae, self.dtype, self.device)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
+
+    @torch.no_grad()
+    def decode_float(self, state: DenoiseState) -> np.ndarray:
+        """-> float32 frames (F, H, W, 3) in [0, 1]."""
+        if not state.done:
+            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
+        latents = unpack(state.latents, self.device).to(self.dtype)
+        latents = latents * self.latents_std + self.latents_mean
+        video = self.vae.decode(latents, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
+
+    def decode(self, state: DenoiseState) -> Frames:
+        """-> uint8 frames (F, H, W, 3)."""
+        return Frames(frames=to_uint8(self.decode_float(state)), fps=state.params.fps)
+
+    def decode_mp4(self, state: DenoiseState) -> bytes:
+        """-> H.264 MP4 bytes at the request's frame rate."""
+        frames = self.decode(state)
+        return encode_mp4(frames.frames, frames.fps)
+
+    def check_health(self) -> None:
+        check_resident("decoder", self.vae)
+
+    def info(self) -> dict:
+        return placement_info(self.device)

@@ -1,0 +1,121 @@
+"""Encoder stage: UMT5 text encoder + Wan VAE encode of the first frame.
+
+    prompt -> context (1, 512, D)            D = 4096 for umT5-XXL
+    image  -> condition (1, 4 + 16, T, H/8, W/8)   T = (F - 1) / 4 + 1
+
+Mirrors diffusers' `WanImageToVideoPipeline.encode_prompt` / `prepare_latents` (the reference the
+tests compare against) as a stage of its own, so it can sit on its own GPU and stay resident.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
+from diffusers.video_processor import VideoProcessor
+
+from deployments.components import load_text_encoder, load_vae
+from deployments.config import EncoderConfig
+from deployments.payloads import Conditioning, VideoParams
+from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.transport import pack, torch_dtype
+
+
+def text_encoder_dtype(cfg: EncoderConfig, device: torch.device) -> torch.dtype:
+    """Dtype policy: the text encoder runs in bf16 on a GPU whatever the DIT computes in.
+
+    Its output keeps this dtype across the stage boundary; the expert casts it on arrival
+    (`dit_expert.cast_context`), never the encoder.
+    """
+    return dtype_for(device, cfg.text_encoder_dtype, cfg.text_encoder_dtype_cpu)
+
+
+def first_frame_mask(num_frames: int, latent_frames: int, h: int, w: int, temporal: int) -> torch.Tensor:
+    """(1, temporal, T, h, w): 1 where the pixel frame is given (frame 0), 0 elsewhere.
+
+    The first latent frame covers one pixel frame, the others `temporal` each; the mask repeats
+    frame 0 `temporal` times so every latent frame has `temporal` mask channels.
+    """
+    mask = torch.zeros(1, 1, num_frames, h, w)
+    mask[:, :, 0] = 1
+    mask = torch.cat([mask[:, :, :1].repeat_interleave(temporal, dim=2), mask[:, :, 1:]], dim=2)
+    return mask.view(1, latent_frames, temporal, h, w).transpose(1, 2)
+
+
+class Encoder:
+    def __init__(self, cfg: EncoderConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.text_dtype = text_encoder_dtype(cfg, self.device)
+        self.vae_dtype = torch_dtype(cfg.vae_dtype)
+        self.tokenizer, self.text_encoder = load_text_encoder(cfg.weights, self.text_dtype, self.device)
+        self.vae = load_vae(cfg.weights, self.vae_dtype, self.device)
+        self.temporal = self.vae.config.scale_factor_temporal
+        self.spatial = self.vae.config.scale_factor_spatial
+        self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)
+        z = self.vae.config.z_dim
+        # Normalisation runs in fp32 on the fp32 latents, as in the reference pipeline.
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+
+    # ------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str) -> torch.Tensor:
+        """prompt -> (1, L, D) in the text encoder's dtype, zeroed past the prompt's tokens."""
+        length = self.cfg.max_sequence_length
+        tokens = self.tokenizer([prompt_clean(prompt)], padding="max_length", max_length=length,
+                                truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state.to(self.text_dtype)
+        n = int(mask.gt(0).sum())
+        hidden[:, n:] = 0
+        return hidden
+
+    # ------------------------------------------------------------------ image
+
+    def preprocess(self, image: np.ndarray | PIL.Image.Image, width: int, height: int) -> torch.Tensor:
+        """uint8 (H, W, 3) or PIL -> (1, 3, height, width) fp32 in [-1, 1], resized."""
+        if isinstance(image, np.ndarray):
+            image = PIL.Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        return self.video_processor.preprocess(image, height=height, width=width).to(
+            self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def encode_image(self, image: np.ndarray | PIL.Image.Image, width: int, height: int,
+                     num_frames: int) -> torch.Tensor:
+        """-> condition (1, 4 + z, T, h, w) fp32: first-frame mask + normalised VAE latents.
+
+        The image followed by `num_frames - 1` black frames is VAE-encoded (mode of the latent
+        distribution, no sampling), as Wan2.2 I2V was trained.
+        """
+        pixels = self.preprocess(image, width, height).unsqueeze(2)  # (1, 3, 1, H, W)
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
+        latents = self.vae.encode(video.to(self.vae_dtype)).latent_dist.mode().to(torch.float32)
+        latents = (latents - self.latents_mean) / self.latents_std
+        _, _, t, h, w = latents.shape
+        mask = first_frame_mask(num_frames, t, h, w, self.temporal).to(latents.device)
+        return torch.cat([mask, latents], dim=1)
+
+    # ------------------------------------------------------------------ stage entry point
+
+    def latent_shape(self, params: VideoParams) -> tuple[int, ...]:
+        t = (params.num_frames - 1) // self.temporal + 1
+        return (1, self.vae.config.z_dim, t, params.height // self.spatial, params.width // self.spatial)
+
+    def encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:
+        """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
+        context = self.encode_text(params.prompt)
+        negative = self.encode_text(params.negative_prompt) if params.needs_negative else None
+        condition = self.encode_image(image, params.width, params.height, params.num_frames)
+        return Conditioning(params=params, prompt_embeds=pack(context),
+                            negative_prompt_embeds=None if negative is None else pack(negative),
+                            condition=pack(condition), latent_shape=self.latent_shape(params))
+
+    def check_health(self) -> None:
+        check_resident("encoder", self.text_encoder, self.vae)
+
+    def info(self) -> dict:
+        return placement_info(self.device)

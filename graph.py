@@ -1,0 +1,53 @@
+"""The Ray Serve application: each stage class becomes a deployment, bound into one DAG.
+
+    serve run serve_config.yaml          (import_path: graph:app, args: {profile: tiny})
+
+        Ingress ── Encoder ── DitExpert[high] ── DitExpert[low] ── Decoder
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import GraphConfig, Placement, load_profile
+from deployments.decoder import Decoder
+from deployments.dit_expert import DitExpert
+from deployments.encoder import Encoder
+from deployments.ingress import Ingress
+
+
+class GraphArgs(BaseModel):
+    """`args:` of serve_config.yaml."""
+
+    profile: str = Field("tiny", description="a name in configs/ or a path to a profile YAML")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="merged into the profile, e.g. placement")
+
+
+def deployment(cls: type, name: str, placement: Placement):
+    """Wrap a Ray-free stage class as a deployment with the placement from its config."""
+    actor = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
+    if placement.accelerator_type:
+        actor["accelerator_type"] = placement.accelerator_type
+    return serve.deployment(cls, name=name, num_replicas=placement.replicas,
+                            max_ongoing_requests=placement.max_ongoing_requests,
+                            ray_actor_options=actor)
+
+
+def build_from_config(cfg: GraphConfig) -> Application:
+    s = cfg.stages
+    encoder = deployment(Encoder, "Encoder", s.encoder.placement).bind(s.encoder)
+    high = deployment(DitExpert, "DitExpertHigh", s.high.placement).bind(s.high, cfg.sampler)
+    low = deployment(DitExpert, "DitExpertLow", s.low.placement).bind(s.low, cfg.sampler)
+    decoder = deployment(Decoder, "Decoder", s.decoder.placement).bind(s.decoder)
+    ingress = deployment(serve.ingress()(Ingress), "Ingress", s.ingress.placement)
+    return ingress.bind(encoder, high, low, decoder, cfg)
+
+
+def app(args: GraphArgs) -> Application:
+    """Typed application builder for `serve run` / serve_config.yaml."""
+    return build_from_config(load_profile(args.profile, args.overrides))
