@@ -16,6 +16,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from deployments.config import DiffusersWeights, RandomWeights
+from deployments.hub import resolve_dir
 
 # Offsets added to the profile seed, one per component, so each has its own stream.
 _SEED_OFFSET = {"text_encoder": 0, "vae": 1, "high": 2, "low": 3}
@@ -111,39 +112,43 @@ def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
 # ------------------------------------------------------------------ loaders
 
 
-def load_text_encoder(weights, dtype: torch.dtype, device) -> tuple[Any, UMT5EncoderModel]:
+def load_text_encoder(weights, dtype: torch.dtype, device,
+                      weights_dir: str | None = None) -> tuple[Any, UMT5EncoderModel]:
     """-> (tokenizer, UMT5EncoderModel) in `dtype` on `device`."""
     if isinstance(weights, RandomWeights):
         config = UMT5Config(**ARCHS[weights.arch]["text_encoder"])
         return tiny_tokenizer(), _random(UMT5EncoderModel, {"config": config}, weights,
                                          "text_encoder", dtype, device)
     if isinstance(weights, DiffusersWeights):
-        tokenizer = AutoTokenizer.from_pretrained(weights.path, subfolder="tokenizer",
-                                                  local_files_only=True)
-        model = UMT5EncoderModel.from_pretrained(weights.path, subfolder="text_encoder",
+        root = resolve_dir(weights.path, weights_dir)
+        tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        model = UMT5EncoderModel.from_pretrained(root, subfolder=weights.subfolder or "text_encoder",
                                                  torch_dtype=dtype, local_files_only=True)
         return tokenizer, model.to(device).eval()
     raise TypeError(f"text encoder cannot load weights of kind {weights.kind!r}")
 
 
-def load_vae(weights, dtype: torch.dtype, device) -> AutoencoderKLWan:
+def load_vae(weights, dtype: torch.dtype, device, weights_dir: str | None = None) -> AutoencoderKLWan:
     if isinstance(weights, RandomWeights):
         return _random(AutoencoderKLWan, ARCHS[weights.arch]["vae"], weights, "vae", dtype, device)
     if isinstance(weights, DiffusersWeights):
-        vae = AutoencoderKLWan.from_pretrained(weights.path, subfolder="vae", torch_dtype=dtype,
-                                               local_files_only=True)
+        vae = AutoencoderKLWan.from_pretrained(resolve_dir(weights.path, weights_dir),
+                                               subfolder=weights.subfolder or "vae",
+                                               torch_dtype=dtype, local_files_only=True)
         return vae.to(device).eval()
     raise TypeError(f"VAE cannot load weights of kind {weights.kind!r}")
 
 
-def load_expert(weights, role: str, dtype: torch.dtype, device) -> WanTransformer3DModel:
+def load_expert(weights, role: str, dtype: torch.dtype, device,
+                weights_dir: str | None = None) -> WanTransformer3DModel:
     """The high-noise expert is diffusers' `transformer`, the low-noise one `transformer_2`."""
     if isinstance(weights, RandomWeights):
         return _random(WanTransformer3DModel, ARCHS[weights.arch]["expert"], weights, role,
                        dtype, device)
     if isinstance(weights, DiffusersWeights):
         subfolder = weights.subfolder or ("transformer" if role == "high" else "transformer_2")
-        model = WanTransformer3DModel.from_pretrained(weights.path, subfolder=subfolder,
+        model = WanTransformer3DModel.from_pretrained(resolve_dir(weights.path, weights_dir),
+                                                      subfolder=subfolder,
                                                       torch_dtype=dtype, local_files_only=True)
         return model.to(device).eval()
     raise TypeError(f"expert cannot load weights of kind {weights.kind!r}")

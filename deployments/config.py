@@ -34,14 +34,39 @@ class RandomWeights(_Strict):
 
 
 class DiffusersWeights(_Strict):
-    """A diffusers-format folder (local path or a Hub repo id already in the local cache)."""
+    """A diffusers-format repository: a Hub repo id (read from the local cache / `weights_dir`,
+    never downloaded while serving) or a local folder. `subfolder` overrides the component's
+    usual folder (`text_encoder`, `vae`, `transformer`, `transformer_2`)."""
 
     kind: Literal["diffusers"] = "diffusers"
     path: str
     subfolder: str | None = None
 
 
-WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights], Field(discriminator="kind")]
+class WanSafetensorsWeights(_Strict):
+    """One expert as a single safetensors file with original Wan key names
+    (`blocks.N.self_attn.q.weight`, ...): the lightx2v distilled bf16 files, or fp8 e4m3 files
+    with a per-output-channel `X.weight_scale` next to each quantised `X.weight`.
+    `config` names the diffusers repo/folder whose `transformer/config.json` describes it."""
+
+    kind: Literal["wan_safetensors"] = "wan_safetensors"
+    repo: str | None = None
+    filename: str
+    config: str
+
+
+class GGUFWeights(_Strict):
+    """One expert as a GGUF file (QuantStack layout, original Wan key names), loaded through
+    diffusers' GGUF quantization with the diffusers config passed explicitly (`config`)."""
+
+    kind: Literal["gguf"] = "gguf"
+    repo: str | None = None
+    filename: str
+    config: str
+
+
+WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights],
+                          Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- placement
@@ -65,6 +90,8 @@ class StageBase(_Strict):
     placement: Placement = Placement()
     # "auto": the first CUDA device the replica can see, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Copied from GraphConfig.weights_dir by `load_profile`.
+    weights_dir: str | None = None
 
 
 class EncoderConfig(StageBase):
@@ -94,6 +121,14 @@ class DecoderConfig(StageBase):
     vae_dtype_cpu: DType = "float32"
 
 
+class LipSyncConfig(StageBase):
+    """MuseTalk lip-sync stage (whisper-tiny features, UNet, SD VAE); fp16 on a GPU.
+    Fields are owned by deployments/lipsync.py."""
+
+    dtype: DType = "float16"
+    dtype_cpu: DType = "float32"
+
+
 class IngressConfig(_Strict):
     placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=16)
 
@@ -103,6 +138,7 @@ class Stages(_Strict):
     high: ExpertConfig = ExpertConfig(role="high")
     low: ExpertConfig = ExpertConfig(role="low")
     decoder: DecoderConfig = DecoderConfig()
+    lipsync: LipSyncConfig = LipSyncConfig()
     ingress: IngressConfig = IngressConfig()
 
     @model_validator(mode="after")
@@ -177,6 +213,9 @@ class ServingConfig(_Strict):
 class GraphConfig(_Strict):
     name: str
     description: str = ""
+    # Where `avatar-serve download` put the files (a huggingface_hub cache folder); None: the
+    # default Hugging Face cache. Serving reads from here and never downloads.
+    weights_dir: str | None = None
     stages: Stages = Stages()
     sampler: SamplerConfig = SamplerConfig()
     defaults: GenerationDefaults = GenerationDefaults()
@@ -185,6 +224,9 @@ class GraphConfig(_Strict):
 
 
 # ---------------------------------------------------------------- loading
+
+
+MODEL_STAGES = ("encoder", "high", "low", "decoder", "lipsync")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -214,7 +256,10 @@ def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None)
     raw = yaml.safe_load(profile_path(profile).read_text()) or {}
     if overrides:
         raw = deep_merge(raw, overrides)
+    stages = raw.setdefault("stages", {})
     # The role of each expert follows from its slot; a profile need not repeat it.
     for role in ("high", "low"):
-        raw.setdefault("stages", {}).setdefault(role, {}).setdefault("role", role)
+        stages.setdefault(role, {}).setdefault("role", role)
+    for name in MODEL_STAGES:
+        stages.setdefault(name, {}).setdefault("weights_dir", raw.get("weights_dir"))
     return GraphConfig.model_validate(raw)

@@ -43,7 +43,7 @@ class Decoder:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = dtype_for(self.device, cfg.vae_dtype, cfg.vae_dtype_cpu)
-        self.vae = load_vae(cfg.weights, self.dtype, self.device)
+        self.vae = load_vae(cfg.weights, self.dtype, self.device, cfg.weights_dir)
         # Cast once with the weights (see vae_norm_constants).
         self.latents_mean, self.latents_std = vae_norm_constants(self.vae, self.dtype, self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)

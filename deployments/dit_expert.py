@@ -49,7 +49,8 @@ class DitExpert:
         self.sampler_cfg = sampler
         self.device = resolve_device(cfg.device)
         self.dtype = compute_dtype(cfg, self.device)
-        self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device)
+        self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
+                                       cfg.weights_dir)
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)

@@ -49,8 +49,9 @@ class Encoder:
         self.device = resolve_device(cfg.device)
         self.text_dtype = text_encoder_dtype(cfg, self.device)
         self.vae_dtype = torch_dtype(cfg.vae_dtype)
-        self.tokenizer, self.text_encoder = load_text_encoder(cfg.weights, self.text_dtype, self.device)
-        self.vae = load_vae(cfg.weights, self.vae_dtype, self.device)
+        self.tokenizer, self.text_encoder = load_text_encoder(cfg.weights, self.text_dtype, self.device,
+                                                              cfg.weights_dir)
+        self.vae = load_vae(cfg.weights, self.vae_dtype, self.device, cfg.weights_dir)
         self.temporal = self.vae.config.scale_factor_temporal
         self.spatial = self.vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)
