@@ -56,9 +56,10 @@ class Encoder:
         self.spatial = self.vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)
         z = self.vae.config.z_dim
-        # Normalisation runs in fp32 on the fp32 latents, as in the reference pipeline.
+        # Normalisation runs in fp32 on the fp32 latents, multiplying by 1/std, as the reference
+        # pipeline does (bit-for-bit the same condition).
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
-        self.latents_std = torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+        self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
 
     # ------------------------------------------------------------------ text
 
@@ -95,7 +96,7 @@ class Encoder:
         pixels = self.preprocess(image, width, height).unsqueeze(2)  # (1, 3, 1, H, W)
         video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
         latents = self.vae.encode(video.to(self.vae_dtype)).latent_dist.mode().to(torch.float32)
-        latents = (latents - self.latents_mean) / self.latents_std
+        latents = (latents - self.latents_mean) * self.latents_inv_std
         _, _, t, h, w = latents.shape
         mask = first_frame_mask(num_frames, t, h, w, self.temporal).to(latents.device)
         return torch.cat([mask, latents], dim=1)

@@ -1,0 +1,33 @@
+# make demo : create .venv, install, run one request through the graph on the tiny profile
+#             (real Ray Serve, HTTP), write out/demo.mp4, shut down.
+# make test : create/reuse .venv, install with test extras, run the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# No GPU here: the CPU build of torch (2.13.0 is on this machine's disk). With a GPU, pip's
+# default torch wheel (CUDA). Override with `make TORCH_SPEC=...`.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/avatar-serve demo --profile tiny -o out/demo.mp4
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/stages.py --profile tiny
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,131 @@
+"""Time each stage and the whole request, in process, against diffusers' one-process pipeline
+built from the very same modules (the baseline, measured in the same run).
+
+    python bench/stages.py --profile tiny [--repeats 5] [--size 32x32 --frames 9 --steps 4]
+
+Writes JSON to bench/results/ (see bench/README.md for the method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusers import WanImageToVideoPipeline  # noqa: E402
+
+from deployments.config import load_profile  # noqa: E402
+from deployments.local import LocalGraph  # noqa: E402
+from deployments.sampler import make_scheduler  # noqa: E402
+from deployments.video import encode_mp4  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int = 1):
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return out, {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                 "runs": len(times)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the profile's)")
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    cfg = load_profile(args.profile)
+    request = {"prompt": "a portrait of a woman who smiles and talks", "seed": 0}
+    if args.size:
+        request["size"] = args.size
+    if args.frames:
+        request["num_frames"] = args.frames
+    if args.steps:
+        request["num_inference_steps"] = args.steps
+
+    t0 = time.perf_counter()
+    graph = LocalGraph(cfg)
+    load_s = time.perf_counter() - t0
+    enc, high, low, dec = (h.target for h in (graph.encoder, graph.high, graph.low, graph.decoder))
+    device = high.device
+    image = np.random.RandomState(0).randint(0, 256, (480, 832, 3), dtype=np.uint8)
+    params, pixels = graph.ingress.prepare(request, image)
+
+    results: dict = {}
+    cond, results["encode"] = timed(lambda: enc.encode(params, pixels), device, args.repeats)
+    s_high, results["dit_high"] = timed(lambda: high.denoise(cond), device, args.repeats)
+    s_low, results["dit_low"] = timed(lambda: low.denoise(cond, s_high), device, args.repeats)
+    frames, results["decode"] = timed(lambda: dec.decode(s_low), device, args.repeats)
+    _, results["mp4_mux"] = timed(lambda: encode_mp4(frames.frames, frames.fps), device, args.repeats)
+    _, results["request_in_process"] = timed(
+        lambda: asyncio.run(graph.ingress.run(params, pixels, "mp4")), device, args.repeats)
+    n_high = sum(s.expert == "high" for s in s_low.steps)
+    results["dit_high"]["steps"], results["dit_low"]["steps"] = n_high, len(s_low.steps) - n_high
+
+    if not args.no_baseline:
+        # diffusers' one-process pipeline on the same modules and settings (output_type="np" and
+        # our uint8 conversion + mux are excluded from both sides' denoise numbers alike).
+        scheduler = make_scheduler(cfg.sampler)
+        if cfg.sampler.sigmas is not None:
+            st = scheduler.set_timesteps
+            scheduler.set_timesteps = lambda n, device=None: st(sigmas=cfg.sampler.sigmas, device=device)
+        pipe = WanImageToVideoPipeline(tokenizer=enc.tokenizer, text_encoder=enc.text_encoder, vae=dec.vae,
+                                       scheduler=scheduler, transformer=high.transformer,
+                                       transformer_2=low.transformer, boundary_ratio=cfg.sampler.boundary_ratio)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(image=PIL.Image.fromarray(pixels), prompt=params.prompt,
+                      negative_prompt=params.negative_prompt, height=params.height, width=params.width,
+                      num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
+                      guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
+                      generator=torch.Generator().manual_seed(params.seed), output_type="np")
+        _, results["diffusers_pipeline_baseline"] = timed(lambda: pipe(**kwargs), device, args.repeats)
+
+    report = {
+        "bench": "stages", "profile": cfg.name, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu_count": os.cpu_count(), "host": platform.node(), "torch": torch.__version__,
+        "weights": "random (speed does not depend on weight values)" if cfg.stages.high.weights.kind == "random"
+        else cfg.stages.high.weights.kind,
+        "request": {"width": params.width, "height": params.height, "num_frames": params.num_frames,
+                    "steps": params.num_inference_steps, "guidance": [params.guidance_scale, params.guidance_scale_2]},
+        "load_s": load_s, "results": results,
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"stages-{cfg.name}-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for name, r in results.items():
+        print(f"{name:30s} median {r['median_s'] * 1000:9.1f} ms  ({r['runs']} runs)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

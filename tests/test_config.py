@@ -1,0 +1,41 @@
+import pytest
+from pydantic import ValidationError
+
+from deployments.config import SamplerConfig, load_profile
+
+
+def test_tiny_profile_is_cpu_friendly_and_complete(tiny_cfg):
+    assert tiny_cfg.name == "tiny"
+    for name in ("encoder", "high", "low", "decoder"):
+        stage = getattr(tiny_cfg.stages, name)
+        assert stage.weights.kind == "random" and stage.placement.num_gpus == 0
+        assert stage.placement.num_cpus <= 0.1  # a 2-core machine must fit every replica
+    assert tiny_cfg.stages.high.role == "high" and tiny_cfg.stages.low.role == "low"
+
+
+def test_overrides_merge_deeply():
+    cfg = load_profile("tiny", {"stages": {"high": {"placement": {"num_gpus": 1}}}, "weights_dir": "/w"})
+    assert cfg.stages.high.placement.num_gpus == 1
+    assert cfg.stages.high.placement.num_cpus == 0.1  # untouched siblings survive the merge
+    assert cfg.stages.low.placement.num_gpus == 0
+    assert cfg.stages.decoder.weights_dir == "/w"  # propagated to every model stage
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ValueError, match="known profiles: .*tiny"):
+        load_profile("nope")
+
+
+def test_typos_in_a_profile_are_refused():
+    with pytest.raises(ValidationError, match="plaecment"):
+        load_profile("tiny", {"stages": {"encoder": {"plaecment": {}}}})
+
+
+@pytest.mark.parametrize("bad", [
+    dict(scheduler="unipc", sigmas=[1.0, 0.5], num_inference_steps=2),  # sigmas need euler
+    dict(scheduler="euler", sigmas=[1.0, 0.5], num_inference_steps=3),  # length mismatch
+    dict(boundary_ratio=0.0),
+])
+def test_sampler_config_rejects_inconsistent_settings(bad):
+    with pytest.raises(ValidationError):
+        SamplerConfig(**bad)
