@@ -16,6 +16,7 @@ from ray.serve import Application
 from deployments.config import GraphConfig, Placement, load_profile
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
+from deployments.download import check_weights_present
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 
@@ -49,5 +50,10 @@ def build_from_config(cfg: GraphConfig) -> Application:
 
 
 def app(args: GraphArgs) -> Application:
-    """Typed application builder for `serve run` / serve_config.yaml."""
-    return build_from_config(load_profile(args.profile, args.overrides))
+    """Typed application builder for `serve run` / serve_config.yaml.
+
+    Stops start-up with one clear error when a weight file of the profile is not on disk
+    (serving never downloads; the error names `avatar-serve download PROFILE`)."""
+    cfg = load_profile(args.profile, args.overrides)
+    check_weights_present(cfg, args.profile)
+    return build_from_config(cfg)

@@ -66,6 +66,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from deployments import download as dl
+    from deployments.config import load_profile
+    from deployments.hub import MissingWeightsError
+
+    cfg = load_profile(args.profile, {"weights_dir": args.dir} if args.dir else None)
+    if args.dry_run:
+        print("\n".join(dl.dry_run_lines(cfg, listings_dir=args.listings)))
+        return 0
+    plans = dl.plan(cfg)
+    where = cfg.weights_dir or "the default Hugging Face cache"
+    for repo, path in dl.download(cfg, cfg.weights_dir, progress=not args.quiet).items():
+        print(f"{repo}: {path}")
+    try:
+        dl.check_weights_present(cfg, args.profile)
+    except MissingWeightsError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"profile {cfg.name}: all weights present in {where}"
+          + ("" if plans else " (nothing to download)"))
+    if args.dir:
+        print(f"serve with weights_dir {args.dir!r}: set it in the profile, or pass "
+              f"overrides: {{weights_dir: {args.dir}}} in serve_config.yaml args")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avatar-serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("-o", "--output", default="out/demo.mp4")
     demo.set_defaults(fn=cmd_demo)
+    dl = sub.add_parser("download", help="fetch a profile's weight files (serving never downloads)")
+    dl.add_argument("profile", help="a name in configs/ or a path to a profile YAML")
+    dl.add_argument("--dir", default=None,
+                    help="huggingface_hub cache folder to fill (default: the profile's weights_dir, "
+                         "else the default Hugging Face cache)")
+    dl.add_argument("--dry-run", action="store_true",
+                    help="print per repo the patterns and the files they select; fetch nothing")
+    dl.add_argument("--listings", default=None,
+                    help="with --dry-run: folder of saved repo listings (<owner>__<name>.txt) "
+                         "to use instead of asking the Hub")
+    dl.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    dl.set_defaults(fn=cmd_download)
     args = parser.parse_args(argv)
     return args.fn(args)
 

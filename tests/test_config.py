@@ -39,3 +39,13 @@ def test_typos_in_a_profile_are_refused():
 def test_sampler_config_rejects_inconsistent_settings(bad):
     with pytest.raises(ValidationError):
         SamplerConfig(**bad)
+
+
+def test_builder_stops_on_missing_weights_naming_the_download_command(tmp_path):
+    from deployments.hub import MissingWeightsError
+    from graph import GraphArgs, app
+
+    with pytest.raises(MissingWeightsError) as exc:
+        app(GraphArgs(profile="wan22-i2v-a14b-distill-fp8", overrides={"weights_dir": str(tmp_path)}))
+    assert "avatar-serve download wan22-i2v-a14b-distill-fp8" in str(exc.value)
+    assert "scaled_fp8_e4m3" in str(exc.value)
