@@ -7,6 +7,7 @@ receives its own sub-config as a constructor argument and never reads files or t
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -65,7 +66,23 @@ class GGUFWeights(_Strict):
     config: str
 
 
-WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights],
+class MuseTalkWeights(_Strict):
+    """The MuseTalk lip-sync models in their published layout: the v1.5 UNet as a plain torch
+    state dict (`unet`) plus its diffusers config (`unet_config`), both files of `repo` (a Hub
+    repo id or a local folder), the SD VAE (`vae`) and whisper-tiny (`whisper`), each a Hub repo
+    id or a local diffusers / transformers folder. Resolved through deployments.hub, never
+    downloaded while serving."""
+
+    kind: Literal["musetalk"] = "musetalk"
+    repo: str = "TMElyralab/MuseTalk"
+    unet: str = "musetalkV15/unet.pth"
+    unet_config: str = "musetalkV15/musetalk.json"
+    vae: str = "stabilityai/sd-vae-ft-mse"
+    whisper: str = "openai/whisper-tiny"
+
+
+WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights,
+                                MuseTalkWeights],
                           Field(discriminator="kind")]
 
 
@@ -114,6 +131,9 @@ class ExpertConfig(StageBase):
     # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
     # (plain SDPA). A kernel choice is a config value, never an import side effect.
     attention_backend: str | None = None
+    # Testing and demos only: sleep so that each denoise step takes at least this long, to make a
+    # tiny model behave like a slow GPU (cancellation, deadlines, queueing, progress). 0 = off.
+    simulate_step_seconds: float = Field(0.0, ge=0, le=60)
 
 
 class DecoderConfig(StageBase):
@@ -123,10 +143,42 @@ class DecoderConfig(StageBase):
 
 class LipSyncConfig(StageBase):
     """MuseTalk lip-sync stage (whisper-tiny features, UNet, SD VAE); fp16 on a GPU.
-    Fields are owned by deployments/lipsync.py."""
+    Fields are owned by deployments/lipsync.py (and avatar.py / fmp4.py, which it drives).
+
+    weights: `random` (tiny: tests; a14b: MuseTalk-size random models for speed) or `musetalk`.
+    """
 
     dtype: DType = "float16"
     dtype_cpu: DType = "float32"
+    # Output frame rate; MuseTalk was trained on 25 fps video with 50 whisper frames per second.
+    fps: int = Field(25, ge=1, le=50)
+    # Frames per UNet + VAE-decode batch, and per chunk `speak` yields.
+    batch_size: int = Field(8, ge=1, le=256)
+    # A talk turn's audio is refused beyond this (AudioError before any model runs).
+    max_audio_seconds: float = Field(120.0, gt=0)
+    # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
+    # them in memory only. Several replicas on one host may share the folder.
+    avatar_cache_dir: str | None = None
+    # Prepared avatars kept in memory per replica (least recently used dropped first).
+    max_avatars_in_memory: int = Field(4, ge=1)
+    # Face boxes when the caller gives none: "center" is a fixed box, `center_box`, in fractions
+    # of the frame (x1, y1, x2, y2). A landmark detector plugs in through avatar.FaceDetector.
+    face_detector: Literal["center"] = "center"
+    center_box: tuple[float, float, float, float] = (0.3, 0.15, 0.7, 0.75)
+    # MuseTalk v1.5 extends a detected face box this many pixels below the chin (clipped to the
+    # frame); boxes the caller gives are used as they are.
+    extra_margin: int = Field(10, ge=0)
+    # Default blend mask (in the 256x256 crop): the lower face from `blend_upper_ratio` of the box
+    # height down, its edges feathered over `blend_feather` of the crop size so it fades to zero
+    # at the box border.
+    blend_upper_ratio: float = Field(0.5, ge=0, lt=1)
+    blend_feather: float = Field(0.08, ge=0, le=0.25)
+    # Streaming MP4 (deployments/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
+    # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
+    # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
+    mp4_keyframe_interval: int = Field(12, ge=1)
+    mp4_crf: int = Field(20, ge=0, le=51)
+    aac_sample_rate: int = 48000
 
 
 class IngressConfig(_Strict):
@@ -207,7 +259,26 @@ class Limits(_Strict):
 
 
 class ServingConfig(_Strict):
-    request_timeout_s: float = Field(600.0, gt=0)
+    """The ingress: jobs, limits, storage, auth."""
+
+    # Deadline of one job once it runs (queue time excluded); past it the job fails with a
+    # timeout error and its stages are released.
+    job_timeout_s: float = Field(1800.0, gt=0)
+    # Jobs that run at once (the stages pipeline them) and jobs that may wait behind them; past
+    # `max_running_jobs + max_queued_jobs`, POST /v1/videos answers 429 with Retry-After.
+    max_running_jobs: int = Field(2, ge=1)
+    max_queued_jobs: int = Field(16, ge=0)
+    retry_after_s: int = Field(10, ge=1)
+    # Job records and finished MP4s, written atomically; None: a temporary folder (lost on restart).
+    storage_dir: str | None = None
+    # Finished results are deleted after this age, and oldest-first beyond this total size.
+    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    max_result_bytes: int = Field(20 * 1024**3, gt=0)
+    # Bearer-token API keys; when any is set, every route but /healthz needs one. Keys may also
+    # come from the environment variable named by `api_keys_env` (comma-separated), read once
+    # when the profile is loaded.
+    api_keys: list[str] = Field(default_factory=list)
+    api_keys_env: str | None = "AVATAR_SERVE_API_KEYS"
 
 
 class GraphConfig(_Strict):
@@ -262,4 +333,9 @@ def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None)
         stages.setdefault(role, {}).setdefault("role", role)
     for name in MODEL_STAGES:
         stages.setdefault(name, {}).setdefault("weights_dir", raw.get("weights_dir"))
+    serving = raw.setdefault("serving", {})
+    env_name = serving.get("api_keys_env", ServingConfig.model_fields["api_keys_env"].default)
+    if env_name and os.environ.get(env_name):
+        keys = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
+        serving["api_keys"] = list(serving.get("api_keys") or []) + keys
     return GraphConfig.model_validate(raw)

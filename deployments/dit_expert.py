@@ -10,18 +10,37 @@ and sets the sampler's timesteps; each expert runs the consecutive steps that be
 
 from __future__ import annotations
 
-from typing import Callable
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
 from deployments.components import load_expert
 from deployments.config import ExpertConfig, SamplerConfig
+from deployments.observability import StageMetrics
 from deployments.payloads import Conditioning, DenoiseState, StepRecord
 from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
 from deployments.sampler import export_state, expert_for_step, import_state, make_scheduler, set_timesteps
 from deployments.transport import pack, unpack
 
-StepCallback = Callable[[StepRecord, int], None]
+log = logging.getLogger("avatar_serve.dit_expert")
+
+
+@dataclass
+class _Run:
+    """A denoise run in progress inside one expert (tensors on the expert's device)."""
+
+    state: DenoiseState
+    scheduler: object
+    latents: torch.Tensor
+    condition: torch.Tensor
+    context: torch.Tensor
+    negative: torch.Tensor | None
+    guidance: float
+    records: list
+    index: int
 
 
 def compute_dtype(cfg: ExpertConfig, device: torch.device) -> torch.dtype:
@@ -54,6 +73,7 @@ class DitExpert:
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
+        self.metrics = StageMetrics(f"dit_{cfg.role}")
 
     def guidance(self, params) -> float:
         return params.guidance_scale if self.role == "high" else params.guidance_scale_2
@@ -66,47 +86,82 @@ class DitExpert:
         return DenoiseState(params=cond.params, latents=pack(latents), sampler=export_state(scheduler),
                             next_step=0, total_steps=len(scheduler.timesteps))
 
-    @torch.no_grad()
-    def denoise(self, cond: Conditioning, state: DenoiseState | None = None,
-                on_step: StepCallback | None = None) -> DenoiseState:
-        """Run this expert's steps from `state` (None: start a new generation) and return the
-        state after them. Steps belonging to the other expert are left for it."""
+    def _begin(self, cond: Conditioning, state: DenoiseState | None) -> "_Run":
         if state is None:
             state = self.start(cond)
-        scheduler = import_state(state.sampler, self.device)
-        latents = unpack(state.latents, self.device)
-        condition = unpack(cond.condition, self.device).to(self.dtype)
-        context = cast_context(unpack(cond.prompt_embeds, self.device), self.dtype)
         guidance = self.guidance(cond.params)
         cfg = guidance > 1.0
         if cfg and cond.negative_prompt_embeds is None:
             raise ValueError("guidance > 1 needs negative prompt embeddings from the encoder")
-        negative = cast_context(unpack(cond.negative_prompt_embeds, self.device), self.dtype) if cfg else None
-        num_train = scheduler.config.num_train_timesteps
+        return _Run(
+            state=state, scheduler=import_state(state.sampler, self.device),
+            latents=unpack(state.latents, self.device),
+            condition=unpack(cond.condition, self.device).to(self.dtype),
+            context=cast_context(unpack(cond.prompt_embeds, self.device), self.dtype),
+            negative=cast_context(unpack(cond.negative_prompt_embeds, self.device), self.dtype) if cfg else None,
+            guidance=guidance, records=list(state.steps), index=state.next_step)
 
-        records = list(state.steps)
-        index = state.next_step
-        while index < state.total_steps:
-            t = scheduler.timesteps[index]
-            if expert_for_step(self.sampler_cfg, index, t, num_train) != self.role:
-                break
-            model_input = torch.cat([latents, condition], dim=1).to(self.dtype)
-            timestep = t.expand(latents.shape[0])
-            flow = self.transformer(hidden_states=model_input, timestep=timestep,
-                                    encoder_hidden_states=context, return_dict=False)[0]
-            if cfg:
-                uncond = self.transformer(hidden_states=model_input, timestep=timestep,
-                                          encoder_hidden_states=negative, return_dict=False)[0]
-                flow = uncond + guidance * (flow - uncond)
-            latents = scheduler.step(flow, t, latents, return_dict=False)[0]
-            record = StepRecord(index=index, timestep=float(t), expert=self.role, cfg=cfg)
-            records.append(record)
-            self.steps_run += 1
-            index += 1
-            if on_step is not None:
-                on_step(record, state.total_steps)
-        return state.advanced(latents=pack(latents), sampler=export_state(scheduler),
-                              next_step=index, steps=tuple(records))
+    def _owns_next(self, run: "_Run") -> bool:
+        if run.index >= run.state.total_steps:
+            return False
+        t = run.scheduler.timesteps[run.index]
+        return expert_for_step(self.sampler_cfg, run.index, t, run.scheduler.config.num_train_timesteps) == self.role
+
+    @torch.no_grad()
+    def _step(self, run: "_Run") -> StepRecord:
+        """One denoise step (with CFG when this expert's guidance > 1), in place on `run`."""
+        started = time.perf_counter()
+        t = run.scheduler.timesteps[run.index]
+        model_input = torch.cat([run.latents, run.condition], dim=1).to(self.dtype)
+        timestep = t.expand(run.latents.shape[0])
+        flow = self.transformer(hidden_states=model_input, timestep=timestep,
+                                encoder_hidden_states=run.context, return_dict=False)[0]
+        if run.negative is not None:
+            uncond = self.transformer(hidden_states=model_input, timestep=timestep,
+                                      encoder_hidden_states=run.negative, return_dict=False)[0]
+            flow = uncond + run.guidance * (flow - uncond)
+        run.latents = run.scheduler.step(flow, t, run.latents, return_dict=False)[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        remaining = self.cfg.simulate_step_seconds - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+        record = StepRecord(index=run.index, timestep=float(t), expert=self.role, cfg=run.negative is not None)
+        run.records.append(record)
+        run.index += 1
+        self.steps_run += 1
+        self.metrics.observe_step(time.perf_counter() - started)
+        return record
+
+    def _finish(self, run: "_Run") -> DenoiseState:
+        return run.state.advanced(latents=pack(run.latents), sampler=export_state(run.scheduler),
+                                  next_step=run.index, steps=tuple(run.records))
+
+    def denoise(self, cond: Conditioning, state: DenoiseState | None = None) -> DenoiseState:
+        """Run this expert's steps from `state` (None: start a new generation) and return the
+        state after them. Steps belonging to the other expert are left for it."""
+        params = cond.params
+        with self.metrics.timed("denoise"):
+            run = self._begin(cond, state)
+            while self._owns_next(run):
+                self._step(run)
+            log.info("job %s: %s expert ran steps up to %d of %d", params.job_id, self.role,
+                     run.index, run.state.total_steps)
+            return self._finish(run)
+
+    async def denoise_stream(self, cond: Conditioning, state: DenoiseState | None = None):
+        """As `denoise`, streamed: yields a StepRecord after each step, then the DenoiseState.
+
+        Each step runs in a worker thread and the generator awaits between steps, so a cancelled
+        request (client gone, job cancelled, deadline passed) stops before the next step.
+        """
+        with self.metrics.timed("denoise"):
+            run = self._begin(cond, state)
+            while self._owns_next(run):
+                yield await asyncio.to_thread(self._step, run)
+            log.info("job %s: %s expert ran steps up to %d of %d", cond.params.job_id, self.role,
+                     run.index, run.state.total_steps)
+            yield self._finish(run)
 
     def check_health(self) -> None:
         check_resident(f"dit-{self.role}", self.transformer)

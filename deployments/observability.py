@@ -1,0 +1,95 @@
+"""Metrics for stages and the ingress, exported through `ray.serve.metrics` inside a Ray cluster
+(they appear in the Ray dashboard and on the Prometheus endpoint) and kept in memory otherwise.
+
+Stage classes stay free of Ray imports: they use `StageMetrics`, which binds to Ray's metric
+classes only when it finds itself in a running Ray worker.
+
+    avatar_serve_stage_latency_seconds{stage, method}   histogram
+    avatar_serve_denoise_step_seconds{stage}            histogram
+    avatar_serve_gpu_memory_bytes{stage}                gauge (where the stage has a GPU)
+    avatar_serve_jobs_total{status}                     counter (jobs reaching a final status)
+    avatar_serve_queue_depth / avatar_serve_jobs_running   gauges
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 900]
+
+
+def _ray_metrics():
+    """ray.serve.metrics when running in an initialised Ray worker, else None."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from ray.serve import metrics
+
+    return metrics
+
+
+class _Memory:
+    """In-process stand-in with the same calls as Ray's metric objects."""
+
+    def __init__(self):
+        self.values: dict[tuple, list[float]] = defaultdict(list)
+
+    def observe(self, value, tags=None):
+        self.values[tuple(sorted((tags or {}).items()))].append(value)
+
+    inc = observe
+
+    def set(self, value, tags=None):
+        self.values[tuple(sorted((tags or {}).items()))] = [value]
+
+
+def _make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **kw):
+    metrics = _ray_metrics()
+    if metrics is None:
+        return _Memory()
+    return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
+
+
+class StageMetrics:
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.latency = _make("Histogram", "avatar_serve_stage_latency_seconds",
+                             "Latency of a stage method", ("stage", "method"), boundaries=LATENCY_BUCKETS)
+        self.step = _make("Histogram", "avatar_serve_denoise_step_seconds", "Time of one denoise step",
+                          ("stage",), boundaries=LATENCY_BUCKETS)
+        self.gpu_memory = _make("Gauge", "avatar_serve_gpu_memory_bytes",
+                                "GPU memory allocated by the stage", ("stage",))
+
+    @contextmanager
+    def timed(self, method: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.latency.observe(time.perf_counter() - started, tags={"stage": self.stage, "method": method})
+            self._gpu_memory()
+
+    def observe_step(self, seconds: float) -> None:
+        self.step.observe(seconds, tags={"stage": self.stage})
+
+    def _gpu_memory(self) -> None:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            self.gpu_memory.set(float(torch.cuda.memory_allocated()), tags={"stage": self.stage})
+
+
+class IngressMetrics:
+    def __init__(self):
+        self.jobs = _make("Counter", "avatar_serve_jobs_total", "Jobs by final status", ("status",))
+        self.queue_depth = _make("Gauge", "avatar_serve_queue_depth", "Jobs waiting to run", ())
+        self.running = _make("Gauge", "avatar_serve_jobs_running", "Jobs running", ())
+
+    def finished(self, status: str) -> None:
+        self.jobs.inc(1, tags={"status": status})
+
+    def load(self, queued: int, running: int) -> None:
+        self.queue_depth.set(queued)
+        self.running.set(running)
