@@ -19,40 +19,79 @@ from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 
 
+async def _resolve(args: tuple, kwargs: dict) -> tuple[list, dict]:
+    args = [await a if isinstance(a, LocalResponse) else a for a in args]
+    kwargs = {k: await v if isinstance(v, LocalResponse) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
 class LocalResponse:
+    """Like `DeploymentResponse`: awaitable; sync methods run in a worker thread."""
+
     def __init__(self, fn, args: tuple, kwargs: dict):
         self._task = asyncio.ensure_future(self._run(fn, args, kwargs))
 
     @staticmethod
     async def _run(fn, args, kwargs):
-        args = [await a if isinstance(a, LocalResponse) else a for a in args]
-        kwargs = {k: await v if isinstance(v, LocalResponse) else v for k, v in kwargs.items()}
+        args, kwargs = await _resolve(args, kwargs)
+        if asyncio.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def cancel(self) -> None:
+        self._task.cancel()
 
     def __await__(self):
         return self._task.__await__()
 
 
-class _Method:
-    def __init__(self, handle: "LocalHandle", name: str):
-        self._handle, self._name = handle, name
+class LocalStream:
+    """Like `DeploymentResponseGenerator` (`handle.options(stream=True)`): an async iterator
+    over what an (async) generator method yields; `cancel()` stops it."""
 
-    def remote(self, *args, **kwargs) -> LocalResponse:
+    def __init__(self, fn, args: tuple, kwargs: dict):
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+        self._gen = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._gen is None:
+            args, kwargs = await _resolve(self._args, self._kwargs)
+            self._gen = self._fn(*args, **kwargs)
+        return await self._gen.__anext__()
+
+    def cancel(self) -> None:
+        if self._gen is not None:
+            asyncio.ensure_future(self._gen.aclose())
+
+
+class _Method:
+    def __init__(self, handle: "LocalHandle", name: str, stream: bool):
+        self._handle, self._name, self._stream = handle, name, stream
+
+    def remote(self, *args, **kwargs):
         self._handle.calls[self._name] += 1
-        return LocalResponse(getattr(self._handle.target, self._name), args, kwargs)
+        fn = getattr(self._handle.target, self._name)
+        return (LocalStream if self._stream else LocalResponse)(fn, args, kwargs)
 
 
 class LocalHandle:
     """Wraps a stage object; `calls` counts method calls by name."""
 
-    def __init__(self, target: Any):
+    def __init__(self, target: Any, calls: Counter | None = None, stream: bool = False):
         self.target = target
-        self.calls: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter() if calls is None else calls
+        self._stream = stream
+
+    def options(self, stream: bool = False, **_: Any) -> "LocalHandle":
+        return LocalHandle(self.target, self.calls, stream)
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _Method(self, name)
+        return _Method(self, name, self._stream)
 
 
 class LocalGraph:

@@ -47,7 +47,10 @@ class VideoRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=20000)
     negative_prompt: str | None = Field(None, max_length=20000)
     size: str | None = Field(None, description="WIDTHxHEIGHT, each a multiple of 16", examples=["832x480"])
+    model: str | None = Field(None, description="the served profile's name (GET /v1/models)")
     num_frames: int | None = Field(None, ge=1, le=1001, description="4k+1 frames")
+    seconds: float | None = Field(None, gt=0, le=120,
+                                  description="instead of num_frames: round(seconds * fps) moved to the nearest 4k+1")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=50)
@@ -60,6 +63,12 @@ def parse_size(size: str) -> tuple[int, int]:
     if not match:
         raise ApiError(422, f"size must look like WIDTHxHEIGHT (e.g. 832x480), got {size!r}", "size")
     return int(match.group(1)), int(match.group(2))
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """round(seconds * fps), moved to the nearest valid count 4k+1 (at least 1)."""
+    n = round(seconds * fps)
+    return 4 * max(0, round((n - 1) / 4)) + 1
 
 
 def resolve(req: VideoRequest, cfg, job_id: str = ""):
@@ -82,7 +91,13 @@ def resolve(req: VideoRequest, cfg, job_id: str = ""):
         raise ApiError(422, f"size {width}x{height} is outside 16x16..{lim.max_width}x{lim.max_height}", "size")
     if width * height > lim.max_pixels:
         raise ApiError(422, f"size {width}x{height} has more than {lim.max_pixels} pixels", "size")
-    frames = req.num_frames if req.num_frames is not None else d.num_frames
+    fps = req.fps or d.fps
+    if req.num_frames is not None and req.seconds is not None:
+        raise ApiError(422, "give num_frames or seconds, not both", "seconds")
+    if req.seconds is not None:
+        frames = frames_for_seconds(req.seconds, fps)
+    else:
+        frames = req.num_frames if req.num_frames is not None else d.num_frames
     if frames % 4 != 1:
         raise ApiError(422, f"num_frames must be 4k+1 (e.g. 81), got {frames}", "num_frames")
     if frames > lim.max_frames:
@@ -102,7 +117,7 @@ def resolve(req: VideoRequest, cfg, job_id: str = ""):
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
     return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
                        num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
-                       guidance_scale_2=g2, fps=req.fps or d.fps, job_id=job_id)
+                       guidance_scale_2=g2, fps=fps, job_id=job_id)
 
 
 def decode_image(data: bytes, max_bytes: int, param: str = "input_reference") -> np.ndarray:

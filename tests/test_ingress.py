@@ -92,8 +92,8 @@ def test_oversized_image_gets_413(tiny_cfg):
 def test_unknown_route_and_method_use_the_error_envelope(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    r = client.get("/v1/videos/sync")
-    assert r.status_code == 405 and "error" in r.json()
+    r = client.put("/v1/videos")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
 
 
 def test_healthz(client):
