@@ -9,16 +9,21 @@ never leave this process on the HTTP path; only the few-hundred-kB MP4 does.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from diffusers.video_processor import VideoProcessor
 
 from deployments.components import load_vae
 from deployments.config import DecoderConfig
+from deployments.observability import StageMetrics
 from deployments.payloads import DenoiseState, Frames
 from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
 from deployments.transport import unpack
 from deployments.video import encode_mp4
+
+log = logging.getLogger("avatar_serve.decoder")
 
 
 def vae_norm_constants(vae, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +52,7 @@ class Decoder:
         # Cast once with the weights (see vae_norm_constants).
         self.latents_mean, self.latents_std = vae_norm_constants(self.vae, self.dtype, self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
+        self.metrics = StageMetrics("decoder")
 
     @torch.no_grad()
     def decode_float(self, state: DenoiseState) -> np.ndarray:
@@ -60,12 +66,16 @@ class Decoder:
 
     def decode(self, state: DenoiseState) -> Frames:
         """-> uint8 frames (F, H, W, 3)."""
-        return Frames(frames=to_uint8(self.decode_float(state)), fps=state.params.fps)
+        with self.metrics.timed("decode"):
+            frames = Frames(frames=to_uint8(self.decode_float(state)), fps=state.params.fps)
+        log.info("job %s: decoded %d frames", state.params.job_id, frames.num_frames)
+        return frames
 
     def decode_mp4(self, state: DenoiseState) -> bytes:
         """-> H.264 MP4 bytes at the request's frame rate."""
         frames = self.decode(state)
-        return encode_mp4(frames.frames, frames.fps)
+        with self.metrics.timed("mux"):
+            return encode_mp4(frames.frames, frames.fps)
 
     def check_health(self) -> None:
         check_resident("decoder", self.vae)

@@ -9,6 +9,8 @@ tests compare against) as a stage of its own, so it can sit on its own GPU and s
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import PIL.Image
 import torch
@@ -17,9 +19,12 @@ from diffusers.video_processor import VideoProcessor
 
 from deployments.components import load_text_encoder, load_vae
 from deployments.config import EncoderConfig
+from deployments.observability import StageMetrics
 from deployments.payloads import Conditioning, VideoParams
 from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
 from deployments.transport import pack, torch_dtype
+
+log = logging.getLogger("avatar_serve.encoder")
 
 
 def text_encoder_dtype(cfg: EncoderConfig, device: torch.device) -> torch.dtype:
@@ -60,6 +65,7 @@ class Encoder:
         # pipeline does (bit-for-bit the same condition).
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+        self.metrics = StageMetrics("encoder")
 
     # ------------------------------------------------------------------ text
 
@@ -109,9 +115,11 @@ class Encoder:
 
     def encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:
         """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
-        context = self.encode_text(params.prompt)
-        negative = self.encode_text(params.negative_prompt) if params.needs_negative else None
-        condition = self.encode_image(image, params.width, params.height, params.num_frames)
+        with self.metrics.timed("encode"):
+            context = self.encode_text(params.prompt)
+            negative = self.encode_text(params.negative_prompt) if params.needs_negative else None
+            condition = self.encode_image(image, params.width, params.height, params.num_frames)
+        log.info("job %s: encoded prompt and first frame", params.job_id)
         return Conditioning(params=params, prompt_embeds=pack(context),
                             negative_prompt_embeds=None if negative is None else pack(negative),
                             condition=pack(condition), latent_shape=self.latent_shape(params))

@@ -1,8 +1,14 @@
-"""The graph in cluster mode: a real Ray cluster with fake GPUs, deployed from serve_config.yaml,
-called over real HTTP and through DeploymentHandles."""
+"""The graph in cluster mode: a real Ray cluster with fake GPUs (dashboard and metrics on),
+deployed from serve_config.yaml's args plus test overrides, called over real HTTP and through
+DeploymentHandles. Experts are slowed to 0.1 s a step (`simulate_step_seconds`) so cancellation,
+deadlines and queueing can be shown by the order of events, not by timing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import time
 from pathlib import Path
 
 import httpx
@@ -17,12 +23,23 @@ from deployments.video import decode_mp4
 ROOT = Path(__file__).resolve().parent.parent
 APP = "avatar-serve"
 GPU_STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder"]
-# Split placement: every GPU stage on a card of its own.
-SPLIT = {"stages": {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder")}}
+KEY = {"Authorization": "Bearer cluster-key"}
+IMAGE = png_bytes(get_dummy_image())
+FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
+SLOW = {**FAST, "num_inference_steps": "20"}  # 20 x 0.1 s: past the 1.5 s deadline
+
+
+def overrides(storage: Path) -> dict:
+    stages = {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder")}  # split
+    for role in ("high", "low"):
+        stages[role]["simulate_step_seconds"] = 0.1
+    return {"stages": stages,
+            "serving": {"storage_dir": str(storage), "job_timeout_s": 1.5, "max_running_jobs": 1,
+                        "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     import ray
     from ray import serve
 
@@ -30,16 +47,25 @@ def cluster():
 
     spec = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     assert spec["import_path"] == "graph:app"
-    args = GraphArgs(**{**spec["args"], "overrides": SPLIT})
-    port = free_port()
-    ray.init(num_cpus=4, num_gpus=5, include_dashboard=False, log_to_driver=False)
+    args = GraphArgs(**{**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))})
+    http, dashboard, metrics = free_port(), free_port(), free_port()
+    ray.init(num_cpus=4, num_gpus=5, include_dashboard=True, dashboard_port=dashboard,
+             _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 500},
+             log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": http})
         serve.run(app(args), name=APP, route_prefix=spec["route_prefix"])
-        yield f"http://127.0.0.1:{port}"
+        yield {"url": f"http://127.0.0.1:{http}", "dashboard": f"http://127.0.0.1:{dashboard}",
+               "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with httpx.Client(base_url=cluster["url"], headers=KEY, timeout=120) as c:
+        yield c
 
 
 def stage(name):
@@ -48,18 +74,38 @@ def stage(name):
     return serve.get_deployment_handle(name, app_name=APP)
 
 
-def test_sync_video_over_http(cluster):
-    files = {"input_reference": ("p.png", png_bytes(get_dummy_image()), "image/png")}
+def create(client, data=FAST):
+    return client.post("/v1/videos", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
+
+
+def wait_final(client, job_id, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/videos/{job_id}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def first_step(client, job_id):
+    """Follow the SSE stream until the first denoise step event."""
+    with client.stream("GET", f"/v1/videos/{job_id}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["event"] == "step":
+                return
+
+
+def test_sync_video_over_http(client):
     data = {"prompt": "a woman talks", "size": "48x32", "num_frames": "9", "seed": "5"}
-    r = httpx.post(f"{cluster}/v1/videos/sync", data=data, files=files, timeout=120)
+    r = client.post("/v1/videos/sync", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
     assert r.status_code == 200, r.text
     frames, fps = decode_mp4(r.content)
     assert frames.shape == (9, 32, 48, 3) and fps == 16
 
 
 def test_each_gpu_stage_gets_its_own_gpu(cluster):
-    devices = {name: stage(name).info.remote().result(timeout_s=60)["cuda_visible_devices"]
-               for name in GPU_STAGES}
+    devices = {name: stage(name).info.remote().result(timeout_s=60)["cuda_visible_devices"] for name in GPU_STAGES}
     assert all(devices.values()), devices
     assert len(set(devices.values())) == len(GPU_STAGES), devices
 
@@ -67,24 +113,117 @@ def test_each_gpu_stage_gets_its_own_gpu(cluster):
 def test_handle_api_equals_in_process_graph(cluster, tiny_cfg):
     from ray import serve
 
-    request = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "seed": 9,
-               "num_inference_steps": 2}
-    handle = serve.get_app_handle(APP)
-    remote = handle.generate.remote(request, get_dummy_image(), "frames").result(timeout_s=120)
-    import asyncio
-
+    request = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "seed": 9, "num_inference_steps": 2}
+    remote = serve.get_app_handle(APP).generate.remote(request, get_dummy_image(), "frames").result(timeout_s=120)
     local = asyncio.run(LocalGraph(tiny_cfg).ingress.generate(request, get_dummy_image(), "frames"))
     assert remote.frames.shape == (5, 16, 16, 3)
     np.testing.assert_array_equal(remote.frames, local.frames)
 
 
-def test_bad_input_over_http_never_reaches_a_stage(cluster):
+def test_job_lifecycle_over_http(client):
+    job = create(client).json()
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+        evs = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert evs[0]["event"] == "queued" and evs[-1]["event"] == "completed"
+    assert [e["step"] for e in evs if e["event"] == "step"] == [1, 2]
+    frames, _ = decode_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
+    assert frames.shape == (5, 16, 32, 3)
+    assert job["id"] in [j["id"] for j in client.get("/v1/videos").json()["data"]]
+    assert client.delete(f"/v1/videos/{job['id']}").json()["deleted"] is True
+    assert client.get(f"/v1/videos/{job['id']}").status_code == 404
+
+
+def test_cancel_mid_run_stops_the_expert_and_frees_it(client):
+    before = stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"]
+    job = create(client, SLOW).json()
+    first_step(client, job["id"])
+    assert client.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
+    assert wait_final(client, job["id"])["status"] == "cancelled"
+    time.sleep(0.5)  # let a step that was already running finish; none may start after it
+    ran = stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"] - before
+    assert 1 <= ran < 20
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
+
+
+def test_deadline_fails_the_job_and_the_stage_serves_the_next(client):
+    job = create(client, SLOW).json()
+    final = wait_final(client, job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] == "timeout"
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
+
+
+def test_queue_full_gives_429_then_recovers(client):
+    jobs = [create(client, SLOW).json() for _ in range(3)]  # 1 running + 2 queued = the bound
+    r = create(client)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    for j in jobs:
+        client.delete(f"/v1/videos/{j['id']}")
+        wait_final(client, j["id"])
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
+
+
+def test_auth_over_http(cluster):
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        for method, path in [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/v1/models"),
+                             ("POST", "/v1/videos/sync"), ("GET", "/v1/videos/x/content")]:
+            r = httpx.request(method, cluster["url"] + path, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(cluster["url"] + "/healthz", timeout=30).status_code == 200
+
+
+def test_bad_input_over_http_never_reaches_a_stage(client):
     steps_before = stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"]
-    files = {"input_reference": ("p.png", b"not an image", "image/png")}
-    r = httpx.post(f"{cluster}/v1/videos/sync", data={"prompt": "x"}, files=files, timeout=60)
+    r = client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("p.png", b"no", "image/png")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
-    r = httpx.post(f"{cluster}/v1/videos/sync", data={"prompt": "x", "num_frames": "10"},
-                   files={"input_reference": ("p.png", png_bytes(get_dummy_image()), "image/png")}, timeout=60)
+    r = create(client, {**FAST, "num_frames": "10"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "num_frames"
+    assert client.get("/v1/videos/video_missing").status_code == 404
     assert stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"] == steps_before
-    assert httpx.get(f"{cluster}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_metrics_show_stage_histograms(cluster, client):
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
+    pattern = re.compile(r'avatar_serve_stage_latency_seconds_count\{[^}]*stage="(\w+)"[^}]*\} (\d+(?:\.\d+)?)')
+    deadline = time.monotonic() + 30
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        text = httpx.get(cluster["metrics"], timeout=10).text
+        seen = {m.group(1): float(m.group(2)) for m in pattern.finditer(text)}
+        if {"dit_high", "dit_low"} <= set(seen) and "avatar_serve_denoise_step_seconds_count" in text \
+                and "avatar_serve_jobs_total" in text:
+            break
+        time.sleep(1)
+    assert seen.get("dit_high", 0) > 0 and seen.get("dit_low", 0) > 0, seen
+    assert seen.get("encoder", 0) > 0 and seen.get("decoder", 0) > 0, seen
+
+
+def test_dashboard_lists_every_stage_healthy(cluster):
+    apps = httpx.get(cluster["dashboard"] + "/api/serve/applications/", timeout=30).json()["applications"]
+    deployments = apps[APP]["deployments"]
+    assert set(GPU_STAGES + ["Ingress"]) <= set(deployments)
+    assert all(d["status"] == "HEALTHY" for d in deployments.values()), deployments
+
+
+def test_dead_replica_fails_its_job_and_later_jobs_succeed(cluster, client):
+    import ray
+    from ray.util.state import list_actors
+
+    job = create(client, SLOW).json()
+    first_step(client, job["id"])
+    victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+               if a.class_name.endswith("DitExpertHigh")]
+    assert len(victims) == 1
+    ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
+    final = wait_final(client, job["id"])
+    assert final["status"] == "failed" and final["error"]["code"] in ("stage_unavailable", "stage_error")
+    assert "Traceback" not in final["error"]["message"]
+    # Serve replaces the replica; a later job completes.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = create(client)
+        if r.status_code == 200 and wait_final(client, r.json()["id"])["status"] == "completed":
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("no job completed after the replica was replaced")
