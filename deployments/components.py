@@ -151,6 +151,16 @@ def load_expert(weights, role: str, dtype: torch.dtype, device,
                                                       subfolder=subfolder,
                                                       torch_dtype=dtype, local_files_only=True)
         return model.to(device).eval()
+    # Single-file experts (original Wan key names): imported here so the random/diffusers paths
+    # do not pull in the fp8 and GGUF machinery.
+    from deployments.config import GGUFWeights, WanSafetensorsWeights
+
+    if isinstance(weights, WanSafetensorsWeights):
+        from deployments.checkpoints import load_wan_safetensors_expert
+        return load_wan_safetensors_expert(weights, role, dtype, device, weights_dir)
+    if isinstance(weights, GGUFWeights):
+        from deployments.checkpoints import load_gguf_expert
+        return load_gguf_expert(weights, role, dtype, device, weights_dir)
     raise TypeError(f"expert cannot load weights of kind {weights.kind!r}")
 
 

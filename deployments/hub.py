@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import hf_hub_download, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 
 class MissingWeightsError(RuntimeError):
@@ -32,7 +32,7 @@ def resolve_file(repo: str | None, filename: str, weights_dir: str | None = None
         return path
     try:
         return Path(hf_hub_download(repo, filename, cache_dir=weights_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, HFValidationError):
         raise MissingWeightsError(f"{repo}/{filename}") from None
 
 
@@ -44,5 +44,5 @@ def resolve_dir(path_or_repo: str, weights_dir: str | None = None,
     try:
         return Path(snapshot_download(path_or_repo, cache_dir=weights_dir, local_files_only=True,
                                       allow_patterns=allow_patterns))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, HFValidationError):
         raise MissingWeightsError(path_or_repo) from None
