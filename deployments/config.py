@@ -131,6 +131,9 @@ class ExpertConfig(StageBase):
     # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
     # (plain SDPA). A kernel choice is a config value, never an import side effect.
     attention_backend: str | None = None
+    # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
+    # halving weight memory; files that are already fp8 load as fp8 whatever this says.
+    quantize: Literal["none", "fp8"] = "none"
     # Testing and demos only: sleep so that each denoise step takes at least this long, to make a
     # tiny model behave like a slow GPU (cancellation, deadlines, queueing, progress). 0 = off.
     simulate_step_seconds: float = Field(0.0, ge=0, le=60)

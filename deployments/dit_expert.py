@@ -70,6 +70,10 @@ class DitExpert:
         self.dtype = compute_dtype(cfg, self.device)
         self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
                                        cfg.weights_dir)
+        if cfg.quantize == "fp8":
+            from deployments.fp8 import to_fp8
+
+            to_fp8(self.transformer)
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)

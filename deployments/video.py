@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 
 
@@ -15,6 +14,8 @@ def encode_mp4(frames: np.ndarray, fps: int = 16, crf: int = 18) -> bytes:
     f, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even width and height, got {w}x{h}")
+    import av  # imported where used: GPU benchmark hosts may lack PyAV
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
@@ -35,6 +36,8 @@ def write_mp4(path, frames: np.ndarray, fps: int = 16) -> None:
 
 def decode_mp4(data: bytes) -> tuple[np.ndarray, float]:
     """MP4 bytes -> (uint8 frames (F, H, W, 3), frames per second)."""
+    import av
+
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
