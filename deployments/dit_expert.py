@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ from deployments.sampler import export_state, expert_for_step, import_state, mak
 from deployments.transport import pack, unpack
 
 log = logging.getLogger("avatar_serve.dit_expert")
+
+
+class LoraBusyError(RuntimeError):
+    """A LoRA change was asked for while the expert is denoising (it would change a running job)."""
 
 
 @dataclass
@@ -78,6 +83,8 @@ class DitExpert:
             self.transformer.set_attention_backend(cfg.attention_backend)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
         self.metrics = StageMetrics(f"dit_{cfg.role}")
+        self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
+        self._loras = None
 
     def guidance(self, params) -> float:
         return params.guidance_scale if self.role == "high" else params.guidance_scale_2
@@ -89,6 +96,14 @@ class DitExpert:
         latents = initial_noise(cond.latent_shape, cond.params.seed, self.device)
         return DenoiseState(params=cond.params, latents=pack(latents), sampler=export_state(scheduler),
                             next_step=0, total_steps=len(scheduler.timesteps))
+
+    @contextmanager
+    def _running(self):
+        self.active_runs += 1
+        try:
+            yield
+        finally:
+            self.active_runs -= 1
 
     def _begin(self, cond: Conditioning, state: DenoiseState | None) -> "_Run":
         if state is None:
@@ -145,7 +160,7 @@ class DitExpert:
         """Run this expert's steps from `state` (None: start a new generation) and return the
         state after them. Steps belonging to the other expert are left for it."""
         params = cond.params
-        with self.metrics.timed("denoise"):
+        with self.metrics.timed("denoise"), self._running():
             run = self._begin(cond, state)
             while self._owns_next(run):
                 self._step(run)
@@ -159,13 +174,46 @@ class DitExpert:
         Each step runs in a worker thread and the generator awaits between steps, so a cancelled
         request (client gone, job cancelled, deadline passed) stops before the next step.
         """
-        with self.metrics.timed("denoise"):
+        with self.metrics.timed("denoise"), self._running():
             run = self._begin(cond, state)
             while self._owns_next(run):
                 yield await asyncio.to_thread(self._step, run)
             log.info("job %s: %s expert ran steps up to %d of %d", cond.params.job_id, self.role,
                      run.index, run.state.total_steps)
             yield self._finish(run)
+
+    # ------------------------------------------------------------------ LoRA (admin)
+
+    @property
+    def loras(self):
+        if self._loras is None:
+            from deployments.lora import LoraManager  # peft is loaded only when LoRAs are used
+
+            self._loras = LoraManager(self.transformer, self.role)
+        return self._loras
+
+    def _lora_change(self, change) -> dict:
+        if self.active_runs:
+            raise LoraBusyError(f"the {self.role} expert is running {self.active_runs} job(s); "
+                                "LoRAs change between jobs, retry shortly")
+        change()  # LoraError (bad target, no matching keys, ...) leaves the model untouched
+        return self.list_loras()
+
+    def load_lora(self, name: str, path: str, strength: float = 1.0, target: str = "both") -> dict:
+        """Load and activate a LoRA file on this expert if `target` names it ("high", "low",
+        "both"); refused (model untouched) when its keys match nothing here."""
+        return self._lora_change(lambda: self.loras.load(name, path, strength, target))
+
+    def activate_loras(self, names: list[str], strengths: list[float] | None = None) -> dict:
+        return self._lora_change(lambda: self.loras.activate(names, strengths))
+
+    def remove_lora(self, name: str) -> dict:
+        return self._lora_change(lambda: self.loras.remove(name))
+
+    def list_loras(self) -> dict:
+        if self._loras is None:
+            return {"role": self.role, "active": [], "loaded": []}
+        return {"role": self.role, "active": self._loras.active(), "loaded": self._loras.loaded()}
 
     def check_health(self) -> None:
         check_resident(f"dit-{self.role}", self.transformer)

@@ -35,7 +35,8 @@ from deployments.config import GraphConfig
 from deployments.jobs import FINAL, Job, JobError, JobEvents, JobStore, new_job_id, sse
 from deployments.observability import IngressMetrics
 from deployments.payloads import StepRecord, VideoParams
-from deployments.protocol import ApiError, VideoRequest, decode_image, error_body, resolve
+from deployments.protocol import (ApiError, LoraActivate, LoraRequest, VideoRequest, decode_image,
+                                  error_body, resolve)
 
 log = logging.getLogger("avatar_serve.ingress")
 
@@ -316,6 +317,38 @@ class Ingress:
         async for event in events.follow():
             yield event
 
+    # ------------------------------------------------------------------ LoRA admin
+
+    def _experts(self, target: str) -> list:
+        return [self.high, self.low] if target == "both" else [self.high if target == "high" else self.low]
+
+    async def _on_experts(self, target: str, call) -> dict:
+        """Run `call(handle)` on the experts `target` names (only those), mapping their refusals."""
+        try:
+            results = [await call(h) for h in self._experts(target)]
+        except Exception as exc:  # noqa: BLE001 - stage errors arrive wrapped by Ray
+            cause = getattr(exc, "cause", None) or exc
+            name = type(cause).__name__
+            if name == "LoraBusyError":
+                raise ApiError(409, str(cause), None, type="conflict_error") from None
+            if name in ("LoraError", "FileNotFoundError", "MissingWeightsError"):
+                raise ApiError(422, str(cause), "path" if name != "LoraError" else None) from None
+            raise
+        return {r["role"]: r for r in results}
+
+    async def load_lora(self, req: LoraRequest) -> dict:
+        return await self._on_experts(req.target, lambda h: h.load_lora.remote(req.name, req.path, req.strength,
+                                                                                 req.target))
+
+    async def activate_loras(self, req: LoraActivate) -> dict:
+        return await self._on_experts(req.target, lambda h: h.activate_loras.remote(req.names, req.strengths))
+
+    async def remove_lora(self, name: str, target: str = "both") -> dict:
+        return await self._on_experts(target, lambda h: h.remove_lora.remote(name))
+
+    async def list_loras(self) -> dict:
+        return await self._on_experts("both", lambda h: h.list_loras.remote())
+
     def check_health(self) -> None:
         if not self.store.jobs_dir.is_dir():
             raise RuntimeError(f"job storage {self.store.root} is gone")
@@ -403,8 +436,27 @@ class Ingress:
 
         @app.get("/v1/models", dependencies=auth)
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [{"id": self.cfg.name, "object": "model", "owned_by": "avatar-serve",
-                                                "description": self.cfg.description}]}
+            loras = await self.list_loras()
+            return {"object": "list", "data": [{
+                "id": self.cfg.name, "object": "model", "owned_by": "avatar-serve",
+                "description": self.cfg.description,
+                "loras": {role: info["active"] for role, info in loras.items()}}]}
+
+        @app.get("/v1/admin/loras", dependencies=auth)
+        async def get_loras() -> dict:
+            return await self.list_loras()
+
+        @app.post("/v1/admin/loras", dependencies=auth, summary="Load a LoRA onto the high, low or both experts")
+        async def post_lora(req: LoraRequest) -> dict:
+            return await self.load_lora(req)
+
+        @app.post("/v1/admin/loras/activate", dependencies=auth)
+        async def post_activate(req: LoraActivate) -> dict:
+            return await self.activate_loras(req)
+
+        @app.delete("/v1/admin/loras/{name}", dependencies=auth)
+        async def delete_lora(name: str, target: Literal["high", "low", "both"] = "both") -> dict:
+            return await self.remove_lora(name, target)
 
         @app.post("/v1/videos/sync", dependencies=auth, response_class=Response,
                   responses={200: {"content": {"video/mp4": {}}}},

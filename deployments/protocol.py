@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import random
 import re
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,6 +57,27 @@ class VideoRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50)
     guidance_scale_2: float | None = Field(None, ge=0, le=50)
     fps: int | None = Field(None, ge=1, le=60)
+
+
+class LoraRequest(BaseModel):
+    """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, max_length=4096)
+    target: Literal["high", "low", "both"]
+    strength: float = Field(1.0, ge=-10, le=10)
+
+
+class LoraActivate(BaseModel):
+    """POST /v1/admin/loras/activate: exactly these LoRAs active on the targeted experts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(max_length=16)
+    strengths: list[float] | None = None
+    target: Literal["high", "low", "both"] = "both"
 
 
 def parse_size(size: str) -> tuple[int, int]:
