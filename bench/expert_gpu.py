@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "expert-gpu.json"))
     ap.add_argument("--arch", default="a14b", help="tiny: a CPU dry run of this script")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", action="store_true", help="compile each block (compile_repeated_blocks)")
+    ap.add_argument("--no-file", action="store_true", help="skip writing and loading the fp8 file")
     args = ap.parse_args()
     dev = torch.device(args.device)
     global sync
@@ -91,6 +93,9 @@ def main() -> int:
     model = load_expert(RandomWeights(arch=args.arch), "high", torch.bfloat16, dev)
     sync()
     report["bf16"] = {"build_s": time.perf_counter() - t0, "weight_bytes": weight_bytes(model)}
+    report["compiled"] = args.compile
+    if args.compile:
+        model.compile_repeated_blocks(fullgraph=True)
     peak_reset(dev)
     times, ref = forward_times(model, inputs, args.repeats)
     report["bf16"].update(forward_s=times, median_s=statistics.median(times),
@@ -99,6 +104,9 @@ def main() -> int:
 
     # fp8: quantise the block linears in place (rowwise e4m3), as the lightx2v fp8 files are.
     to_fp8(model)
+    if args.compile:
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(fullgraph=True)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -111,6 +119,10 @@ def main() -> int:
                          used_scaled_mm=any(getattr(m, "_scaled_mm_ok", False) for m in model.modules()))
     print("fp8", report["fp8"])
 
+    if args.no_file:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        print("wrote", args.out)
+        return 0
     # A full-size fp8 file in the original Wan layout (what lightx2v publishes), then a timed load.
     from safetensors.torch import save_file
     from test_checkpoints import original_name  # the test's independent inverse name mapping

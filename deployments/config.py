@@ -134,6 +134,9 @@ class ExpertConfig(StageBase):
     # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
     # halving weight memory; files that are already fp8 load as fp8 whatever this says.
     quantize: Literal["none", "fp8"] = "none"
+    # torch.compile each transformer block (diffusers' compile_repeated_blocks): ~20 s of warm-up
+    # on the first request of each shape, then faster steps on a GPU (bench/README.md).
+    compile: bool = False
     # Testing and demos only: sleep so that each denoise step takes at least this long, to make a
     # tiny model behave like a slow GPU (cancellation, deadlines, queueing, progress). 0 = off.
     simulate_step_seconds: float = Field(0.0, ge=0, le=60)

@@ -81,6 +81,8 @@ class DitExpert:
             to_fp8(self.transformer)
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
+        if cfg.compile:
+            self.transformer.compile_repeated_blocks(fullgraph=True)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
         self.metrics = StageMetrics(f"dit_{cfg.role}")
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
