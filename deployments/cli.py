@@ -92,6 +92,47 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_printer(stream=sys.stderr, width: int = 30):
+    """An on_event callback drawing a one-line progress bar from the job's SSE events."""
+
+    def show(event: dict) -> None:
+        kind = event["event"]
+        pct = int(event.get("progress", 0))
+        if kind == "queued":
+            label = f"queued (position {event.get('position')})"
+        elif kind == "step":
+            label = f"denoise step {event['step']}/{event['total']} ({event['expert']} expert)"
+        elif kind == "stage":
+            label = f"{event['stage']} {event['state']}"
+        else:
+            label = kind + (f": {event['error']['message']}" if event.get("error") else "")
+        bar = "#" * (pct * width // 100)
+        stream.write(f"\r[{bar:<{width}}] {pct:3d}% {label:<48}")
+        if kind in ("completed", "failed", "cancelled"):
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deployments.client import AvatarClient, ClientError
+
+    client = AvatarClient(args.url, api_key=args.api_key or os.environ.get("AVATAR_SERVE_API_KEY"))
+    fields = {"size": args.size, "num_frames": args.frames, "seconds": args.seconds, "seed": args.seed,
+              "num_inference_steps": args.steps, "negative_prompt": args.negative_prompt}
+    try:
+        mp4 = client.generate(args.image, args.prompt, on_event=progress_printer(), **fields)
+    except (ClientError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(mp4)
+    print(f"wrote {out} ({len(mp4)} bytes)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avatar-serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                          "to use instead of asking the Hub")
     dl.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     dl.set_defaults(fn=cmd_download)
+    gen = sub.add_parser("generate", help="create a video job on a running server, show progress, save the MP4")
+    gen.add_argument("image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.mp4")
+    gen.add_argument("--url", default="http://127.0.0.1:8000")
+    gen.add_argument("--api-key", default=None, help="default: $AVATAR_SERVE_API_KEY")
+    gen.add_argument("--size", default=None, help="WIDTHxHEIGHT")
+    gen.add_argument("--frames", type=int, default=None)
+    gen.add_argument("--seconds", type=float, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.set_defaults(fn=cmd_generate)
     args = parser.parse_args(argv)
     return args.fn(args)
 
