@@ -1,0 +1,411 @@
+"""LipSync stage: MuseTalk v1.5 re-implemented on diffusers / transformers.
+
+Per avatar (once, cached: deployments/avatar.py)
+    base clip -> face boxes -> 256x256 crops -> VAE latents [masked | reference] (N, 8, 32, 32)
+
+Per talk turn (`speak`)
+    PCM 16 kHz (S,) -> 30 s pieces -> whisper-tiny encoder, all 5 hidden states
+        -> (T, 5, 384), T = 50 per second, concatenated over the pieces
+    video frame i (25 fps) -> 10 encoder frames around it -> (50, 384) + sinusoidal positions
+    UNet (timestep 0, one step) on the avatar's (B, 8, 32, 32) with audio as encoder states
+        -> (B, 4, 32, 32) -> / 0.18215 -> VAE decode -> (B, 3, 256, 256) -> uint8 crops
+        -> resized into the face box and blended into the base frame -> uint8 (B, H, W, 3)
+
+`speak` is a generator of frame chunks (`batch_size` frames each) so the caller can stream;
+`speak_fmp4` turns those chunks into fragmented-MP4 bytes as they are made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+from deployments.audio import (SAMPLE_RATE, AudioError, as_pcm, decode_audio,
+                               encoder_frames_for_samples, feature_padding, feature_window,
+                               frames_for_samples, window_length)
+from deployments.avatar import (AvatarInfo, AvatarNotFound, AvatarStore, CenterBox, FaceDetector,
+                                PreparedAvatar, blend_face, crops_to_pixels, lower_face_mask,
+                                masked_for_unet, prepare_avatar)
+from deployments.components import cast_keeping_fp32
+from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.fmp4 import stream_fmp4
+from deployments.hub import resolve_dir, resolve_file
+from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
+
+WHISPER_PIECE_SECONDS = 30  # whisper's fixed input window
+HIDDEN_STATES = 5  # embeddings + 4 encoder layers of whisper-tiny
+AUDIO_DIM = 384  # whisper-tiny width = the UNet's cross_attention_dim
+
+# ------------------------------------------------------------------ architectures
+
+_SEED_OFFSET = {"whisper": 0, "unet": 1, "vae": 2}
+
+TINY = {
+    # REFERENCE.md: runs a talk turn on a CPU in well under a second per batch.
+    "whisper": dict(vocab_size=64, num_mel_bins=80, d_model=AUDIO_DIM, encoder_layers=4,
+                    encoder_attention_heads=6, encoder_ffn_dim=384, decoder_layers=1,
+                    decoder_attention_heads=6, decoder_ffn_dim=64, max_source_positions=1500,
+                    max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                    decoder_start_token_id=2, begin_suppress_tokens=None),
+    "unet": dict(sample_size=32, in_channels=8, out_channels=4, layers_per_block=1,
+                 block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=AUDIO_DIM, attention_head_dim=8, norm_num_groups=8),
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=256,
+                scaling_factor=0.18215),
+}
+
+# Full size (the `a14b` random arch: MuseTalk-size models for speed measurements): whisper-tiny,
+# MuseTalk's musetalk.json (SD-1.x UNet with 8 input channels and 384-wide cross-attention),
+# and the SD VAE (sd-vae-ft-mse's config).
+FULL = {
+    "whisper": dict(vocab_size=51865, num_mel_bins=80, d_model=AUDIO_DIM, encoder_layers=4,
+                    encoder_attention_heads=6, encoder_ffn_dim=1536, decoder_layers=4,
+                    decoder_attention_heads=6, decoder_ffn_dim=1536, max_source_positions=1500),
+    "unet": dict(sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=AUDIO_DIM, attention_head_dim=8, norm_num_groups=32,
+                 flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5),
+    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256,
+                scaling_factor=0.18215),
+}
+ARCHS = {"tiny": TINY, "a14b": FULL}
+
+
+def positional_encoding(length: int, d_model: int = AUDIO_DIM) -> torch.Tensor:
+    """MuseTalk's fixed sinusoidal encoding added to the audio features: (length, d_model) fp32,
+    sin on even channels, cos on odd, wavelengths 2*pi .. 10000*2*pi."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+# ------------------------------------------------------------------ loading
+
+
+def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
+    """Dtype policy: one compute dtype for whisper, UNet and VAE: `dtype` (fp16, as MuseTalk's
+    `--use_float16`) on a GPU, `dtype_cpu` (fp32) on a CPU. Audio features and latents are cast
+    to it at the model boundary; the positional encoding is added in fp32 first."""
+    return dtype_for(device, cfg.dtype, cfg.dtype_cpu)
+
+
+@contextmanager
+def _building(weights: RandomWeights, component: str, dtype: torch.dtype, device):
+    """Random weights: tiny models are drawn in fp32 on the CPU (bit-identical everywhere);
+    full-size ones directly in `dtype` on `device` (no 3 GB fp32 copy on the host first)."""
+    torch.manual_seed(weights.seed + _SEED_OFFSET[component])
+    if weights.arch == "tiny":
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _random_component(component: str, weights: RandomWeights, dtype: torch.dtype, device):
+    spec = ARCHS[weights.arch][component]
+    with _building(weights, component, dtype, device):
+        if component == "whisper":
+            return WhisperFeatureExtractor(feature_size=spec["num_mel_bins"]), \
+                WhisperModel(WhisperConfig(**spec)).encoder
+        if component == "unet":
+            return UNet2DConditionModel(**spec)
+        return AutoencoderKL(**spec)
+
+
+def load_unet_state_dict(path, config_path) -> UNet2DConditionModel:
+    """MuseTalk's UNet: a diffusers config JSON + a plain torch state dict (fp32).
+
+    The model is built on the meta device and takes the loaded tensors as its parameters, so the
+    850 M parameters are never initialised at random first.
+    """
+    config = json.loads(open(config_path).read())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    unet.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{path}: no weights for {left[:5]}")
+    return unet
+
+
+def load_models(weights, dtype: torch.dtype, device, weights_dir: str | None = None):
+    """-> (WhisperFeatureExtractor, whisper encoder, UNet, VAE), models in `dtype` on `device`."""
+    if isinstance(weights, RandomWeights):
+        extractor, whisper = _random_component("whisper", weights, dtype, device)
+        unet = _random_component("unet", weights, dtype, device)
+        vae = _random_component("vae", weights, dtype, device)
+    elif isinstance(weights, MuseTalkWeights):
+        whisper_dir = resolve_dir(weights.whisper, weights_dir)
+        extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir, local_files_only=True)
+        whisper = WhisperModel.from_pretrained(whisper_dir, local_files_only=True).encoder
+        unet = load_unet_state_dict(resolve_file(weights.repo, weights.unet, weights_dir),
+                                    resolve_file(weights.repo, weights.unet_config, weights_dir))
+        vae = AutoencoderKL.from_pretrained(resolve_dir(weights.vae, weights_dir), local_files_only=True)
+    else:
+        raise TypeError(f"lip-sync cannot load weights of kind {weights.kind!r}")
+    # Cast tensor by tensor (diffusers' `.to(dtype)` warns for models built in code).
+    whisper, unet, vae = (cast_keeping_fp32(m.to(device), dtype).eval() for m in (whisper, unet, vae))
+    return extractor, whisper, unet, vae
+
+
+# ------------------------------------------------------------------ audio features
+
+
+class AudioFeatures:
+    """Whisper features of one utterance, encoded one 30 s piece at a time as windows need them.
+
+    Pieces are concatenated before windowing, so a window that straddles a 30 s boundary sees
+    both pieces (no seam), and the first frames of a long utterance need only its first piece.
+    `padded()` is MuseTalk's padded copy (zeros left and right); `windows(ix)` slices it.
+    """
+
+    def __init__(self, encode_piece, pcm: np.ndarray, fps: int = 25,
+                 sample_rate: int = SAMPLE_RATE):
+        self.encode_piece, self.fps = encode_piece, fps
+        self.total = encoder_frames_for_samples(pcm.shape[0], sample_rate)
+        self.left, self.right = feature_padding(fps)
+        step = WHISPER_PIECE_SECONDS * sample_rate
+        self.pieces = [pcm[i:i + step] for i in range(0, pcm.shape[0], step)]
+        self.pieces_encoded = 0
+        self._features: torch.Tensor | None = None  # (T_so_far, 5, 384)
+
+    def _ensure(self, needed: int) -> torch.Tensor:
+        """Encode pieces until the first `needed` encoder frames (or all there are) exist."""
+        needed = min(needed, self.total)
+        while (self._features is None or self._features.shape[0] < needed) \
+                and self.pieces_encoded < len(self.pieces):
+            piece = self.encode_piece(self.pieces[self.pieces_encoded])  # (1500, 5, 384)
+            self.pieces_encoded += 1
+            self._features = piece if self._features is None else torch.cat([self._features, piece])
+        return self._features[:self.total]
+
+    def padded(self) -> torch.Tensor:
+        """(left + T + right, 5, 384): all features with MuseTalk's zero padding."""
+        feats = self._ensure(self.total)
+        return torch.cat([feats.new_zeros(self.left, *feats.shape[1:]), feats,
+                          feats.new_zeros(self.right, *feats.shape[1:])])
+
+    def windows(self, indices) -> torch.Tensor:
+        """Video frame indices -> (B, 10 * 5, 384): each frame's window, time-major then hidden
+        state (MuseTalk's 'b c h w -> b (c h) w')."""
+        length = window_length(self.fps)
+        last_end = max(feature_window(i, self.fps)[1] for i in indices) - self.left
+        feats = self._ensure(last_end)
+        out = feats.new_zeros(len(indices), length, *feats.shape[1:])
+        for row, i in enumerate(indices):
+            start, end = feature_window(i, self.fps)
+            lo, hi = start - self.left, end - self.left  # unpadded encoder frames
+            a, b = max(lo, 0), min(hi, feats.shape[0])
+            if b > a:
+                out[row, a - lo:b - lo] = feats[a:b]
+        return out.reshape(len(indices), length * feats.shape[1], feats.shape[2])
+
+
+# ------------------------------------------------------------------ the stage
+
+
+class LipSync:
+    """MuseTalk lip-sync over prepared avatars. `vae_encodes` counts VAE encoder calls (avatar
+    preparation is the only place that encodes; a cache hit adds none)."""
+
+    def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = lipsync_dtype(cfg, self.device)
+        self.feature_extractor, self.whisper, self.unet, self.vae = load_models(
+            cfg.weights, self.dtype, self.device, cfg.weights_dir)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.fps = cfg.fps
+        self.detector = detector if detector is not None else CenterBox(tuple(cfg.center_box))
+        self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
+        self.mask = lower_face_mask(cfg.blend_upper_ratio, cfg.blend_feather)
+        self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
+        self.vae_encodes = 0
+        self.frames_generated = 0
+
+    # ------------------------------------------------------------------ models
+
+    @torch.no_grad()
+    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 crops (B, 256, 256, 3) -> float32 (B, 8, 32, 32): VAE latents of the crop with
+        its lower half masked, then of the whole crop, times the scaling factor.
+
+        The posterior mean is used (MuseTalk samples; the SD VAE's posterior std is tiny, and the
+        mean makes preparation deterministic).
+        """
+        out = []
+        for i in range(0, crops.shape[0], self.cfg.batch_size):
+            part = crops[i:i + self.cfg.batch_size]
+            pixels = np.concatenate([masked_for_unet(part), crops_to_pixels(part)])
+            x = torch.from_numpy(pixels).to(self.device, self.dtype)
+            self.vae_encodes += 1
+            latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
+            masked, reference = latents.float().cpu().chunk(2)
+            out.append(torch.cat([masked, reference], dim=1).numpy())
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_audio_piece(self, pcm: np.ndarray) -> torch.Tensor:
+        """Up to 30 s of 16 kHz PCM -> (1500, 5, 384) fp32: every hidden state of the whisper
+        encoder (embeddings + each layer; the last one layer-normed) over the padded piece."""
+        mel = self.feature_extractor(pcm, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        hidden = self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+        if len(hidden) != HIDDEN_STATES:
+            raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
+        return torch.stack(hidden, dim=2)[0].float()
+
+    def audio_features(self, pcm: np.ndarray) -> AudioFeatures:
+        return AudioFeatures(self.encode_audio_piece, pcm, self.fps)
+
+    @torch.no_grad()
+    def generate_on_device(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """One MuseTalk step: latents (B, 8, 32, 32) + audio windows (B, 50, 384)
+        -> uint8 face crops (B, 256, 256, 3), left on the stage's device (queued, not waited for)."""
+        latents = torch.as_tensor(latents).to(self.device, self.dtype)
+        audio = (audio.to(self.device, torch.float32) + self.pe[:audio.shape[1]]).to(self.dtype)
+        timestep = torch.zeros(1, device=self.device, dtype=torch.long)
+        pred = self.unet(latents, timestep, encoder_hidden_states=audio).sample  # (B, 4, 32, 32)
+        image = self.vae.decode(pred / self.scaling_factor).sample  # (B, 3, 256, 256) in [-1, 1]
+        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1)
+
+    def generate(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> np.ndarray:
+        """`generate_on_device`, as numpy uint8 (B, 256, 256, 3)."""
+        return self.generate_on_device(latents, audio).cpu().numpy()
+
+    def _to_host(self, crops: torch.Tensor):
+        """Start copying device crops to host memory -> (tensor, event to wait on before reading).
+        On a GPU the copy is queued behind the batch that made them, so the CPU can blend one
+        batch while the GPU computes the next."""
+        if crops.device.type != "cuda":
+            return crops, None
+        host = torch.empty(crops.shape, dtype=crops.dtype, pin_memory=True)
+        host.copy_(crops, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    # ------------------------------------------------------------------ avatars
+
+    def settings(self) -> dict:
+        """What the prepared latents depend on besides the frames (part of the content hash)."""
+        return {"weights": self.cfg.weights.model_dump(mode="json"), "dtype": str(self.dtype)}
+
+    def prepare_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> PreparedAvatar:
+        """Base clip uint8 (N, H, W, 3) at `fps` -> PreparedAvatar (from the cache when the same
+        frames and settings were prepared before: no VAE work then).
+
+        face_box: (x1, y1, x2, y2) in pixels for every frame, or (N, 4); None uses the detector.
+        """
+        return prepare_avatar(frames, fps, self.encode_crops, self.store, self.settings(),
+                              self.detector, face_box=face_box, extra_margin=self.cfg.extra_margin,
+                              mask=self.mask, fps=self.fps)
+
+    def create_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> AvatarInfo:
+        """`prepare_avatar` for remote callers: returns only the small AvatarInfo."""
+        return self.prepare_avatar(frames, fps, face_box).info
+
+    def get_avatar(self, avatar: str | PreparedAvatar) -> PreparedAvatar:
+        if isinstance(avatar, PreparedAvatar):
+            return avatar
+        found = self.store.get(avatar)
+        if found is None:
+            raise AvatarNotFound(avatar)
+        return found
+
+    def delete_avatar(self, avatar_id: str) -> bool:
+        return self.store.delete(avatar_id)
+
+    # ------------------------------------------------------------------ talk turn
+
+    def check_audio(self, audio: np.ndarray | bytes) -> np.ndarray:
+        """Bytes (any container) or float PCM at 16 kHz -> validated float32 PCM (AudioError)."""
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            return decode_audio(bytes(audio), self.cfg.max_audio_seconds)
+        pcm = as_pcm(audio)
+        if pcm.shape[0] > self.cfg.max_audio_seconds * SAMPLE_RATE:
+            raise AudioError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is "
+                             f"{self.cfg.max_audio_seconds:g} s")
+        if frames_for_samples(pcm.shape[0], SAMPLE_RATE, self.fps) == 0:
+            raise AudioError(f"audio is shorter than one video frame (1/{self.fps} s)")
+        return pcm
+
+    def speak(self, avatar: str | PreparedAvatar, audio: np.ndarray, *, batch_size: int | None = None,
+              start_index: int = 0) -> Iterator[np.ndarray]:
+        """Lip-sync `audio` (float32 PCM, 16 kHz mono) onto an avatar.
+
+        Yields uint8 frame chunks (B, H, W, 3), B = batch_size (the last may be shorter);
+        floor(seconds * fps) frames in all. Output frame i shows base frame
+        cycle[(i + start_index) % 2M] of the retimed clip (pass the previous turn's frame count
+        to continue the cycle).
+        """
+        avatar = self.get_avatar(avatar)
+        pcm = self.check_audio(audio)
+        if avatar.fps != self.fps:
+            raise ValueError(f"avatar was prepared for {avatar.fps} fps, stage runs at {self.fps}")
+        n = frames_for_samples(pcm.shape[0], SAMPLE_RATE, self.fps)
+        batch_size = batch_size or self.cfg.batch_size
+        features = self.audio_features(pcm)
+
+        def blended(sources, host, event) -> np.ndarray:
+            if event is not None:
+                event.synchronize()
+            self.frames_generated += len(sources)
+            return np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
+                             for s, crop in zip(sources, host.numpy())])
+
+        pending = None  # the batch whose crops are on their way to the host
+        for first in range(0, n, batch_size):
+            indices = list(range(first, min(n, first + batch_size)))
+            sources = [avatar.source_frame(i, start_index) for i in indices]
+            crops = self.generate_on_device(avatar.latents[sources], features.windows(indices))
+            previous, pending = pending, (sources, *self._to_host(crops))
+            if previous is not None:
+                yield blended(*previous)  # the GPU is already working on this batch meanwhile
+            if pending[2] is None:  # computed synchronously (CPU): nothing to overlap
+                yield blended(*pending)
+                pending = None
+        if pending is not None:
+            yield blended(*pending)
+
+    def speak_fmp4(self, avatar: str | PreparedAvatar, audio: np.ndarray | bytes, *,
+                   start_index: int = 0) -> Iterator[bytes]:
+        """Lip-sync and mux: yields fragmented-MP4 bytes (H.264 + AAC of the same audio) as each
+        fragment completes. Audio problems raise AudioError before the first byte."""
+        avatar = self.get_avatar(avatar)
+        pcm = self.check_audio(audio)
+        yield from stream_fmp4(self.speak(avatar, pcm, start_index=start_index), pcm, fps=self.fps,
+                               keyframe_interval=self.cfg.mp4_keyframe_interval,
+                               crf=self.cfg.mp4_crf, audio_rate=self.cfg.aac_sample_rate)
+
+    # ------------------------------------------------------------------ health
+
+    def check_health(self) -> None:
+        check_resident("lipsync", self.whisper, self.unet, self.vae)
+
+    def info(self) -> dict:
+        return placement_info(self.device)

@@ -1,0 +1,436 @@
+"""LipSync stage (deployments/lipsync.py), avatar preparation (avatar.py) and the streaming
+fragmented-MP4 writer (fmp4.py). Offline, no Ray: tiny random models on the CPU, and a real-layout
+checkpoint (MuseTalk unet.pth + musetalk.json, VAE and whisper folders) written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import av
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import WhisperConfig, WhisperModel
+
+from deployments.audio import AudioError, feature_padding, feature_window
+from deployments.avatar import (AvatarNotFound, AvatarStore, CenterBox, PreparedAvatar, blend_face,
+                                box_mask, crop_face, lower_face_mask, prepare_avatar)
+from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.fmp4 import FragmentedMP4Writer, stream_fmp4
+from deployments.hub import MissingWeightsError
+from deployments.lipsync import (FULL, TINY, AudioFeatures, LipSync, lipsync_dtype,
+                                 positional_encoding)
+
+H, W = 64, 96
+BOX = (24, 8, 72, 56)  # (x1, y1, x2, y2) inside a 96x64 frame
+
+
+def get_dummy_inputs(seed: int = 0, num_frames: int = 5) -> dict:
+    """A 16 fps base clip (uint8 (N, 64, 96, 3)) and half a second of speech-like PCM."""
+    g = np.random.default_rng(seed)
+    frames = g.integers(0, 256, (num_frames, H, W, 3), dtype=np.uint8)
+    t = np.arange(8000) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    return {"frames": frames, "fps": 16, "audio": pcm}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("avatars")
+
+
+@pytest.fixture(scope="module")
+def stage(cache_dir) -> LipSync:
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu",
+                        avatar_cache_dir=str(cache_dir), batch_size=4)
+    return LipSync(cfg)
+
+
+@pytest.fixture(scope="module")
+def avatar(stage) -> PreparedAvatar:
+    inputs = get_dummy_inputs()
+    return stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+
+
+# ------------------------------------------------------------------ audio features and windows
+
+
+def ramp_encoder(pcm: np.ndarray) -> torch.Tensor:
+    """Stand-in for whisper: encoder frame j of a 30 s piece holds the time of its first sample
+    (the piece is a ramp of timestamps), or -1 past the piece's audio (whisper's padding)."""
+    out = torch.full((1500, 5, 384), -1.0)
+    j = np.arange(1500)
+    real = j * 320 < pcm.shape[0]
+    out[torch.from_numpy(real)] = torch.from_numpy(pcm[j[real] * 320]).float()[:, None, None]
+    return out
+
+
+def test_windows_are_slices_of_the_padded_features_across_30s_pieces():
+    seconds = 61.3  # three whisper pieces: 30 + 30 + 1.3 s
+    pcm = (np.arange(int(seconds * 16000)) / 16000).astype(np.float64)
+    feats = AudioFeatures(ramp_encoder, pcm)
+    # Lazy: the first frames need only the first piece.
+    feats.windows([0, 1, 2])
+    assert feats.pieces_encoded == 1
+    padded = feats.padded()
+    left, right = feature_padding()
+    total = int(seconds * 50)
+    assert padded.shape == (left + total + right, 5, 384)
+    # No seams: the real features are the timestamps 0, 0.02, ... straight across both boundaries,
+    # and no piece's padding (-1) survives.
+    times = padded[left:left + total, 0, 0].double().numpy()
+    np.testing.assert_allclose(times, np.arange(total) / 50, atol=1e-6)
+    assert (padded[:left] == 0).all() and (padded[left + total:] == 0).all()
+    n = int(seconds * 25)
+    fresh = AudioFeatures(ramp_encoder, pcm)
+    for first in range(0, n, 97):
+        ix = list(range(first, min(n, first + 97)))
+        got = fresh.windows(ix)
+        for row, i in enumerate(ix):
+            start, end = feature_window(i)
+            assert torch.equal(got[row], padded[start:end].reshape(50, 384)), i
+    # Frame 750 (t = 30 s) straddles the first boundary: 80 ms before to 120 ms after.
+    start, end = feature_window(750)
+    np.testing.assert_allclose(padded[start:end, 0, 0].double().numpy(),
+                               29.92 + np.arange(10) / 50, atol=1e-6)
+
+
+def test_window_layout_is_time_major_then_hidden_state():
+    def encoder(pcm):
+        out = torch.zeros(1500, 5, 384)
+        out += torch.arange(1500)[:, None, None] * 10.0 + torch.arange(5)[None, :, None]
+        return out
+
+    row = AudioFeatures(encoder, np.zeros(16000))
+    got = row.windows([3])[0]  # frame 3: encoder frames 2..11
+    assert got.shape == (50, 384)
+    expected = [(t * 10.0 + s) for t in range(2, 12) for s in range(5)]
+    assert got[:, 0].tolist() == expected
+
+
+def test_positional_encoding_matches_musetalk():
+    pe = positional_encoding(50)
+    assert pe.shape == (50, 384)
+    p = 7
+    for k in (0, 1, 100, 191):
+        freq = math.exp(-(2 * k) * math.log(10000.0) / 384)
+        assert pe[p, 2 * k].item() == pytest.approx(math.sin(p * freq), abs=1e-6)
+        assert pe[p, 2 * k + 1].item() == pytest.approx(math.cos(p * freq), abs=1e-6)
+
+
+def test_whisper_features_stack_all_five_hidden_states(stage):
+    piece = stage.encode_audio_piece(get_dummy_inputs()["audio"])
+    assert piece.shape == (1500, 5, 384) and piece.dtype == torch.float32
+    # Embeddings, four layers (the last layer-normed): five different states.
+    assert all(not torch.allclose(piece[:, a], piece[:, b]) for a in range(5) for b in range(a + 1, 5))
+    normed = piece[:, 4]
+    assert normed.mean(-1).abs().max() < 1e-3  # LayerNorm output (random init: unit gain, zero bias)
+
+
+# ------------------------------------------------------------------ blending
+
+
+def test_blend_keeps_pixels_outside_the_mask_and_uses_the_crop_inside():
+    g = np.random.default_rng(1)
+    frame = g.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    crop = g.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    mask = lower_face_mask(0.5, 0.08)
+    out = blend_face(frame, crop, BOX, mask)
+    x1, y1, x2, y2 = BOX
+    outside = np.ones((H, W), bool)
+    outside[y1:y2, x1:x2] = False
+    assert np.array_equal(out[outside], frame[outside])
+    alpha = np.zeros((H, W), np.float32)
+    alpha[y1:y2, x1:x2] = box_mask(mask, BOX)
+    zero, one = alpha == 0, alpha == 1
+    assert np.array_equal(out[zero], frame[zero])
+    face = np.asarray(PIL.Image.fromarray(crop).resize((x2 - x1, y2 - y1), PIL.Image.Resampling.BILINEAR))
+    placed = np.zeros_like(frame)
+    placed[y1:y2, x1:x2] = face
+    assert one.sum() > 100 and (zero & ~outside).sum() > 100  # both regions are real
+    assert np.array_equal(out[one], placed[one])
+    # The upper half of the face box is never touched (the mask is the lower face).
+    assert np.array_equal(out[y1:y1 + (y2 - y1) // 2], frame[y1:y1 + (y2 - y1) // 2])
+
+
+def test_default_mask_is_lower_face_and_zero_at_the_border():
+    mask = lower_face_mask(0.5, 0.08)
+    assert mask.shape == (256, 256) and mask.dtype == np.uint8
+    assert (mask[:128] == 0).all()
+    assert (mask[-1] == 0).all() and (mask[:, 0] == 0).all() and (mask[:, -1] == 0).all()
+    assert mask[200, 128] == 255
+    # feathered: values in between on the way from the centre to the edge
+    assert len(np.unique(mask[200, :128])) > 5
+
+
+# ------------------------------------------------------------------ avatar preparation
+
+
+def test_prepared_avatar_shapes(stage, avatar):
+    n = 5
+    assert avatar.frames.shape == (n, H, W, 3) and avatar.frames.dtype == np.uint8
+    assert avatar.latents.shape == (n, 8, 32, 32) and avatar.latents.dtype == np.float32
+    assert avatar.crops.shape == (n, 256, 256, 3) and avatar.crops.dtype == np.uint8
+    assert avatar.masks.shape == (n, 256, 256) and avatar.masks.dtype == np.uint8
+    assert avatar.boxes.tolist() == [list(BOX)] * n
+    # 5 frames at 16 fps -> ceil(5 * 25 / 16) = 8 frames at 25 fps, nearest source frame each.
+    assert avatar.source_index.tolist() == [0, 1, 1, 2, 3, 3, 4, 4]
+    assert avatar.fps == 25 and avatar.info.num_frames == 8
+    np.testing.assert_array_equal(avatar.crops[2], crop_face(avatar.frames[2], BOX))
+
+
+def test_second_prepare_reuses_the_cache_without_vae_encodes(stage, avatar, cache_dir):
+    inputs = get_dummy_inputs()
+    encodes = stage.vae_encodes
+    again = stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+    assert stage.vae_encodes == encodes and again.avatar_id == avatar.avatar_id
+    # A fresh stage (another replica) finds it on disk: no VAE encode either.
+    other = LipSync(stage.cfg)
+    from_disk = other.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+    assert other.vae_encodes == 0
+    assert (cache_dir / f"{avatar.avatar_id}.npz").is_file()
+    for name in PreparedAvatar._ARRAYS:
+        np.testing.assert_array_equal(getattr(from_disk, name), getattr(avatar, name))
+    assert other.get_avatar(avatar.avatar_id).avatar_id == avatar.avatar_id
+    # Different content or settings -> a different avatar, prepared afresh.
+    changed = inputs["frames"].copy()
+    changed[0, 0, 0, 0] ^= 1
+    for frames, fps, box in [(changed, 16, BOX), (inputs["frames"], 16, (20, 8, 72, 56)),
+                             (inputs["frames"], 25, BOX)]:
+        before = other.vae_encodes
+        assert other.prepare_avatar(frames, fps, face_box=box).avatar_id != avatar.avatar_id
+        assert other.vae_encodes > before
+
+
+def test_vae_latents_mask_the_lower_half(stage):
+    g = np.random.default_rng(2)
+    a = g.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    b = a.copy()
+    b[128:] = g.integers(0, 256, (128, 256, 3), dtype=np.uint8)  # differ only in the lower half
+    latents = stage.encode_crops(np.stack([a, b]))
+    assert latents.shape == (2, 8, 32, 32)
+    np.testing.assert_array_equal(latents[0, :4], latents[1, :4])  # masked: lower half unseen
+    assert not np.allclose(latents[0, 4:], latents[1, 4:])  # reference: whole crop
+
+
+def test_default_detector_and_extra_margin():
+    frames = np.zeros((2, 100, 200, 3), np.uint8)
+    store = AvatarStore(None)
+    calls = []
+
+    def encode(crops):
+        calls.append(len(crops))
+        return np.zeros((len(crops), 8, 32, 32), np.float32)
+
+    detector = CenterBox((0.25, 0.2, 0.75, 0.8))
+    prepared = prepare_avatar(frames, 25, encode, store, {}, detector, extra_margin=10)
+    assert prepared.boxes.tolist() == [[50, 20, 150, 90]] * 2  # 80 + 10 px below the chin
+    prepare_avatar(frames, 25, encode, store, {}, detector, extra_margin=10)
+    assert calls == [2]  # the in-memory store answered the second time
+    with pytest.raises(ValueError, match="empty"):
+        prepare_avatar(frames, 25, encode, store, {}, detector, face_box=(10, 10, 10, 50))
+
+
+# ------------------------------------------------------------------ the talk turn
+
+
+def test_speak_yields_chunks_of_blended_frames(stage, avatar):
+    audio = get_dummy_inputs()["audio"]  # 0.5 s -> 12 frames
+    chunks = list(stage.speak(avatar.avatar_id, audio, batch_size=5))
+    assert [c.shape for c in chunks] == [(5, H, W, 3), (5, H, W, 3), (2, H, W, 3)]
+    assert all(c.dtype == np.uint8 for c in chunks)
+    frames = np.concatenate(chunks)
+    x1, y1, x2, y2 = BOX
+    outside = np.ones((H, W), bool)
+    outside[y1:y2, x1:x2] = False
+    cycle = [0, 1, 1, 2, 3, 3, 4, 4, 4, 4, 3, 3]  # retimed clip forward, then backward
+    for i, frame in enumerate(frames):
+        assert avatar.source_frame(i) == cycle[i]
+        np.testing.assert_array_equal(frame[outside], avatar.frames[cycle[i]][outside])
+    # Inside the mask the generated face replaced the base frame.
+    lower = slice(y1 + 3 * (y2 - y1) // 4 - 2, y1 + 3 * (y2 - y1) // 4 + 2)
+    assert not np.array_equal(frames[0][lower, x1 + 10:x2 - 10], avatar.frames[0][lower, x1 + 10:x2 - 10])
+    # The first chunk is exactly the pipeline written out by hand.
+    feats = stage.audio_features(audio)
+    crops = stage.generate(avatar.latents[cycle[:5]], feats.windows(range(5)))
+    assert crops.shape == (5, 256, 256, 3) and crops.dtype == np.uint8
+    by_hand = [blend_face(avatar.frames[s], c, avatar.boxes[s], avatar.masks[s])
+               for s, c in zip(cycle[:5], crops)]
+    np.testing.assert_array_equal(chunks[0], np.stack(by_hand))
+
+
+def test_speak_continues_the_cycle_from_start_index(stage, avatar):
+    audio = get_dummy_inputs()["audio"][:1280]  # 0.08 s -> 2 frames
+    frames = np.concatenate(list(stage.speak(avatar, audio, start_index=9)))
+    x1, y1, x2, y2 = BOX
+    assert frames.shape[0] == 2
+    for i, frame in enumerate(frames):
+        src = [4, 3][i]  # cycle positions 9 and 10 of 0 1 1 2 3 3 4 4 | 4 4 3 3 2 1 1 0
+        np.testing.assert_array_equal(frame[:y1], avatar.frames[src][:y1])
+
+
+def test_speak_refuses_bad_audio_before_any_model_runs(stage, avatar):
+    before = stage.frames_generated
+    cfg = stage.cfg
+    with pytest.raises(AudioError, match="limit"):
+        next(stage.speak(avatar, np.zeros(int((cfg.max_audio_seconds + 1) * 16000), np.float32)))
+    with pytest.raises(AudioError, match="shorter than one video frame"):
+        next(stage.speak(avatar, np.zeros(100, np.float32)))
+    with pytest.raises(AudioError):
+        next(stage.speak_fmp4(avatar, b"not audio"))
+    with pytest.raises(AvatarNotFound):
+        next(stage.speak("0" * 32, np.zeros(16000, np.float32)))
+    assert stage.frames_generated == before
+
+
+def test_speak_fmp4_streams_a_playable_mp4(stage, avatar):
+    audio = get_dummy_inputs()["audio"]
+    pieces = list(stage.speak_fmp4(avatar, audio))
+    video, fps, audio_end = decode_mp4_tracks(b"".join(pieces))
+    assert video.shape == (12, H, W, 3) and fps == 25
+    assert abs(audio_end - 12 / 25) < 1 / 25
+
+
+def test_delete_avatar(stage):
+    inputs = get_dummy_inputs(seed=5, num_frames=2)
+    prepared = stage.prepare_avatar(inputs["frames"], 16, face_box=BOX)
+    assert stage.delete_avatar(prepared.avatar_id)
+    with pytest.raises(AvatarNotFound):
+        stage.get_avatar(prepared.avatar_id)
+
+
+# ------------------------------------------------------------------ dtypes and architectures
+
+
+def test_dtype_policy_fp16_on_gpu_fp32_on_cpu():
+    cfg = LipSyncConfig()
+    assert lipsync_dtype(cfg, torch.device("cuda", 0)) == torch.float16
+    assert lipsync_dtype(cfg, torch.device("cpu")) == torch.float32
+    assert lipsync_dtype(LipSyncConfig(dtype="bfloat16"), torch.device("cuda", 0)) == torch.bfloat16
+
+
+def test_full_size_architecture_is_musetalk_v15():
+    """The `a14b` random arch is MuseTalk-size (built on the meta device here: no memory)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**FULL["unet"])
+        vae = AutoencoderKL(**FULL["vae"])
+        whisper = WhisperModel(WhisperConfig(**FULL["whisper"])).encoder
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert 0.80e9 < count(unet) < 0.90e9  # REFERENCE.md: 850 M
+    assert unet.config.in_channels == 8 and unet.config.cross_attention_dim == 384
+    assert 80e6 < count(vae) < 86e6  # the SD VAE: 83.7 M
+    assert len(whisper.layers) == 4 and whisper.config.d_model == 384
+    assert vae.config.scaling_factor == 0.18215
+
+
+# ------------------------------------------------------------------ real-weights layout
+
+
+def write_musetalk_layout(root, source: LipSync):
+    """The published layout, with the tiny models: musetalkV15/unet.pth + musetalk.json, a
+    diffusers VAE folder and a transformers whisper folder (model + feature extractor)."""
+    (root / "musetalkV15").mkdir(parents=True)
+    torch.save(source.unet.state_dict(), root / "musetalkV15" / "unet.pth")
+    (root / "musetalkV15" / "musetalk.json").write_text(json.dumps(dict(source.unet.config)))
+    source.vae.save_pretrained(root / "sd-vae-ft-mse")
+    torch.manual_seed(0)
+    whisper = WhisperModel(WhisperConfig(**TINY["whisper"]))
+    whisper.encoder.load_state_dict(source.whisper.state_dict())
+    whisper.save_pretrained(root / "whisper-tiny")
+    source.feature_extractor.save_pretrained(root / "whisper-tiny")
+
+
+def test_musetalk_layout_loads_and_matches_the_models_it_was_written_from(stage, tmp_path):
+    write_musetalk_layout(tmp_path, stage)
+    weights = MuseTalkWeights(repo=str(tmp_path), vae=str(tmp_path / "sd-vae-ft-mse"),
+                              whisper=str(tmp_path / "whisper-tiny"))
+    loaded = LipSync(LipSyncConfig(weights=weights, device="cpu"))
+    assert isinstance(loaded.unet.config.block_out_channels, (list, tuple))
+    for a, b in ((stage.unet, loaded.unet), (stage.vae, loaded.vae), (stage.whisper, loaded.whisper)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert loaded.scaling_factor == pytest.approx(0.18215)
+    audio = get_dummy_inputs()["audio"]
+    np.testing.assert_array_equal(loaded.encode_audio_piece(audio).numpy(),
+                                  stage.encode_audio_piece(audio).numpy())
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 8, 32, 32, generator=g)
+    feats = torch.randn(2, 50, 384, generator=g)
+    np.testing.assert_array_equal(loaded.generate(latents, feats), stage.generate(latents, feats))
+
+
+def test_missing_musetalk_files_name_the_download_command(stage, tmp_path):
+    # A Hub repo id that is not in the (empty) cache: serving never downloads.
+    weights = MuseTalkWeights(repo="TMElyralab/MuseTalk", vae="stabilityai/sd-vae-ft-mse",
+                              whisper="openai/whisper-tiny")
+    with pytest.raises(MissingWeightsError, match="avatar-serve download"):
+        LipSync(LipSyncConfig(weights=weights, device="cpu", weights_dir=str(tmp_path / "hub")))
+    # A local layout without the UNet file.
+    write_musetalk_layout(tmp_path / "layout", stage)
+    (tmp_path / "layout" / "musetalkV15" / "unet.pth").unlink()
+    weights = MuseTalkWeights(repo=str(tmp_path / "layout"), vae=str(tmp_path / "layout" / "sd-vae-ft-mse"),
+                              whisper=str(tmp_path / "layout" / "whisper-tiny"))
+    with pytest.raises(MissingWeightsError, match="unet.pth"):
+        LipSync(LipSyncConfig(weights=weights, device="cpu"))
+
+
+# ------------------------------------------------------------------ fragmented MP4
+
+
+def decode_mp4_tracks(data: bytes) -> tuple[np.ndarray, float, float]:
+    """-> (video frames (F, H, W, 3), fps, end time of the audio track in seconds), where the
+    end times are on the container's timeline (pts + duration of the last frame)."""
+    with av.open(io.BytesIO(data)) as container:
+        vstream = container.streams.video[0]
+        fps = float(vstream.average_rate)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(vstream)]
+    with av.open(io.BytesIO(data)) as container:
+        last = None
+        for frame in container.decode(container.streams.audio[0]):
+            last = frame
+        audio_end = float(last.pts * last.time_base) + last.samples / last.sample_rate
+    return np.stack(frames), fps, audio_end
+
+
+def test_fmp4_writer_streams_fragments_before_the_last_frame():
+    fps, n = 25, 50
+    audio = (0.2 * np.sin(2 * np.pi * 300 * np.arange(int(2.03 * 16000)) / 16000)).astype(np.float32)
+    frames = np.zeros((n, 48, 64, 3), np.uint8)
+    for i in range(n):
+        frames[i] = i * 5  # brightness encodes the frame number
+    writer = FragmentedMP4Writer(audio, fps=fps, keyframe_interval=10)
+    log: list[tuple[int, bytes]] = []  # (frames given so far, bytes returned)
+    for first in range(0, n, 5):
+        log.append((first + 5, writer.write(frames[first:first + 5])))
+    log.append((n, writer.close()))
+    data = b"".join(piece for _, piece in log)
+    first_fragment = next(given for given, piece in log if b"moof" in piece)
+    assert first_fragment < n  # a playable fragment left before the last frame went in
+    assert data[4:8] == b"ftyp" and b"moov" in data[:2000]
+    assert data.count(b"moof") >= 4  # one per keyframe interval
+    video, got_fps, audio_end = decode_mp4_tracks(data)
+    assert video.shape == (n, 48, 64, 3) and got_fps == fps
+    np.testing.assert_allclose(video.reshape(n, -1).mean(1), np.arange(n) * 5, atol=3)
+    with av.open(io.BytesIO(data)) as container:
+        vs = container.streams.video[0]
+        pts = [p.pts for p in container.demux(vs) if p.pts is not None]
+        video_end = float(max(pts) * vs.time_base) + 1 / fps
+    assert abs(audio_end - video_end) < 1 / fps
+    assert abs(video_end - n / fps) < 1 / fps
+
+
+def test_stream_fmp4_yields_only_non_empty_pieces_and_rejects_odd_sizes():
+    audio = np.zeros(16000, np.float32)
+    chunks = (np.full((5, 32, 32, 3), 9 * k, np.uint8) for k in range(5))
+    pieces = list(stream_fmp4(chunks, audio, fps=25, keyframe_interval=5))
+    assert pieces and all(pieces)
+    video, _, _ = decode_mp4_tracks(b"".join(pieces))
+    assert video.shape[0] == 25
+    with pytest.raises(ValueError, match="even"):
+        FragmentedMP4Writer(audio).write(np.zeros((1, 31, 32, 3), np.uint8))
