@@ -2,7 +2,7 @@
 
     serve run serve_config.yaml          (import_path: graph:app, args: {profile: tiny})
 
-        Ingress ── Encoder ── DitExpert[high] ── DitExpert[low] ── Decoder
+        Ingress ── Encoder ── DitExpert[high] ── DitExpert[low] ── Decoder ── LipSync
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from deployments.dit_expert import DitExpert
 from deployments.download import check_weights_present
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
+from deployments.lipsync import LipSync
 
 
 class GraphArgs(BaseModel):
@@ -45,8 +46,9 @@ def build_from_config(cfg: GraphConfig) -> Application:
     high = deployment(DitExpert, "DitExpertHigh", s.high.placement).bind(s.high, cfg.sampler)
     low = deployment(DitExpert, "DitExpertLow", s.low.placement).bind(s.low, cfg.sampler)
     decoder = deployment(Decoder, "Decoder", s.decoder.placement).bind(s.decoder)
+    lipsync = deployment(LipSync, "LipSync", s.lipsync.placement).bind(s.lipsync)
     ingress = deployment(serve.ingress()(Ingress), "Ingress", s.ingress.placement)
-    return ingress.bind(encoder, high, low, decoder, cfg)
+    return ingress.bind(encoder, high, low, decoder, cfg, lipsync)
 
 
 def app(args: GraphArgs) -> Application:

@@ -262,6 +262,7 @@ class Limits(_Strict):
     max_steps: int = 100
     max_prompt_chars: int = 2000
     max_image_bytes: int = 20 * 1024 * 1024
+    max_audio_bytes: int = 50 * 1024 * 1024
 
 
 class ServingConfig(_Strict):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
+import json
 import logging
 import tempfile
 import time
@@ -31,8 +33,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.audio import AudioError, decode_audio
 from deployments.config import GraphConfig
-from deployments.jobs import FINAL, Job, JobError, JobEvents, JobStore, new_job_id, sse
+from deployments.jobs import FINAL, Avatar, Job, JobError, JobEvents, JobStore, new_job_id, sse
 from deployments.observability import IngressMetrics
 from deployments.payloads import StepRecord, VideoParams
 from deployments.protocol import (ApiError, LoraActivate, LoraRequest, VideoRequest, decode_image,
@@ -61,6 +64,29 @@ def validation_param(exc: ValidationError | RequestValidationError) -> tuple[str
     return (f"{param}: {err.get('msg')}" if param else str(err.get("msg"))), param
 
 
+def parse_face_box(value) -> list[int] | None:
+    """"x1,y1,x2,y2" in pixels of the generated clip -> [x1, y1, x2, y2] (422 otherwise)."""
+    if value in (None, ""):
+        return None
+    try:
+        box = [int(float(v)) for v in str(value).split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3] or min(box) < 0:
+        raise ApiError(422, "face_box: x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2", "face_box")
+    return box
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """A raw request body, refused with 413 once it passes `limit` bytes."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes", "audio")
+    return bytes(data)
+
+
 def failure(exc: BaseException) -> JobError:
     """A stage failure as the client sees it: a reason, no stack trace (that goes to the log)."""
     if isinstance(exc, TimeoutError):
@@ -73,12 +99,14 @@ def failure(exc: BaseException) -> JobError:
 
 
 class Ingress:
-    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig):
+    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):
         self.encoder, self.high, self.low, self.decoder = encoder, high, low, decoder
+        self.lipsync = lipsync  # None: a deployment without the lip-sync stage
         self.cfg = cfg
         self.metrics = IngressMetrics()
         self.store = JobStore(cfg.serving.storage_dir or tempfile.mkdtemp(prefix="avatar-serve-jobs-"))
-        self.jobs: dict[str, Job] = {j.id: j for j in self.store.recover()}
+        self.jobs: dict[str, Job] = {j.id: j for j in sorted(self.store.recover(), key=lambda j: j.created_at)}
+        self.avatars: dict[str, Avatar] = {a.id: a for a in self.store.recover_avatars()}
         self.events: dict[str, JobEvents] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.waiting: list[str] = []  # queued job ids, oldest first
@@ -108,6 +136,29 @@ class Ingress:
                 raise ApiError(422, "image must be uint8 (H, W, 3)", "input_reference")
         return params, pixels
 
+    def prepare_audio(self, data: bytes | None, param: str = "audio"):
+        """Uploaded speech -> float32 PCM, 16 kHz mono, or ApiError (decoded here, on the CPU, so a
+        bad file never reaches the lip-sync stage)."""
+        if data is None:
+            return None
+        if self.lipsync is None:
+            raise ApiError(422, "this deployment has no lip-sync stage", param)
+        if not data:
+            raise ApiError(400, "the audio file is empty", param)
+        if len(data) > self.cfg.limits.max_audio_bytes:
+            raise ApiError(413, f"the audio is {len(data)} bytes; the limit is {self.cfg.limits.max_audio_bytes}", param)
+        limit = self.cfg.stages.lipsync.max_audio_seconds
+        try:
+            pcm = decode_audio(data)
+        except AudioError as exc:
+            raise ApiError(400, f"not usable audio: {exc}", param) from None
+        seconds = pcm.shape[0] / 16000
+        if seconds > limit:
+            raise ApiError(422, f"the audio is {seconds:.1f} s long; the limit is {limit:g} s", param)
+        if seconds * self.cfg.stages.lipsync.fps < 1:
+            raise ApiError(422, "the audio is shorter than one video frame", param)
+        return pcm
+
     # ------------------------------------------------------------------ the video flow
 
     async def _denoise(self, expert, cond, state, report: Progress):
@@ -124,10 +175,8 @@ class Ingress:
             raise
         return state
 
-    async def run(self, params: VideoParams, image: np.ndarray,
-                  output: Literal["mp4", "frames"] = "mp4", report: Progress | None = None) -> VideoResult:
-        """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames)."""
-        report = report or (lambda *a, **k: None)
+    async def _denoised(self, params: VideoParams, image: np.ndarray, report: Progress):
+        """encode -> high -> low: the final DenoiseState."""
         log.info("job %s: %dx%d, %d frames, %d steps, seed %d", params.job_id, params.width,
                  params.height, params.num_frames, params.num_inference_steps, params.seed)
         report("stage", stage="encode", state="started")
@@ -135,17 +184,35 @@ class Ingress:
         state = await self._denoise(self.high, cond, None, report)
         state = await self._denoise(self.low, cond, state, report)
         report("stage", stage="decode", state="started")
+        return state
+
+    async def run(self, params: VideoParams, image: np.ndarray, output: Literal["mp4", "frames"] = "mp4",
+                  report: Progress | None = None, audio: np.ndarray | None = None) -> VideoResult:
+        """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
+        `audio` (16 kHz PCM), the decoded clip goes straight to the lip-sync stage instead."""
+        report = report or (lambda *a, **k: None)
+        state = await self._denoised(params, image, report)
+        if audio is not None:
+            clip = self.decoder.decode.remote(state)
+            report("stage", stage="lipsync", state="started")
+            info = self.lipsync.create_avatar_from.remote(clip)
+            mp4 = await self.lipsync.lipsync_mp4.remote(info, audio)
+            if output == "frames":
+                from deployments.video import decode_mp4
+
+                return VideoResult(params=params, frames=decode_mp4(mp4)[0])
+            return VideoResult(params=params, mp4=mp4)
         if output == "frames":
             frames = await self.decoder.decode.remote(state)
             return VideoResult(params=params, frames=frames.frames)
         return VideoResult(params=params, mp4=await self.decoder.decode_mp4.remote(state))
 
     async def generate(self, request: VideoRequest | dict, image: bytes | np.ndarray,
-                       output: Literal["mp4", "frames"] = "mp4") -> VideoResult:
+                       output: Literal["mp4", "frames"] = "mp4", audio: bytes | None = None) -> VideoResult:
         """Synchronous generation for DeploymentHandle callers:
-        `await handle.generate.remote({...}, image_bytes)`."""
+        `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced."""
         params, pixels = self.prepare(request, image)
-        return await self.run(params, pixels, output)
+        return await self.run(params, pixels, output, audio=self.prepare_audio(audio))
 
     # ------------------------------------------------------------------ jobs
 
@@ -153,13 +220,17 @@ class Ingress:
     def capacity(self) -> int:
         return self.cfg.serving.max_running_jobs + self.cfg.serving.max_queued_jobs
 
-    def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray) -> Job:
-        """Validate and queue a job; raises ApiError (429 when the queue is full)."""
-        params, pixels = self.prepare(request, image)
+    def _check_capacity(self) -> None:
         if len(self.waiting) + self.running >= self.capacity:
             raise ApiError(429, f"the job queue is full ({self.capacity} jobs); retry later", None,
                            type="rate_limit_error", headers={"Retry-After": str(self.cfg.serving.retry_after_s)})
-        job = Job(id=params.job_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
+
+    def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray, audio: bytes | None = None) -> Job:
+        """Validate and queue a job; raises ApiError (429 when the queue is full)."""
+        params, pixels = self.prepare(request, image)
+        pcm = self.prepare_audio(audio)
+        self._check_capacity()
+        job = Job(has_audio=pcm is not None, id=params.job_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                   size=f"{params.width}x{params.height}", seconds=f"{params.num_frames / params.fps:g}",
                   num_frames=params.num_frames, fps=params.fps, seed=params.seed,
                   num_inference_steps=params.num_inference_steps)
@@ -168,16 +239,17 @@ class Ingress:
         self.waiting.append(job.id)
         self._update_queue()
         self.store.save(job)
-        self.tasks[job.id] = asyncio.ensure_future(self._execute(job, params, pixels))
+        self.tasks[job.id] = asyncio.ensure_future(self._execute(job, params, pixels, pcm))
         self._expire()
         return job
 
     def _update_queue(self) -> None:
         for position, job_id in enumerate(self.waiting, start=1):
-            job = self.jobs[job_id]
+            job = self.jobs.get(job_id) or self.avatars[job_id]
             if job.queue_position != position:
                 job.queue_position = position
-                self.events[job_id].emit("queued", position=position)
+                if job_id in self.events:
+                    self.events[job_id].emit("queued", position=position)
         self.metrics.load(len(self.waiting), self.running)
 
     async def _slot(self, job_id: str) -> None:
@@ -209,11 +281,11 @@ class Ingress:
                 events.emit("step", step=data["step"], total=total, expert=data["expert"], progress=job.progress)
             else:
                 job.stage = data["stage"]
-                job.progress = max(job.progress, {"encode": 1, "decode": 90}.get(data["stage"], 0))
+                job.progress = max(job.progress, {"encode": 1, "decode": 90, "lipsync": 93}.get(data["stage"], 0))
                 events.emit("stage", stage=data["stage"], state=data["state"], progress=job.progress)
         return report
 
-    async def _execute(self, job: Job, params: VideoParams, pixels: np.ndarray) -> None:
+    async def _execute(self, job: Job, params: VideoParams, pixels: np.ndarray, audio=None) -> None:
         started = False
         try:
             await self._slot(job.id)
@@ -222,7 +294,7 @@ class Ingress:
             self._update_queue()
             self.store.save(job)
             async with asyncio.timeout(self.cfg.serving.job_timeout_s):
-                result = await self.run(params, pixels, "mp4", self._progress(job))
+                result = await self.run(params, pixels, "mp4", self._progress(job), audio=audio)
             self.store.save_result(job.id, result.mp4)
             self._finish(job, "completed")
         except asyncio.CancelledError:
@@ -269,7 +341,9 @@ class Ingress:
             raise ApiError(404, f"no video job {job_id!r}", "video_id", type="not_found_error") from None
 
     def list_jobs(self, limit: int = 20, after: str | None = None) -> dict:
-        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
+        # Newest first: by creation second, then by creation order within it (dict order).
+        order = {job_id: i for i, job_id in enumerate(self.jobs)}
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, order[j.id]), reverse=True)
         if after is not None:
             ids = [j.id for j in jobs]
             if after not in ids:
@@ -317,6 +391,123 @@ class Ingress:
         async for event in events.follow():
             yield event
 
+    # ------------------------------------------------------------------ avatars
+
+    def _need_lipsync(self) -> None:
+        if self.lipsync is None:
+            raise ApiError(404, "this deployment has no lip-sync stage, so no avatars", None, type="not_found_error")
+
+    @staticmethod
+    def avatar_key(image: bytes, params: VideoParams, face_box, profile: str) -> str:
+        settings = {k: v for k, v in vars(params).items() if k not in ("job_id",)}
+        digest = hashlib.sha256(image)
+        digest.update(json.dumps({"params": settings, "face_box": face_box, "profile": profile},
+                                 sort_keys=True).encode())
+        return "avatar_" + digest.hexdigest()[:32]
+
+    def create_avatar(self, request: VideoRequest | dict, image: bytes, face_box=None) -> tuple[Avatar, bool]:
+        """Queue the base clip + lip-sync preparation; the same inputs give the same avatar.
+        -> (avatar, created). The seed defaults to 0 so that the request alone fixes the id."""
+        self._need_lipsync()
+        if isinstance(request, dict) and request.get("seed") is None:
+            request = {**request, "seed": 0}
+        params, pixels = self.prepare(request, image)
+        key = self.avatar_key(image, params, face_box, self.cfg.name)
+        existing = self.avatars.get(key)
+        if existing is not None and existing.status not in ("failed", "cancelled"):
+            return existing, False
+        self._check_capacity()
+        params = VideoParams(**{**vars(params), "job_id": key})
+        avatar = Avatar(id=key, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
+                        size=f"{params.width}x{params.height}", num_frames=params.num_frames, seed=params.seed)
+        self.avatars[key] = avatar
+        self.waiting.append(key)
+        self._update_queue()
+        self.store.save_avatar(avatar)
+        self.tasks[key] = asyncio.ensure_future(self._prepare_avatar(avatar, params, pixels, face_box))
+        return avatar, True
+
+    async def _prepare_avatar(self, avatar: Avatar, params: VideoParams, pixels: np.ndarray, face_box) -> None:
+        started = False
+        try:
+            await self._slot(avatar.id)
+            started = True
+            avatar.status, avatar.queue_position = "in_progress", None
+            self._update_queue()
+            self.store.save_avatar(avatar)
+            async with asyncio.timeout(self.cfg.serving.job_timeout_s):
+                state = await self._denoised(params, pixels, lambda *a, **k: None)
+                clip = self.decoder.decode.remote(state)  # frames go decoder -> lip-sync directly
+                info = await self.lipsync.create_avatar_from.remote(clip, face_box)
+            avatar.lipsync_id, avatar.fps, avatar.cycle_frames = info.avatar_id, info.fps, 2 * info.num_frames
+            avatar.status, avatar.ready_at = "ready", int(time.time())
+        except asyncio.CancelledError:
+            avatar.status = "cancelled"
+        except Exception as exc:  # noqa: BLE001 - the avatar fails with a reason
+            log.error("avatar %s failed: %r", avatar.id, exc)
+            avatar.status, avatar.error = "failed", failure(exc)
+        finally:
+            avatar.queue_position = None
+            if avatar.id in self.waiting:
+                self.waiting.remove(avatar.id)
+            if started:
+                self.running -= 1
+            self.tasks.pop(avatar.id, None)
+            if avatar.id in self.avatars:
+                self.store.save_avatar(avatar)
+            self._update_queue()
+            self._wake()
+            log.info("avatar %s %s", avatar.id, avatar.status)
+
+    def avatar(self, avatar_id: str) -> Avatar:
+        self._need_lipsync()
+        try:
+            return self.avatars[avatar_id]
+        except KeyError:
+            raise ApiError(404, f"no avatar {avatar_id!r}", "avatar_id", type="not_found_error") from None
+
+    async def delete_avatar(self, avatar_id: str) -> dict:
+        avatar = self.avatar(avatar_id)
+        task = self.tasks.get(avatar_id)
+        if task is not None:
+            task.cancel()
+        self.avatars.pop(avatar_id)
+        self.store.delete_avatar(avatar_id)
+        if avatar.lipsync_id and not any(a.lipsync_id == avatar.lipsync_id for a in self.avatars.values()):
+            await self.lipsync.delete_avatar.remote(avatar.lipsync_id)
+        return {"id": avatar_id, "object": "avatar.deleted", "deleted": True}
+
+    async def speech(self, avatar_id: str, audio: bytes | None, start_index: int = 0):
+        """Validate, then start the lip-sync stream: -> (first fMP4 bytes, the rest as an async
+        iterator). Errors before the first byte become HTTP errors; the first fragment is the
+        time to first frame."""
+        avatar = self.avatar(avatar_id)
+        if audio is None:
+            raise ApiError(422, "audio: an audio file is required", "audio")
+        if avatar.status != "ready":
+            raise ApiError(409, f"avatar {avatar_id} is {avatar.status}; speech needs it ready", "avatar_id",
+                           type="conflict_error")
+        pcm = self.prepare_audio(audio)
+        stream = self.lipsync.options(stream=True).speak_fmp4.remote(avatar.lipsync_id, pcm, start_index=start_index)
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001
+            cause = getattr(exc, "cause", None) or exc
+            if type(cause).__name__ == "AvatarNotFound":
+                raise ApiError(409, f"avatar {avatar_id} is no longer prepared on the lip-sync stage; "
+                                    "delete and create it again", "avatar_id", type="conflict_error") from None
+            raise
+
+        async def rest():
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except BaseException:
+                stream.cancel()
+                raise
+
+        return first, rest()
+
     # ------------------------------------------------------------------ LoRA admin
 
     def _experts(self, target: str) -> list:
@@ -355,8 +546,13 @@ class Ingress:
 
     # ------------------------------------------------------------------ HTTP
 
-    async def _read_video_form(self, request: Request) -> tuple[dict, bytes | None]:
-        """A multipart form or a JSON body -> (fields, image bytes or None)."""
+    async def _read_form(self, request: Request, file_fields: dict[str, int]) -> tuple[dict, dict[str, bytes]]:
+        """A multipart form or a JSON body -> (text fields, {file field: bytes}).
+
+        `file_fields` maps each file field to its size limit; a file is read up to one byte past
+        it, enough to refuse it (413) without reading it all. In JSON, files are base64 strings
+        (or data: URLs)."""
+        files: dict[str, bytes] = {}
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
                 body = await request.json()
@@ -364,35 +560,40 @@ class Ingress:
                 raise ApiError(400, "the body is not valid JSON", None) from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the JSON body must be an object", None)
-            ref = body.pop("input_reference", None)
-            if ref is None:
-                return body, None
-            if not isinstance(ref, str):
-                raise ApiError(422, "input_reference: a base64 image (or data: URL) is required", "input_reference")
-            try:
-                return body, base64.b64decode(ref.split(",", 1)[-1] if ref.startswith("data:") else ref, validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, "input_reference: not valid base64", "input_reference") from None
+            for name in file_fields:
+                value = body.pop(name, None)
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise ApiError(422, f"{name}: a base64 string (or data: URL) is required", name)
+                try:
+                    files[name] = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value,
+                                                   validate=True)
+                except (binascii.Error, ValueError):
+                    raise ApiError(400, f"{name}: not valid base64", name) from None
+            return body, files
         try:
             form = await request.form()
         except Exception as exc:  # malformed multipart
             raise ApiError(400, f"could not parse the multipart form: {exc}", None) from None
-        upload = form.get("input_reference")
-        fields = {k: v for k, v in form.multi_items() if k != "input_reference"}
-        for key, value in fields.items():
-            if not isinstance(value, str):
+        fields = {}
+        for key, value in form.multi_items():
+            if key in file_fields:
+                if isinstance(value, str):
+                    raise ApiError(422, f"{key}: must be a file upload", key)
+                files[key] = await value.read(file_fields[key] + 1)
+            elif not isinstance(value, str):
                 raise ApiError(422, f"{key}: expected a text field, got a file", key)
-        if upload is None:
-            return fields, None
-        if isinstance(upload, str):
-            raise ApiError(422, "input_reference: must be an image file upload", "input_reference")
-        return fields, await upload.read(self.cfg.limits.max_image_bytes + 1)
+            else:
+                fields[key] = value
+        return fields, files
 
-    async def _video_request(self, request: Request) -> tuple[dict, bytes]:
-        fields, image = await self._read_video_form(request)
-        if image is None:
+    async def _video_request(self, request: Request) -> tuple[dict, bytes, bytes | None]:
+        fields, files = await self._read_form(request, {"input_reference": self.cfg.limits.max_image_bytes,
+                                                        "audio": self.cfg.limits.max_audio_bytes})
+        if "input_reference" not in files:
             raise ApiError(422, "input_reference: an image file is required", "input_reference")
-        return fields, image
+        return fields, files["input_reference"], files.get("audio")
 
     def _require_key(self, request: Request) -> None:
         keys = self.cfg.serving.api_keys
@@ -462,16 +663,59 @@ class Ingress:
                   responses={200: {"content": {"video/mp4": {}}}},
                   summary="Generate a video and wait for the MP4 (multipart: prompt, input_reference, ...)")
         async def video_sync(request: Request) -> Response:
-            fields, image = await self._video_request(request)
+            fields, image, audio = await self._video_request(request)
             params, pixels = self.prepare(fields, image)
-            result = await self.run(params, pixels, "mp4")
+            result = await self.run(params, pixels, "mp4", audio=self.prepare_audio(audio))
             return Response(content=result.mp4, media_type="video/mp4",
                             headers={"X-Seed": str(params.seed), "X-Job-Id": params.job_id})
 
         @app.post("/v1/videos", dependencies=auth, summary="Create a video job (multipart or JSON)")
         async def create_video(request: Request) -> JSONResponse:
-            fields, image = await self._video_request(request)
-            return JSONResponse(self.submit(fields, image).model_dump(), status_code=200)
+            fields, image, audio = await self._video_request(request)
+            return JSONResponse(self.submit(fields, image, audio).model_dump(), status_code=200)
+
+        @app.post("/v1/avatars", dependencies=auth,
+                  summary="Create an avatar: base clip + lip-sync preparation (idempotent for the same inputs)")
+        async def post_avatar(request: Request) -> JSONResponse:
+            self._need_lipsync()
+            fields, image, audio = await self._video_request(request)
+            if audio is not None:
+                raise ApiError(422, "audio: avatars take no audio; send it to /v1/avatars/{id}/speech", "audio")
+            face_box = parse_face_box(fields.pop("face_box", None))
+            avatar, created = self.create_avatar(fields, image, face_box)
+            return JSONResponse(avatar.model_dump(exclude={"lipsync_id"}), status_code=201 if created else 200)
+
+        @app.get("/v1/avatars/{avatar_id}", dependencies=auth)
+        async def get_avatar(avatar_id: str) -> dict:
+            return self.avatar(avatar_id).model_dump(exclude={"lipsync_id"})
+
+        @app.delete("/v1/avatars/{avatar_id}", dependencies=auth)
+        async def delete_avatar(avatar_id: str) -> dict:
+            return await self.delete_avatar(avatar_id)
+
+        @app.post("/v1/avatars/{avatar_id}/speech", dependencies=auth, response_class=StreamingResponse,
+                  responses={200: {"content": {"video/mp4": {}}}},
+                  summary="Audio in (multipart `audio`, or a raw audio body), lip-synced fragmented MP4 streamed out")
+        async def post_speech(avatar_id: str, request: Request) -> StreamingResponse:
+            self.avatar(avatar_id)
+            limit = self.cfg.limits.max_audio_bytes
+            ctype = request.headers.get("content-type", "")
+            if ctype.startswith(("audio/", "application/octet-stream", "video/")):
+                audio, fields = await read_limited(request, limit), {}
+            else:
+                fields, files = await self._read_form(request, {"audio": limit})
+                audio = files.get("audio")
+            start = fields.get("start_index", "0")
+            if not str(start).isdigit():
+                raise ApiError(422, "start_index: a non-negative integer", "start_index")
+            first, rest = await self.speech(avatar_id, audio, int(start))
+
+            async def body():
+                yield first
+                async for chunk in rest:
+                    yield chunk
+
+            return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
 
         @app.get("/v1/videos", dependencies=auth)
         async def list_videos(limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:

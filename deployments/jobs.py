@@ -48,11 +48,38 @@ class Job(BaseModel):
     stage: str | None = None
     step: int | None = None
     queue_position: int | None = None
+    has_audio: bool = False
     error: JobError | None = None
 
     @property
     def final(self) -> bool:
         return self.status in FINAL
+
+
+class Avatar(BaseModel):
+    """What GET /v1/avatars/{id} returns. Its id is a content hash of the image, the generation
+    settings and the profile, so creating the same avatar twice returns the first one."""
+
+    id: str
+    object: Literal["avatar"] = "avatar"
+    status: Literal["queued", "in_progress", "ready", "failed", "cancelled"] = "queued"
+    created_at: int
+    ready_at: int | None = None
+    model: str
+    prompt: str
+    size: str
+    num_frames: int
+    seed: int
+    queue_position: int | None = None
+    # Filled when ready: the lip-sync stage's own id for the prepared avatar and its cycle.
+    lipsync_id: str | None = None
+    fps: int | None = None
+    cycle_frames: int | None = None
+    error: JobError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in ("ready", "failed", "cancelled")
 
 
 def new_job_id() -> str:
@@ -75,8 +102,9 @@ class JobStore:
         self.root = Path(root)
         self.jobs_dir = self.root / "jobs"
         self.results_dir = self.root / "results"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.avatars_dir = self.root / "avatars"
+        for folder in (self.jobs_dir, self.results_dir, self.avatars_dir):
+            folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, job: Job) -> None:
         _atomic_write(self.jobs_dir / f"{job.id}.json", job.model_dump_json().encode())
@@ -115,6 +143,27 @@ class JobStore:
                 job.error = JobError(code="result_lost", message="the result file is missing")
                 self.save(job)
         return jobs
+
+    def save_avatar(self, avatar: Avatar) -> None:
+        _atomic_write(self.avatars_dir / f"{avatar.id}.json", avatar.model_dump_json().encode())
+
+    def delete_avatar(self, avatar_id: str) -> None:
+        (self.avatars_dir / f"{avatar_id}.json").unlink(missing_ok=True)
+
+    def recover_avatars(self) -> list[Avatar]:
+        """Avatars from an earlier run; those still being prepared are marked failed."""
+        avatars = []
+        for path in self.avatars_dir.glob("avatar_*.json"):
+            try:
+                avatar = Avatar.model_validate_json(path.read_bytes())
+            except (ValueError, OSError):
+                continue
+            if not avatar.final:
+                avatar.status, avatar.queue_position = "failed", None
+                avatar.error = JobError(code="interrupted", message="the server restarted while preparing it")
+                self.save_avatar(avatar)
+            avatars.append(avatar)
+        return avatars
 
     def expire(self, jobs: dict[str, Job], ttl_s: float, max_bytes: int, now: float | None = None) -> list[str]:
         """Delete finished jobs older than `ttl_s`, then the oldest finished results until the

@@ -37,6 +37,8 @@ from deployments.components import cast_keeping_fp32
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.fmp4 import stream_fmp4
 from deployments.hub import resolve_dir, resolve_file
+from deployments.observability import StageMetrics
+from deployments.payloads import Frames
 from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
 
 WHISPER_PIECE_SECONDS = 30  # whisper's fixed input window
@@ -246,6 +248,7 @@ class LipSync:
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
         self.vae_encodes = 0
         self.frames_generated = 0
+        self.metrics = StageMetrics("lipsync")
 
     # ------------------------------------------------------------------ models
 
@@ -329,7 +332,15 @@ class LipSync:
         """`prepare_avatar` for remote callers: returns only the small AvatarInfo."""
         return self.prepare_avatar(frames, fps, face_box).info
 
-    def get_avatar(self, avatar: str | PreparedAvatar) -> PreparedAvatar:
+    def create_avatar_from(self, clip: Frames, face_box=None) -> AvatarInfo:
+        """The decoder's output (uint8 frames + their fps) -> prepared avatar. In the graph the
+        decoder's response is passed here directly, so the base clip never visits the ingress."""
+        with self.metrics.timed("prepare"):
+            return self.create_avatar(clip.frames, clip.fps, face_box)
+
+    def get_avatar(self, avatar: str | PreparedAvatar | AvatarInfo) -> PreparedAvatar:
+        if isinstance(avatar, AvatarInfo):
+            avatar = avatar.avatar_id
         if isinstance(avatar, PreparedAvatar):
             return avatar
         found = self.store.get(avatar)
@@ -398,9 +409,15 @@ class LipSync:
         fragment completes. Audio problems raise AudioError before the first byte."""
         avatar = self.get_avatar(avatar)
         pcm = self.check_audio(audio)
-        yield from stream_fmp4(self.speak(avatar, pcm, start_index=start_index), pcm, fps=self.fps,
-                               keyframe_interval=self.cfg.mp4_keyframe_interval,
-                               crf=self.cfg.mp4_crf, audio_rate=self.cfg.aac_sample_rate)
+        with self.metrics.timed("speak"):
+            yield from stream_fmp4(self.speak(avatar, pcm, start_index=start_index), pcm, fps=self.fps,
+                                   keyframe_interval=self.cfg.mp4_keyframe_interval,
+                                   crf=self.cfg.mp4_crf, audio_rate=self.cfg.aac_sample_rate)
+
+    def lipsync_mp4(self, avatar: str | AvatarInfo, audio: np.ndarray | bytes) -> bytes:
+        """A whole lip-synced MP4 (fragmented: plays anywhere an MP4 does) for video jobs."""
+        with self.metrics.timed("lipsync_mp4"):
+            return b"".join(self.speak_fmp4(self.get_avatar(avatar), audio))
 
     # ------------------------------------------------------------------ health
 

@@ -17,6 +17,7 @@ from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
+from deployments.lipsync import LipSync
 
 
 async def _resolve(args: tuple, kwargs: dict) -> tuple[list, dict]:
@@ -45,6 +46,9 @@ class LocalResponse:
         return self._task.__await__()
 
 
+_DONE = object()
+
+
 class LocalStream:
     """Like `DeploymentResponseGenerator` (`handle.options(stream=True)`): an async iterator
     over what an (async) generator method yields; `cancel()` stops it."""
@@ -60,11 +64,21 @@ class LocalStream:
         if self._gen is None:
             args, kwargs = await _resolve(self._args, self._kwargs)
             self._gen = self._fn(*args, **kwargs)
-        return await self._gen.__anext__()
+        if hasattr(self._gen, "__anext__"):
+            return await self._gen.__anext__()
+        # A sync generator (e.g. LipSync.speak_fmp4): each item is computed in a worker thread.
+        item = await asyncio.to_thread(next, self._gen, _DONE)
+        if item is _DONE:
+            raise StopAsyncIteration
+        return item
 
     def cancel(self) -> None:
-        if self._gen is not None:
+        if self._gen is None:
+            return
+        if hasattr(self._gen, "aclose"):
             asyncio.ensure_future(self._gen.aclose())
+        else:
+            self._gen.close()
 
 
 class _Method:
@@ -103,8 +117,9 @@ class LocalGraph:
         self.high = LocalHandle(DitExpert(s.high, cfg.sampler))
         self.low = LocalHandle(DitExpert(s.low, cfg.sampler))
         self.decoder = LocalHandle(Decoder(s.decoder))
-        self.ingress = Ingress(self.encoder, self.high, self.low, self.decoder, cfg)
+        self.lipsync = LocalHandle(LipSync(s.lipsync))
+        self.ingress = Ingress(self.encoder, self.high, self.low, self.decoder, cfg, self.lipsync)
 
     @property
     def stage_calls(self) -> int:
-        return sum(sum(h.calls.values()) for h in (self.encoder, self.high, self.low, self.decoder))
+        return sum(sum(h.calls.values()) for h in (self.encoder, self.high, self.low, self.decoder, self.lipsync))

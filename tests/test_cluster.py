@@ -17,12 +17,13 @@ import pytest
 import yaml
 
 from conftest import free_port, get_dummy_image, png_bytes
+from test_avatars import durations, wav_bytes
 from deployments.local import LocalGraph
 from deployments.video import decode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "avatar-serve"
-GPU_STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder"]
+GPU_STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder", "LipSync"]
 KEY = {"Authorization": "Bearer cluster-key"}
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
@@ -30,7 +31,7 @@ SLOW = {**FAST, "num_inference_steps": "20"}  # 20 x 0.1 s: past the 1.5 s deadl
 
 
 def overrides(storage: Path) -> dict:
-    stages = {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder")}  # split
+    stages = {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder", "lipsync")}
     for role in ("high", "low"):
         stages[role]["simulate_step_seconds"] = 0.1
     return {"stages": stages,
@@ -227,3 +228,32 @@ def test_dead_replica_fails_its_job_and_later_jobs_succeed(cluster, client):
         time.sleep(1)
     else:
         raise AssertionError("no job completed after the replica was replaced")
+
+
+def test_avatar_and_streamed_speech_over_http(client):
+    r = client.post("/v1/avatars", data={"prompt": "a woman talks", "size": "32x32", "num_frames": "5",
+                                         "num_inference_steps": "2"},
+                    files={"input_reference": ("p.png", IMAGE, "image/png")})
+    assert r.status_code in (200, 201), r.text
+    avatar_id = r.json()["id"]
+    deadline = time.monotonic() + 90
+    while (a := client.get(f"/v1/avatars/{avatar_id}").json())["status"] not in ("ready", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert a["status"] == "ready"
+    chunks = []
+    with client.stream("POST", f"/v1/avatars/{avatar_id}/speech",
+                       files={"audio": ("a.wav", wav_bytes(6.0), "audio/wav")}) as s:
+        assert s.status_code == 200 and s.headers["content-type"] == "video/mp4"
+        for chunk in s.iter_raw():
+            chunks.append(chunk)
+    mp4 = b"".join(chunks)
+    frames, video_s, audio_s = durations(mp4)
+    assert frames == 150 and abs(audio_s - video_s) <= 1 / 25
+    # It arrived as a stream: the first piece alone is a playable prefix of the video.
+    assert len(chunks) >= 2
+    first_frames = decode_mp4(chunks[0])[0].shape[0]
+    assert 0 < first_frames < frames
+    bad = client.post(f"/v1/avatars/{avatar_id}/speech", files={"audio": ("a.wav", b"junk", "audio/wav")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "audio"
+    assert client.delete(f"/v1/avatars/{avatar_id}").json()["deleted"] is True
