@@ -8,6 +8,9 @@ which part of it the stage loads (mirroring deployments/components.py):
   (`subfolder` overrides the usual folder, as in the loaders) -- plus `model_index.json`;
 - `wan_safetensors` / `gguf`: the one expert file, and from the `config` repo only the
   `transformer*/config.json` files (never the bf16/fp32 shards that the quantised file replaces);
+- `musetalk` (lip-sync): the UNet state dict and its config from `repo`; the SD VAE and whisper-tiny
+  repos as single-model folders: their root `config.json` and safetensors weights (whisper also its
+  `preprocessor_config.json`), never the repos' READMEs, tokenizers or other weight formats;
 - `random`: nothing; a source that is a local path: nothing to fetch, only checked.
 
 `plan()` turns that into huggingface_hub allow/ignore patterns, one `RepoPlan` per repository;
@@ -35,6 +38,10 @@ from deployments.hub import MissingWeightsError, resolve_dir, resolve_file
 # safetensors are present: never fetched from a diffusers folder.
 ALT_WEIGHT_FORMATS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.onnx",
                       "*.onnx_data")
+
+# What a repository that is itself one diffusers / transformers model (no subfolder) gives its
+# loader: the config and the safetensors weights, sharded or not.
+ROOT_MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
 # The diffusers config folders of both experts: what a single-file expert (wan_safetensors,
 # gguf) takes from its `config` repository. Both, whatever the role: they are a few hundred bytes
@@ -94,9 +101,11 @@ def needs(cfg: GraphConfig) -> list[Need]:
                                  f"{w.kind!r}; add one in deployments/download.py")
         elif getattr(w, "kind", None) == "musetalk" and stage == "lipsync":
             # MuseTalk layout (config.MuseTalkWeights): two files of its repo, and the SD VAE and
-            # whisper-tiny as whole model repos (or local folders).
+            # whisper-tiny as whole model repos (or local folders); the whisper feature extractor
+            # reads the repo's preprocessor_config.json (deployments/lipsync.py load_models).
             out += [Need(stage, w.repo, "file", w.unet), Need(stage, w.repo, "file", w.unet_config),
-                    Need(stage, w.vae, "model", ""), Need(stage, w.whisper, "model", "")]
+                    Need(stage, w.vae, "model", ""), Need(stage, w.whisper, "model", ""),
+                    Need(stage, w.whisper, "file", "preprocessor_config.json")]
         elif isinstance(w, (WanSafetensorsWeights, GGUFWeights)):
             if stage not in ("high", "low"):
                 raise ValueError(f"stage {stage!r} cannot use weights of kind {w.kind!r}")
@@ -123,6 +132,11 @@ def plan(cfg: GraphConfig) -> list[RepoPlan]:
         if need.kind == "file":
             pats.append(glob.escape(need.path))
             exact.setdefault(repo, []).append(need.path)
+        elif need.kind == "model" and not need.path:
+            # A whole repository as one model: what from_pretrained and `_check` read at its root
+            # (config + safetensors weights), not `*`, which would take the repo's README,
+            # .gitattributes and tokenizer files too. Other files it needs are named as `file`s.
+            pats += list(ROOT_MODEL_FILES)
         else:
             pats += [_join(need.path, "*"), "model_index.json"]
             ignore.setdefault(repo, []).extend(ALT_WEIGHT_FORMATS)

@@ -20,7 +20,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
 from deployments import download as dl
-from deployments.config import CONFIG_DIR, load_profile
+from deployments.config import CONFIG_DIR, MuseTalkWeights, load_profile
 from deployments.hub import MissingWeightsError
 
 LISTINGS = Path(__file__).parent / "data" / "repo_listings"
@@ -28,6 +28,9 @@ LISTINGS = Path(__file__).parent / "data" / "repo_listings"
 DIFFUSERS = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
 DISTILL = "lightx2v/Wan2.2-Distill-Models"
 GGUF = "QuantStack/Wan2.2-I2V-A14B-GGUF"
+MUSETALK = "TMElyralab/MuseTalk"
+SD_VAE = "stabilityai/sd-vae-ft-mse"
+WHISPER = "openai/whisper-tiny"
 
 # ------------------------------------------------------------------ expected selections
 
@@ -58,32 +61,47 @@ def _expert_folder(folder: str) -> set[str]:
 # transformers only their config.json.
 DIFFUSERS_NO_EXPERTS = {"model_index.json"} | TEXT_ENCODER | TOKENIZER | VAE | EXPERT_CONFIGS
 
+# What the MuseTalk lip-sync stage of every real profile reads (deployments/lipsync.py load_models):
+# the v1.5 UNet state dict + its config; the SD VAE and whisper-tiny as root-level model folders,
+# config + safetensors only (the repos also hold .bin / tf / flax copies, READMEs, tokenizers);
+# whisper's feature extractor reads preprocessor_config.json.
+LIPSYNC = {
+    MUSETALK: {"musetalkV15/unet.pth", "musetalkV15/musetalk.json"},
+    SD_VAE: {"config.json", "diffusion_pytorch_model.safetensors"},
+    WHISPER: {"config.json", "model.safetensors", "preprocessor_config.json"},
+}
+
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "tiny": {},
     "random-a14b": {},
     "wan22-i2v-a14b-bf16": {
         DIFFUSERS: ({"model_index.json"} | TEXT_ENCODER | TOKENIZER | VAE
                     | _expert_folder("transformer") | _expert_folder("transformer_2")),
+        **LIPSYNC,
     },
     "wan22-i2v-a14b-distill-fp8": {
         DIFFUSERS: DIFFUSERS_NO_EXPERTS,
         DISTILL: {"wan2.2_i2v_A14b_high_noise_scaled_fp8_e4m3_lightx2v_4step.safetensors",
                   "wan2.2_i2v_A14b_low_noise_scaled_fp8_e4m3_lightx2v_4step.safetensors"},
+        **LIPSYNC,
     },
     "wan22-i2v-a14b-distill-bf16": {
         DIFFUSERS: DIFFUSERS_NO_EXPERTS,
         DISTILL: {"wan2.2_i2v_A14b_high_noise_lightx2v_4step.safetensors",
                   "wan2.2_i2v_A14b_low_noise_lightx2v_4step.safetensors"},
+        **LIPSYNC,
     },
     "wan22-i2v-a14b-gguf-q4km": {
         DIFFUSERS: DIFFUSERS_NO_EXPERTS,
         GGUF: {"HighNoise/Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf",
                "LowNoise/Wan2.2-I2V-A14B-LowNoise-Q4_K_M.gguf"},
+        **LIPSYNC,
     },
     "wan22-i2v-a14b-gguf-q8": {
         DIFFUSERS: DIFFUSERS_NO_EXPERTS,
         GGUF: {"HighNoise/Wan2.2-I2V-A14B-HighNoise-Q8_0.gguf",
                "LowNoise/Wan2.2-I2V-A14B-LowNoise-Q8_0.gguf"},
+        **LIPSYNC,
     },
 }
 REAL_PROFILES = [p for p, repos in EXPECTED.items() if repos]
@@ -127,11 +145,20 @@ def test_profile_settings():
     for name in ("random-a14b", *REAL_PROFILES):
         stages = load_profile(name).stages
         # split placement: each GPU stage on its own card
-        assert [getattr(stages, st).placement.num_gpus for st in ("encoder", "high", "low", "decoder")] == [1] * 4
+        assert [getattr(stages, st).placement.num_gpus
+                for st in ("encoder", "high", "low", "decoder", "lipsync")] == [1] * 5
         assert stages.ingress.placement.num_gpus == 0
+    for name in REAL_PROFILES:
+        # real weights for lip-sync too (never the default random tiny models)
+        lipsync = load_profile(name).stages.lipsync
+        assert lipsync.weights == MuseTalkWeights()
+        assert (lipsync.weights.repo, lipsync.weights.unet, lipsync.weights.unet_config,
+                lipsync.weights.vae, lipsync.weights.whisper) == (
+            MUSETALK, "musetalkV15/unet.pth", "musetalkV15/musetalk.json", SD_VAE, WHISPER)
+        assert (lipsync.batch_size, lipsync.avatar_cache_dir) == (16, None)
     w = load_profile("random-a14b").stages
-    assert {getattr(w, st).weights.kind for st in ("encoder", "high", "low", "decoder")} == {"random"}
-    assert {getattr(w, st).weights.arch for st in ("encoder", "high", "low", "decoder")} == {"a14b"}
+    assert {getattr(w, st).weights.kind for st in ("encoder", "high", "low", "decoder", "lipsync")} == {"random"}
+    assert {getattr(w, st).weights.arch for st in ("encoder", "high", "low", "decoder", "lipsync")} == {"a14b"}
 
 
 @pytest.mark.parametrize("profile", sorted(EXPECTED))
@@ -173,7 +200,7 @@ def test_exact_file_is_never_dropped_by_an_ignore_pattern():
 def test_subfolder_override_follows_the_loaders():
     cfg = load_profile("wan22-i2v-a14b-bf16", {"stages": {"low": {"weights": {
         "kind": "diffusers", "path": DIFFUSERS, "subfolder": "transformer"}}}})
-    (p,) = dl.plan(cfg)
+    (p,) = [p for p in dl.plan(cfg) if p.repo_id == DIFFUSERS]
     assert "transformer_2/*" not in p.allow_patterns and "transformer/*" in p.allow_patterns
 
 
@@ -259,7 +286,8 @@ def _assert_missing(cfg, profile, *fragments):
 def test_download_fills_a_cache_that_the_checks_and_hf_hub_download_accept(tmp_path, profile):
     cache = tmp_path / "weights"
     cfg = load_profile(profile, {"weights_dir": str(cache)})
-    assert {getattr(cfg.stages, s).weights_dir for s in ("encoder", "high", "low", "decoder")} == {str(cache)}
+    assert {getattr(cfg.stages, s).weights_dir
+            for s in ("encoder", "high", "low", "decoder", "lipsync")} == {str(cache)}
     _assert_missing(cfg, profile, DIFFUSERS)
 
     fetch = FakeSnapshot(_fake_remote(tmp_path / "remote"))
@@ -337,7 +365,11 @@ def test_cli_dry_run_without_a_listing_prints_the_patterns(capsys, monkeypatch, 
     out = capsys.readouterr().out
     assert "allow:  HighNoise/Wan2.2-I2V-A14B-HighNoise-Q8_0.gguf LowNoise/Wan2.2-I2V-A14B-LowNoise-Q8_0.gguf" in out
     assert "allow:  text_encoder/* model_index.json tokenizer/* vae/* transformer/config.json transformer_2/config.json" in out
-    assert out.count("the patterns above decide") == 2
+    # ... and the lip-sync repos': exact files, and root config + safetensors for whole-repo models
+    assert "allow:  musetalkV15/unet.pth musetalkV15/musetalk.json" in out
+    assert "allow:  config.json *.safetensors *.safetensors.index.json" in out
+    assert "allow:  config.json *.safetensors *.safetensors.index.json preprocessor_config.json" in out
+    assert out.count("the patterns above decide") == 5
 
     # no --listings: the Hub is asked; when it cannot answer, the patterns are printed
     def offline(repo):
@@ -345,7 +377,7 @@ def test_cli_dry_run_without_a_listing_prints_the_patterns(capsys, monkeypatch, 
     monkeypatch.setattr(dl, "hub_listing", offline)
     assert cli.main(["download", "wan22-i2v-a14b-gguf-q8", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("(no listing: ConnectionError; the patterns above decide)") == 2
+    assert out.count("(no listing: ConnectionError; the patterns above decide)") == 5
 
     # ... and when it answers, its listing is used
     monkeypatch.setattr(dl, "hub_listing", listing)
@@ -390,12 +422,13 @@ def test_musetalk_lipsync_weights_get_their_files_only(tmp_path):
     assert plans["TMElyralab/MuseTalk"].allow_patterns == ("musetalkV15/unet.pth", "musetalkV15/musetalk.json")
     whisper = ["config.json", "generation_config.json", "model.safetensors", "pytorch_model.bin",
                "tf_model.h5", "flax_model.msgpack", "preprocessor_config.json", "tokenizer.json"]
+    # what WhisperFeatureExtractor / WhisperModel / AutoencoderKL.from_pretrained read: no other
+    # weight format, no tokenizer or generation config, no README
     assert dl.select(whisper, plans["openai/whisper-tiny"]) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-         "tokenizer.json"])
+        ["config.json", "model.safetensors", "preprocessor_config.json"])
     vae = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors", "README.md"]
     assert dl.select(vae, plans["stabilityai/sd-vae-ft-mse"]) == sorted(
-        ["README.md", "config.json", "diffusion_pytorch_model.safetensors"])
+        ["config.json", "diffusion_pytorch_model.safetensors"])
     assert set(plans) == {DIFFUSERS, GGUF, "TMElyralab/MuseTalk", "stabilityai/sd-vae-ft-mse",
                           "openai/whisper-tiny"}
 
@@ -406,8 +439,51 @@ def test_musetalk_lipsync_weights_get_their_files_only(tmp_path):
         for f in files:
             (remote / repo.replace("/", "__") / f).parent.mkdir(parents=True, exist_ok=True)
             (remote / repo.replace("/", "__") / f).write_text(f)
-    _assert_missing(cfg, "p", "TMElyralab/MuseTalk/musetalkV15/unet.pth", "(and 3 more)")
+    # unet.pth, musetalk.json, the VAE, whisper and whisper's preprocessor_config.json
+    _assert_missing(cfg, "p", "TMElyralab/MuseTalk/musetalkV15/unet.pth", "(and 4 more)")
     paths = dl.download(cfg, progress=False, fetch=FakeSnapshot(remote))
     dl.check_weights_present(cfg, "p")
+    (Path(paths["openai/whisper-tiny"]) / "preprocessor_config.json").unlink()
+    _assert_missing(cfg, "p", "openai/whisper-tiny/preprocessor_config.json")
     (Path(paths["openai/whisper-tiny"]) / "model.safetensors").unlink()
     _assert_missing(cfg, "p", "openai/whisper-tiny/*.safetensors")
+
+
+def test_downloaded_lipsync_files_are_enough_for_the_loader(tmp_path):
+    """What the plan takes from the three lip-sync repos (no README, tokenizer, .bin / tf / flax
+    copies) is all `lipsync.load_models` reads: tiny models in the published layout, fetched from a
+    fake remote that also holds the files the plan must leave behind."""
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    from deployments.config import RandomWeights
+    from deployments.lipsync import TINY, load_models
+
+    extractor, encoder, unet, vae = load_models(RandomWeights(), torch.float32, torch.device("cpu"))
+    remote = tmp_path / "remote"
+    muse, vae_dir, whisper_dir = (remote / r.replace("/", "__") for r in (MUSETALK, SD_VAE, WHISPER))
+    (muse / "musetalkV15").mkdir(parents=True)
+    torch.save(unet.state_dict(), muse / "musetalkV15" / "unet.pth")
+    (muse / "musetalkV15" / "musetalk.json").write_text(json.dumps(dict(unet.config)))
+    vae.save_pretrained(vae_dir)
+    whisper = WhisperModel(WhisperConfig(**TINY["whisper"]))
+    whisper.encoder.load_state_dict(encoder.state_dict())
+    whisper.save_pretrained(whisper_dir)
+    extractor.save_pretrained(whisper_dir)
+    for decoy in (muse / "musetalk" / "pytorch_model.bin", muse / "README.md", vae_dir / "README.md",
+                  vae_dir / "diffusion_pytorch_model.bin", whisper_dir / "pytorch_model.bin",
+                  whisper_dir / "tf_model.h5", whisper_dir / "tokenizer.json"):
+        decoy.parent.mkdir(parents=True, exist_ok=True)
+        decoy.write_text("not read")
+
+    cache = tmp_path / "weights"
+    cfg = load_profile("wan22-i2v-a14b-gguf-q8", {"weights_dir": str(cache)})
+    paths = dl.download(cfg, progress=False, fetch=FakeSnapshot(remote))
+    for repo in LIPSYNC:
+        snap = Path(paths[repo])
+        assert {str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()} == LIPSYNC[repo]
+    w = cfg.stages.lipsync
+    _, encoder2, unet2, vae2 = load_models(w.weights, torch.float32, torch.device("cpu"), w.weights_dir)
+    for a, b in ((encoder, encoder2), (unet, unet2), (vae, vae2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
