@@ -182,6 +182,13 @@ class LipSyncConfig(StageBase):
     # Streaming MP4 (deployments/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
     # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
     # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
+    # GPU speed settings (no effect on a CPU), measured in bench/README.md: channels-last
+    # convolutions (+5% on an H100); cuDNN autotuning (faster for one stream, but it re-tunes in
+    # every new thread and concurrent turns ran 3x slower: off); torch.compile of the UNet and VAE
+    # decoder (its warm-up per batch size took minutes: off until batch shapes are fixed).
+    channels_last: bool = True
+    cudnn_benchmark: bool = False
+    compile: bool = False
     mp4_keyframe_interval: int = Field(12, ge=1)
     mp4_crf: int = Field(20, ge=0, le=51)
     aac_sample_rate: int = 48000
