@@ -133,6 +133,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speak(args: argparse.Namespace) -> int:
+    """Create (or reuse) an avatar from an image + prompt, then stream a lip-synced turn to a file."""
+    from deployments.client import AvatarClient, ClientError
+
+    client = AvatarClient(args.url, api_key=args.api_key or os.environ.get("AVATAR_SERVE_API_KEY"))
+    try:
+        avatar_id = args.avatar
+        if avatar_id is None:
+            if not (args.image and args.prompt):
+                print("error: give --avatar ID, or --image and --prompt to create one", file=sys.stderr)
+                return 2
+            print("preparing the avatar (base clip + lip-sync preparation)...", file=sys.stderr)
+            avatar_id = client.create_avatar(args.image, args.prompt, size=args.size, seed=args.seed)["id"]
+            print(f"avatar {avatar_id}", file=sys.stderr)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0, first, total = time.perf_counter(), None, 0
+        with open(out, "wb") as fh:
+            for chunk in client.speak(avatar_id, args.audio):
+                first = first if first is not None else time.perf_counter() - t0
+                total += len(chunk)
+                fh.write(chunk)
+    except (ClientError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({total} bytes; first bytes after {first:.2f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avatar-serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--negative-prompt", default=None)
     gen.set_defaults(fn=cmd_generate)
+    spk = sub.add_parser("speak", help="lip-sync speech onto an avatar (created from --image/--prompt if needed)")
+    spk.add_argument("audio", help="speech file: wav, mp3, ogg/opus, flac, m4a")
+    spk.add_argument("--avatar", default=None, help="an existing avatar id")
+    spk.add_argument("--image", default=None)
+    spk.add_argument("--prompt", default=None)
+    spk.add_argument("--size", default=None)
+    spk.add_argument("--seed", type=int, default=None)
+    spk.add_argument("-o", "--output", default="speech.mp4")
+    spk.add_argument("--url", default="http://127.0.0.1:8000")
+    spk.add_argument("--api-key", default=None, help="default: $AVATAR_SERVE_API_KEY")
+    spk.set_defaults(fn=cmd_speak)
     args = parser.parse_args(argv)
     return args.fn(args)
 

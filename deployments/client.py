@@ -9,6 +9,7 @@ It needs httpx only (no torch, no Ray).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,10 +25,11 @@ class ClientError(RuntimeError):
         super().__init__(f"HTTP {status} {error.get('type', '')}: {error.get('message', '')}{param}")
 
 
-def _image(image: str | Path | bytes) -> tuple[str, bytes]:
-    if isinstance(image, bytes):
-        return "image.png", image
-    path = Path(image)
+def _image(file: str | Path | bytes) -> tuple[str, bytes]:
+    """A path or the file's bytes -> (file name, bytes) for an upload."""
+    if isinstance(file, bytes):
+        return "upload", file
+    path = Path(file)
     return path.name, path.read_bytes()
 
 
@@ -102,6 +104,40 @@ class AvatarClient:
         name, data = _image(image)
         files = {"input_reference": (name, data, "application/octet-stream")}
         return self._check(self.http.post("/v1/videos/sync", data=self._fields(prompt, fields), files=files)).content
+
+    # -------------------------------------------------------------- avatars
+
+    def create_avatar(self, image: str | Path | bytes, prompt: str, wait: bool = True,
+                      poll_s: float = 0.5, **fields: Any) -> dict:
+        """Create (or find: the same inputs give the same avatar) and, with `wait`, poll until it
+        is ready; raises ClientError if it fails."""
+        name, data = _image(image)
+        files = {"input_reference": (name, data, "application/octet-stream")}
+        avatar = self._check(self.http.post("/v1/avatars", data=self._fields(prompt, fields), files=files)).json()
+        while wait and avatar["status"] in ("queued", "in_progress"):
+            time.sleep(poll_s)
+            avatar = self.get_avatar(avatar["id"])
+        if avatar["status"] in ("failed", "cancelled"):
+            raise ClientError(500, {"type": "avatar_" + avatar["status"],
+                                    "message": (avatar.get("error") or {}).get("message", avatar["status"])})
+        return avatar
+
+    def get_avatar(self, avatar_id: str) -> dict:
+        return self._check(self.http.get(f"/v1/avatars/{avatar_id}")).json()
+
+    def delete_avatar(self, avatar_id: str) -> dict:
+        return self._check(self.http.delete(f"/v1/avatars/{avatar_id}")).json()
+
+    def speak(self, avatar_id: str, audio: str | Path | bytes, start_index: int = 0) -> Iterator[bytes]:
+        """Upload speech; yields the lip-synced fragmented MP4 as it streams in."""
+        name, data = _image(audio)
+        files = {"audio": (name, data, "application/octet-stream")}
+        with self.http.stream("POST", f"/v1/avatars/{avatar_id}/speech", files=files,
+                              data={"start_index": str(start_index)}) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._check(r)
+            yield from r.iter_bytes()
 
     def models(self) -> dict:
         return self._check(self.http.get("/v1/models")).json()

@@ -67,3 +67,21 @@ def test_generate_command_writes_the_file(client, tmp_path, monkeypatch):
     assert rc == 0 and decode_mp4((tmp_path / "o.mp4").read_bytes())[0].shape[0] == 5
     rc = cli.main(["generate", str(image), "x", "-o", str(tmp_path / "bad.mp4"), "--frames", "6"])
     assert rc == 1 and not (tmp_path / "bad.mp4").exists()
+
+
+def test_speak_command_creates_the_avatar_and_streams_to_a_file(client, tmp_path, monkeypatch):
+    from test_avatars import durations, wav_bytes
+
+    image, audio = tmp_path / "p.png", tmp_path / "a.wav"
+    image.write_bytes(png_bytes(get_dummy_image()))
+    audio.write_bytes(wav_bytes(0.6))
+    monkeypatch.setattr("deployments.client.AvatarClient", lambda url, api_key=None: AvatarClient(
+        api_key="k", http=client.http))
+    out = tmp_path / "s.mp4"
+    assert cli.main(["speak", str(audio), "--image", str(image), "--prompt", "hi", "--size", "32x32",
+                     "-o", str(out)]) == 0
+    assert durations(out.read_bytes())[0] == 15  # floor(0.6 * 25)
+    # Same inputs, same avatar: found ready at once (a new one would start queued).
+    again = client.create_avatar(image.read_bytes(), "hi", size="32x32", wait=False)
+    assert again["status"] == "ready"
+    assert cli.main(["speak", str(audio), "--avatar", "avatar_missing", "-o", str(tmp_path / "x.mp4")]) == 1
