@@ -23,6 +23,7 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -285,15 +286,32 @@ class Ingress:
                 events.emit("stage", stage=data["stage"], state=data["state"], progress=job.progress)
         return report
 
-    async def _execute(self, job: Job, params: VideoParams, pixels: np.ndarray, audio=None) -> None:
+    @asynccontextmanager
+    async def _turn(self, record: Job | Avatar, save: Callable):
+        """Wait for a running slot, mark `record` in progress, run the body under the job
+        deadline, and always give the slot back (cancelled, failed or done)."""
         started = False
         try:
-            await self._slot(job.id)
+            await self._slot(record.id)
             started = True
-            job.status, job.queue_position = "in_progress", None
+            record.status, record.queue_position = "in_progress", None
             self._update_queue()
-            self.store.save(job)
+            save(record)
             async with asyncio.timeout(self.cfg.serving.job_timeout_s):
+                yield
+        finally:
+            record.queue_position = None
+            if record.id in self.waiting:
+                self.waiting.remove(record.id)
+            if started:
+                self.running -= 1
+            self.tasks.pop(record.id, None)
+            self._update_queue()
+            self._wake()
+
+    async def _execute(self, job: Job, params: VideoParams, pixels: np.ndarray, audio=None) -> None:
+        try:
+            async with self._turn(job, self.store.save):
                 result = await self.run(params, pixels, "mp4", self._progress(job), audio=audio)
             self.store.save_result(job.id, result.mp4)
             self._finish(job, "completed")
@@ -302,14 +320,6 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - every failure ends the job with a reason
             log.error("job %s failed: %r", job.id, exc, exc_info=not isinstance(exc, TimeoutError))
             self._finish(job, "failed", failure(exc))
-        finally:
-            if job.id in self.waiting:
-                self.waiting.remove(job.id)
-            if started:
-                self.running -= 1
-            self.tasks.pop(job.id, None)
-            self._update_queue()
-            self._wake()
 
     def _finish(self, job: Job, status: str, error: JobError | None = None) -> None:
         job.status, job.error, job.completed_at = status, error, int(time.time())
@@ -428,14 +438,8 @@ class Ingress:
         return avatar, True
 
     async def _prepare_avatar(self, avatar: Avatar, params: VideoParams, pixels: np.ndarray, face_box) -> None:
-        started = False
         try:
-            await self._slot(avatar.id)
-            started = True
-            avatar.status, avatar.queue_position = "in_progress", None
-            self._update_queue()
-            self.store.save_avatar(avatar)
-            async with asyncio.timeout(self.cfg.serving.job_timeout_s):
+            async with self._turn(avatar, self.store.save_avatar):
                 state = await self._denoised(params, pixels, lambda *a, **k: None)
                 clip = self.decoder.decode.remote(state)  # frames go decoder -> lip-sync directly
                 info = await self.lipsync.create_avatar_from.remote(clip, face_box)
@@ -446,18 +450,9 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - the avatar fails with a reason
             log.error("avatar %s failed: %r", avatar.id, exc)
             avatar.status, avatar.error = "failed", failure(exc)
-        finally:
-            avatar.queue_position = None
-            if avatar.id in self.waiting:
-                self.waiting.remove(avatar.id)
-            if started:
-                self.running -= 1
-            self.tasks.pop(avatar.id, None)
-            if avatar.id in self.avatars:
-                self.store.save_avatar(avatar)
-            self._update_queue()
-            self._wake()
-            log.info("avatar %s %s", avatar.id, avatar.status)
+        if avatar.id in self.avatars:  # not deleted meanwhile
+            self.store.save_avatar(avatar)
+        log.info("avatar %s %s", avatar.id, avatar.status)
 
     def avatar(self, avatar_id: str) -> Avatar:
         self._need_lipsync()
