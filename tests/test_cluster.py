@@ -257,3 +257,32 @@ def test_avatar_and_streamed_speech_over_http(client):
     bad = client.post(f"/v1/avatars/{avatar_id}/speech", files={"audio": ("a.wav", b"junk", "audio/wav")})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "audio"
     assert client.delete(f"/v1/avatars/{avatar_id}").json()["deleted"] is True
+
+
+def test_restarted_ingress_serves_old_results_and_fails_interrupted_jobs(cluster, client):
+    import ray
+    from ray.util.state import list_actors
+
+    done = create(client).json()
+    assert wait_final(client, done["id"])["status"] == "completed"
+    running = create(client, SLOW).json()
+    first_step(client, running["id"])
+    ingress = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.endswith("Ingress")]
+    assert len(ingress) == 1
+    ray.kill(ray.get_actor(ingress[0].name, namespace="serve"), no_restart=True)
+    # Serve starts a new ingress replica over the same storage directory.
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            r = client.get(f"/v1/videos/{running['id']}", timeout=5)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "no new ingress replica answered"
+        time.sleep(0.5)
+    lost = r.json()
+    assert lost["status"] == "failed" and lost["error"]["code"] == "interrupted"
+    assert decode_mp4(client.get(f"/v1/videos/{done['id']}/content").content)[0].shape[0] == 5
+    assert {done["id"], running["id"]} <= {j["id"] for j in client.get("/v1/videos", params={"limit": 100}).json()["data"]}
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
