@@ -62,11 +62,12 @@ def main() -> int:
     ap.add_argument("--channels-last", type=int, default=1)
     ap.add_argument("--cudnn-benchmark", type=int, default=0)
     ap.add_argument("--compile", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8, help="the stage's batch (talk turns, first chunk)")
     args = ap.parse_args()
 
     cfg = LipSyncConfig(weights=RandomWeights(arch=args.arch), device=args.device,
                         channels_last=bool(args.channels_last), cudnn_benchmark=bool(args.cudnn_benchmark),
-                        compile=bool(args.compile))
+                        compile=bool(args.compile), batch_size=args.batch_size)
     stage = LipSync(cfg)
     device = stage.device
     rng = np.random.RandomState(0)

@@ -155,7 +155,7 @@ def test_profile_settings():
         assert (lipsync.weights.repo, lipsync.weights.unet, lipsync.weights.unet_config,
                 lipsync.weights.vae, lipsync.weights.whisper) == (
             MUSETALK, "musetalkV15/unet.pth", "musetalkV15/musetalk.json", SD_VAE, WHISPER)
-        assert (lipsync.batch_size, lipsync.avatar_cache_dir) == (16, None)
+        assert (lipsync.batch_size, lipsync.avatar_cache_dir, lipsync.compile) == (32, None, True)
     w = load_profile("random-a14b").stages
     assert {getattr(w, st).weights.kind for st in ("encoder", "high", "low", "decoder", "lipsync")} == {"random"}
     assert {getattr(w, st).weights.arch for st in ("encoder", "high", "low", "decoder", "lipsync")} == {"a14b"}
