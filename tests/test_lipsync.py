@@ -434,3 +434,26 @@ def test_stream_fmp4_yields_only_non_empty_pieces_and_rejects_odd_sizes():
     assert video.shape[0] == 25
     with pytest.raises(ValueError, match="even"):
         FragmentedMP4Writer(audio).write(np.zeros((1, 31, 32, 3), np.uint8))
+
+
+def test_default_batches_start_small_then_full(avatar, cache_dir):
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu",
+                        avatar_cache_dir=str(cache_dir), batch_size=4, first_batch_size=3)
+    stage = LipSync(cfg)
+    audio = get_dummy_inputs()["audio"]  # 12 frames
+    assert [len(c) for c in stage.speak(avatar.avatar_id, audio)] == [3, 4, 4, 1]
+
+
+def test_padding_for_compiled_batch_sizes_changes_no_output(stage, avatar):
+    """A compiled stage pads short batches up to a compiled size; the padding must not change
+    the frames it returns (samples of a batch are independent)."""
+    feats = stage.audio_features(get_dummy_inputs()["audio"])
+    latents, audio = avatar.latents[[0, 1, 2]], feats.windows(range(3))
+    plain = stage.generate(latents, audio)
+    stage.compiled = True  # as after torch.compile: batches of 3 are padded up to batch_size 4
+    try:
+        padded = stage.generate(latents, audio)
+    finally:
+        stage.compiled = False
+    assert padded.shape == plain.shape == (3, 256, 256, 3)
+    assert np.abs(padded.astype(int) - plain.astype(int)).max() <= 1  # fp32 batch-size rounding
