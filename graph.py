@@ -5,8 +5,8 @@
         Ingress ── Encoder ── DitExpert[high] ── DitExpert[low] ── Decoder ── LipSync
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve reads `app`'s parameter annotation at
+# run time to validate serve_config.yaml's `args` into GraphArgs.
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -56,6 +56,8 @@ def app(args: GraphArgs) -> Application:
 
     Stops start-up with one clear error when a weight file of the profile is not on disk
     (serving never downloads; the error names `avatar-serve download PROFILE`)."""
+    if not isinstance(args, GraphArgs):  # a plain mapping from a caller that did not validate
+        args = GraphArgs.model_validate(args or {})
     cfg = load_profile(args.profile, args.overrides)
     check_weights_present(cfg, args.profile)
     return build_from_config(cfg)

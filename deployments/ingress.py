@@ -275,8 +275,8 @@ class Ingress:
         def report(kind: str, **data: Any) -> None:
             if kind == "step":
                 if job.stage != "denoise":
-                    events.emit("stage", stage="encode", state="finished")
-                    job.stage = "denoise"
+                    job.stage, job.progress = "denoise", max(job.progress, 5)
+                    events.emit("stage", stage="encode", state="finished", progress=job.progress)
                 job.step = data["step"]
                 job.progress = 5 + int(85 * data["step"] / total)
                 events.emit("step", step=data["step"], total=total, expert=data["expert"], progress=job.progress)

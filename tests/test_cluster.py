@@ -41,21 +41,33 @@ def overrides(storage: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """Deploy serve_config.yaml's application (plus the test overrides in its `args`) through the
+    dashboard's REST API, as `serve deploy serve_config.yaml` does: Ray Serve imports graph:app and
+    validates `args` into GraphArgs itself."""
     import ray
     from ray import serve
 
-    from graph import GraphArgs, app
-
-    spec = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
-    assert spec["import_path"] == "graph:app"
-    args = GraphArgs(**{**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))})
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    spec = config["applications"][0]
+    assert spec["import_path"] == "graph:app" and spec["name"] == APP
+    spec["args"] = {**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))}
     http, dashboard, metrics = free_port(), free_port(), free_port()
     ray.init(num_cpus=4, num_gpus=5, include_dashboard=True, dashboard_port=dashboard,
              _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 500},
              log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http})
-        serve.run(app(args), name=APP, route_prefix=spec["route_prefix"])
+        r = httpx.put(f"http://127.0.0.1:{dashboard}/api/serve/applications/", timeout=60,
+                      json={"http_options": {"host": "127.0.0.1", "port": http}, "applications": [spec]})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 240
+        while True:
+            status = serve.status().applications.get(APP)
+            if status is not None and status.status == "RUNNING":
+                break
+            assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status.message
+            assert time.monotonic() < deadline, "the application did not start"
+            time.sleep(1)
         yield {"url": f"http://127.0.0.1:{http}", "dashboard": f"http://127.0.0.1:{dashboard}",
                "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:

@@ -49,3 +49,13 @@ def test_builder_stops_on_missing_weights_naming_the_download_command(tmp_path):
         app(GraphArgs(profile="wan22-i2v-a14b-distill-fp8", overrides={"weights_dir": str(tmp_path)}))
     assert "avatar-serve download wan22-i2v-a14b-distill-fp8" in str(exc.value)
     assert "scaled_fp8_e4m3" in str(exc.value)
+
+
+def test_builder_accepts_serve_config_args_as_a_mapping():
+    from ray.serve import Application
+
+    from graph import GraphArgs, app
+
+    assert isinstance(app({"profile": "tiny"}), Application)
+    # Ray Serve validates serve_config.yaml's args by the builder's annotation, read at run time.
+    assert app.__annotations__["args"] is GraphArgs
