@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.audio import AudioError, decode_audio
 from deployments.config import GraphConfig
-from deployments.jobs import FINAL, Avatar, Job, JobError, JobEvents, JobStore, new_job_id, sse
+from deployments.jobs import Avatar, Job, JobError, JobEvents, JobStore, new_job_id, sse
 from deployments.observability import IngressMetrics
 from deployments.payloads import StepRecord, VideoParams
 from deployments.protocol import (ApiError, LoraActivate, LoraRequest, VideoRequest, decode_image,
@@ -747,4 +747,3 @@ class Ingress:
         return self.build_app()
 
 
-__all__ = ["Ingress", "VideoResult", "FINAL"]
