@@ -59,3 +59,8 @@ def test_builder_accepts_serve_config_args_as_a_mapping():
     assert isinstance(app({"profile": "tiny"}), Application)
     # Ray Serve validates serve_config.yaml's args by the builder's annotation, read at run time.
     assert app.__annotations__["args"] is GraphArgs
+
+
+def test_one_ingress_replica_owns_the_job_store():
+    with pytest.raises(ValidationError, match="replicas must be 1"):
+        load_profile("tiny", {"stages": {"ingress": {"placement": {"replicas": 2}}}})
