@@ -213,6 +213,8 @@ class Stages(_Strict):
     def _roles_match_slots(self) -> "Stages":
         if self.high.role != "high" or self.low.role != "low":
             raise ValueError("stages.high must have role 'high' and stages.low role 'low'")
+        if self.ingress.placement.replicas != 1:
+            raise ValueError("stages.ingress.placement.replicas must be 1: one ingress owns the job store")
         return self
 
 
