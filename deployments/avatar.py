@@ -317,12 +317,15 @@ LatentEncoder = Callable[[np.ndarray], np.ndarray]
 
 def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, store: AvatarStore,
                    settings: dict, detector: FaceDetector | None, face_box=None,
-                   extra_margin: int = 0, mask: np.ndarray | None = None,
+                   extra_margin: int = 0,
+                   mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
                    fps: int = VIDEO_FPS) -> PreparedAvatar:
     """Base clip -> PreparedAvatar, from the store when these inputs were prepared before.
 
     frames: uint8 (N, H, W, 3) at `src_fps`; `settings` names the models and options for the
-    content hash; `face_box` overrides the detector (one box, or one per frame).
+    content hash; `face_box` overrides the detector (one box, or one per frame). `mask` is one
+    uint8 (256, 256) mask for every frame, or a function of the crops (N, 256, 256, 3) -> masks
+    (N, 256, 256) (a face parser; `settings` must then name it, and its `name` joins the hash).
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -332,19 +335,26 @@ def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, st
     key_settings = dict(settings, detector=None if face_box is not None else getattr(detector, "name", repr(detector)),
                         face_box=None if face_box is None else np.asarray(face_box).tolist(),
                         extra_margin=extra_margin, out_fps=fps,
-                        mask=hashlib.sha256(np.ascontiguousarray(mask).data).hexdigest()[:16])
+                        mask=getattr(mask, "name", "function") if callable(mask) else
+                        hashlib.sha256(np.ascontiguousarray(mask).data).hexdigest()[:16])
     avatar_id = avatar_key(frames, src_fps, key_settings)
     cached = store.get(avatar_id)
     if cached is not None:
         return cached
     boxes = face_boxes(frames, detector, face_box, extra_margin)
     crops = np.stack([crop_face(f, b) for f, b in zip(frames, boxes)])
+    if callable(mask):
+        masks = np.asarray(mask(crops))
+        if masks.dtype != np.uint8 or masks.shape != crops.shape[:3]:
+            raise ValueError(f"mask function returned {masks.dtype} {masks.shape}, expected uint8 {crops.shape[:3]}")
+    else:
+        masks = np.repeat(mask[None], frames.shape[0], axis=0)
     latents = np.asarray(encode(crops), dtype=np.float32)
     if latents.shape[:2] != (frames.shape[0], 8):
         raise ValueError(f"latent encoder returned {latents.shape}, expected ({frames.shape[0]}, 8, h, w)")
     avatar = PreparedAvatar(
         avatar_id=avatar_id, frames=np.ascontiguousarray(frames),
         source_index=retime_indices(frames.shape[0], src_fps, fps), boxes=boxes, crops=crops,
-        latents=latents, masks=np.repeat(mask[None], frames.shape[0], axis=0), fps=fps)
+        latents=latents, masks=masks, fps=fps)
     store.put(avatar)
     return avatar

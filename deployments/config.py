@@ -79,6 +79,10 @@ class MuseTalkWeights(_Strict):
     unet_config: str = "musetalkV15/musetalk.json"
     vae: str = "stabilityai/sd-vae-ft-mse"
     whisper: str = "openai/whisper-tiny"
+    # BiSeNet face parser (`79999_iter.pth`) for `blend_mask: face_parsing`: a local file path, or a
+    # path inside `repo` when that is a local folder. It is not on MuseTalk's Hub repo (MuseTalk's
+    # own script fetches it elsewhere), so `avatar-serve download` cannot fetch it; None: not set.
+    face_parser: str | None = None
 
 
 WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights,
@@ -181,6 +185,9 @@ class LipSyncConfig(StageBase):
     # at the box border.
     blend_upper_ratio: float = Field(0.5, ge=0, lt=1)
     blend_feather: float = Field(0.08, ge=0, le=0.25)
+    # "face_parsing": MuseTalk's mask instead, per frame from a BiSeNet face parser on the crop
+    # (skin and lips below `blend_upper_ratio`, blurred; deployments/face_parsing.py).
+    blend_mask: Literal["feathered", "face_parsing"] = "feathered"
     # Streaming MP4 (deployments/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
     # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
     # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -35,6 +36,7 @@ from deployments.avatar import (AvatarInfo, AvatarNotFound, AvatarStore, CenterB
                                 masked_for_unet, prepare_avatar)
 from deployments.components import cast_keeping_fp32
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.face_parsing import face_parsing_mask, load_face_parser, parse_faces
 from deployments.fmp4 import stream_fmp4
 from deployments.hub import resolve_dir, resolve_file
 from deployments.observability import StageMetrics
@@ -245,6 +247,10 @@ class LipSync:
         self.detector = detector if detector is not None else CenterBox(tuple(cfg.center_box))
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
         self.mask = lower_face_mask(cfg.blend_upper_ratio, cfg.blend_feather)
+        self.face_parser = None
+        if cfg.blend_mask == "face_parsing":
+            self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
+                                                seed=getattr(cfg.weights, "seed", 0) + 3)
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
         self.vae_encodes = 0
         self.frames_generated = 0
@@ -253,6 +259,26 @@ class LipSync:
         self.compiled = False
         if self.device.type == "cuda":
             self._speed_settings(cfg)
+
+    @staticmethod
+    def _face_parser_path(cfg: LipSyncConfig):
+        """The BiSeNet state dict for `blend_mask: face_parsing`; None (random) for random weights."""
+        weights = cfg.weights
+        if isinstance(weights, RandomWeights):
+            return None
+        if isinstance(weights, MuseTalkWeights) and weights.face_parser:
+            # Not on MuseTalk's Hub repo (its download script fetches it from Google Drive): a
+            # local file path, or a file of `repo` when that is a local folder.
+            if os.path.isfile(weights.face_parser):
+                return weights.face_parser
+            return resolve_file(weights.repo, weights.face_parser, cfg.weights_dir)
+        raise ValueError("blend_mask 'face_parsing' needs weights.face_parser (the BiSeNet file)")
+
+    def face_parsing_masks(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 crops (N, 256, 256, 3) -> MuseTalk face-parsing blend masks uint8 (N, 256, 256)."""
+        class_map = parse_faces(self.face_parser, crops, batch_size=self.cfg.batch_size)
+        return face_parsing_mask(class_map, upper_ratio=self.cfg.blend_upper_ratio,
+                                 size=crops.shape[1])
 
     def _speed_settings(self, cfg: LipSyncConfig) -> None:
         """GPU-only settings from the config (each measured in bench/README.md)."""
@@ -349,7 +375,10 @@ class LipSync:
 
     def settings(self) -> dict:
         """What the prepared latents depend on besides the frames (part of the content hash)."""
-        return {"weights": self.cfg.weights.model_dump(mode="json"), "dtype": str(self.dtype)}
+        out = {"weights": self.cfg.weights.model_dump(mode="json"), "dtype": str(self.dtype)}
+        if self.cfg.blend_mask != "feathered":  # (the feathered mask's bytes are hashed already)
+            out.update(blend_mask=self.cfg.blend_mask, blend_upper_ratio=self.cfg.blend_upper_ratio)
+        return out
 
     def prepare_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> PreparedAvatar:
         """Base clip uint8 (N, H, W, 3) at `fps` -> PreparedAvatar (from the cache when the same
@@ -359,7 +388,8 @@ class LipSync:
         """
         return prepare_avatar(frames, fps, self.encode_crops, self.store, self.settings(),
                               self.detector, face_box=face_box, extra_margin=self.cfg.extra_margin,
-                              mask=self.mask, fps=self.fps)
+                              mask=self.face_parsing_masks if self.face_parser is not None else self.mask,
+                              fps=self.fps)
 
     def create_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> AvatarInfo:
         """`prepare_avatar` for remote callers: returns only the small AvatarInfo."""
