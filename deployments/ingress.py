@@ -246,7 +246,9 @@ class Ingress:
 
     def _update_queue(self) -> None:
         for position, job_id in enumerate(self.waiting, start=1):
-            job = self.jobs.get(job_id) or self.avatars[job_id]
+            job = self.jobs.get(job_id) or self.avatars.get(job_id)
+            if job is None:  # deleted while queued; its task is being cancelled
+                continue
             if job.queue_position != position:
                 job.queue_position = position
                 if job_id in self.events:
@@ -466,6 +468,9 @@ class Ingress:
         task = self.tasks.get(avatar_id)
         if task is not None:
             task.cancel()
+        if avatar_id in self.waiting:
+            self.waiting.remove(avatar_id)
+            self._wake()
         self.avatars.pop(avatar_id)
         self.store.delete_avatar(avatar_id)
         if avatar.lipsync_id and not any(a.lipsync_id == avatar.lipsync_id for a in self.avatars.values()):

@@ -153,3 +153,28 @@ def test_video_job_with_audio_is_lip_synced(graph):
         r = c.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("p.png", IMAGE, "image/png"),
                                                              "audio": ("a.wav", b"junk", "audio/wav")})
         assert r.status_code == 400 and r.json()["error"]["param"] == "audio"
+
+
+def test_deleting_a_queued_avatar_leaves_the_queue_working(tmp_path):
+    """Delete a queued avatar and submit a job at once, before the cancelled task has run: the
+    queue must not trip over the deleted entry."""
+    import asyncio
+
+    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "max_running_jobs": 1},
+                                            "stages": {r: {"simulate_step_seconds": 0.05} for r in ("high", "low")}}))
+    ingress = graph.ingress
+    request = {k: v for k, v in AVATAR.items()}
+
+    async def scenario():
+        first, _ = ingress.create_avatar({**request, "num_inference_steps": "10"}, IMAGE)
+        queued, _ = ingress.create_avatar({**request, "seed": "5"}, IMAGE)
+        assert queued.status == "queued" and queued.id in ingress.waiting
+        await ingress.delete_avatar(queued.id)
+        job = ingress.submit({"prompt": "x", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}, IMAGE)
+        while not (job.final and ingress.avatars[first.id].final):
+            await asyncio.sleep(0.05)
+        return first, job, queued
+
+    first, job, queued = asyncio.run(scenario())
+    assert ingress.avatars[first.id].status == "ready" and job.status == "completed"
+    assert queued.id not in ingress.avatars and queued.id not in ingress.waiting
