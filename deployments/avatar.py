@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,20 +271,25 @@ class AvatarStore:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.max_in_memory = max_in_memory
         self._memory: OrderedDict[str, PreparedAvatar] = OrderedDict()
+        # Talk turns run in Ray's thread pool: one lock keeps the LRU consistent.
+        self._lock = threading.RLock()
 
     def path(self, avatar_id: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{avatar_id}.npz"
 
     def _remember(self, avatar: PreparedAvatar) -> None:
-        self._memory[avatar.avatar_id] = avatar
-        self._memory.move_to_end(avatar.avatar_id)
-        while len(self._memory) > self.max_in_memory:
-            self._memory.popitem(last=False)
+        with self._lock:
+            self._memory[avatar.avatar_id] = avatar
+            self._memory.move_to_end(avatar.avatar_id)
+            # Without a cache folder memory is the only copy: evicting would lose a ready avatar.
+            while self.cache_dir is not None and len(self._memory) > self.max_in_memory:
+                self._memory.popitem(last=False)
 
     def get(self, avatar_id: str) -> PreparedAvatar | None:
-        if avatar_id in self._memory:
-            self._memory.move_to_end(avatar_id)
-            return self._memory[avatar_id]
+        with self._lock:
+            if avatar_id in self._memory:
+                self._memory.move_to_end(avatar_id)
+                return self._memory[avatar_id]
         path = self.path(avatar_id)
         if path is not None and path.is_file():
             try:
@@ -301,7 +307,8 @@ class AvatarStore:
         self._remember(avatar)
 
     def delete(self, avatar_id: str) -> bool:
-        found = self._memory.pop(avatar_id, None) is not None
+        with self._lock:
+            found = self._memory.pop(avatar_id, None) is not None
         path = self.path(avatar_id)
         if path is not None and path.is_file():
             path.unlink()

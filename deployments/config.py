@@ -171,7 +171,9 @@ class LipSyncConfig(StageBase):
     # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
     # them in memory only. Several replicas on one host may share the folder.
     avatar_cache_dir: str | None = None
-    # Prepared avatars kept in memory per replica (least recently used dropped first).
+    # Prepared avatars kept in memory per replica, least recently used dropped first (reloaded
+    # from `avatar_cache_dir` when needed). Without a cache folder nothing is dropped: memory is
+    # then the only copy (about 100 MB per 81-frame 480p avatar).
     max_avatars_in_memory: int = Field(4, ge=1)
     # Face boxes when the caller gives none: "center" is a fixed box, `center_box`, in fractions
     # of the frame (x1, y1, x2, y2). A landmark detector plugs in through avatar.FaceDetector.

@@ -457,3 +457,20 @@ def test_padding_for_compiled_batch_sizes_changes_no_output(stage, avatar):
         stage.compiled = False
     assert padded.shape == plain.shape == (3, 256, 256, 3)
     assert np.abs(padded.astype(int) - plain.astype(int)).max() <= 1  # fp32 batch-size rounding
+
+
+def test_memory_only_store_never_drops_a_ready_avatar(tmp_path):
+    from deployments.avatar import AvatarStore
+
+    def fake(i):
+        return PreparedAvatar(avatar_id=f"a{i}", frames=np.zeros((1, 2, 2, 3), np.uint8),
+                              source_index=np.zeros(1, np.int64), boxes=np.zeros((1, 4), np.int64),
+                              crops=np.zeros((1, 2, 2, 3), np.uint8), latents=np.zeros((1, 8, 1, 1), np.float32),
+                              masks=np.zeros((1, 2, 2), np.uint8))
+
+    memory_only, on_disk = AvatarStore(None, max_in_memory=2), AvatarStore(tmp_path, max_in_memory=2)
+    for i in range(4):
+        memory_only.put(fake(i))
+        on_disk.put(fake(i))
+    assert all(memory_only.get(f"a{i}") is not None for i in range(4))
+    assert len(on_disk._memory) == 2 and on_disk.get("a0") is not None  # evicted, reloaded from disk
