@@ -73,6 +73,49 @@ class CenterBox:
         return (int(round(fx1 * w)), int(round(fy1 * h)), int(round(fx2 * w)), int(round(fy2 * h)))
 
 
+def box_from_landmarks(landmarks: np.ndarray, fallback: Sequence[float] | None = None,
+                       bbox_shift: int = 0) -> Box:
+    """MuseTalk's face box from 68 face landmarks (iBUG 300-W order, (68, 2) pixels as x, y).
+
+    The nose bridge point 29 is the centre line: the box reaches as far above it as the lowest
+    landmark (the chin) lies below it, and spans the landmarks' x range. `bbox_shift` moves the
+    centre line down (+) or up (-) in pixels. A degenerate result (empty, or left of the frame)
+    falls back to the face detector's own box, as MuseTalk does.
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"expected 68 landmarks (68, 2), got {lm.shape}")
+    centre_y = lm[29, 1] + bbox_shift
+    bottom = lm[:, 1].max()
+    x1, x2 = lm[:, 0].min(), lm[:, 0].max()
+    y1 = centre_y - (bottom - centre_y)
+    if bottom - y1 <= 0 or x2 - x1 <= 0 or x1 < 0:
+        if fallback is None:
+            raise ValueError("landmarks give no usable face box and there is no detector box")
+        return tuple(int(v) for v in fallback)
+    return int(x1), int(y1), int(x2), int(bottom)
+
+
+@dataclass(frozen=True)
+class LandmarkFaceDetector:
+    """A FaceDetector from two pluggable models, combined by MuseTalk's rule:
+    `landmarks(frame) -> (68, 2)` face landmarks and `box(frame) -> (x1, y1, x2, y2)` from a face
+    detector (the fallback when the landmarks give no usable box). MuseTalk uses DWPose's face
+    keypoints and S3FD; any models with these outputs plug in here."""
+
+    landmarks: Callable[[np.ndarray], np.ndarray]
+    box: Callable[[np.ndarray], Sequence[float]]
+    bbox_shift: int = 0
+    model_name: str = "landmarks"
+
+    @property
+    def name(self) -> str:
+        return f"{self.model_name}:shift={self.bbox_shift}"
+
+    def __call__(self, frame: np.ndarray) -> Box:
+        return box_from_landmarks(self.landmarks(frame), self.box(frame), self.bbox_shift)
+
+
 def clip_box(box: Sequence[float], height: int, width: int) -> Box:
     """Round and clip a box to the frame; raise if nothing is left."""
     x1, y1, x2, y2 = (int(round(float(v))) for v in box)

@@ -474,3 +474,40 @@ def test_memory_only_store_never_drops_a_ready_avatar(tmp_path):
         on_disk.put(fake(i))
     assert all(memory_only.get(f"a{i}") is not None for i in range(4))
     assert len(on_disk._memory) == 2 and on_disk.get("a0") is not None  # evicted, reloaded from disk
+
+
+def _landmarks(cx=50.0, nose_y=40.0, chin_y=70.0, half_width=20.0):
+    """68 synthetic landmarks: jaw along the bottom, point 29 on the nose bridge."""
+    lm = np.zeros((68, 2))
+    lm[:, 0] = np.linspace(cx - half_width, cx + half_width, 68)
+    lm[:, 1] = nose_y
+    lm[:17, 1] = np.linspace(nose_y, chin_y, 17)  # jaw line down to the chin
+    lm[29] = (cx, nose_y)
+    return lm
+
+
+def test_box_from_landmarks_follows_musetalks_rule():
+    from deployments.avatar import box_from_landmarks
+
+    # Chin 30 px below the nose bridge -> the box starts 30 px above it.
+    assert box_from_landmarks(_landmarks()) == (30, 10, 70, 70)
+    # bbox_shift moves the centre line: +5 down -> top at 45 - 25 = 20.
+    assert box_from_landmarks(_landmarks(), bbox_shift=5) == (30, 20, 70, 70)
+    # A face partly left of the frame gives no usable box: the detector's box is used.
+    assert box_from_landmarks(_landmarks(cx=10), fallback=(0, 5, 40, 60)) == (0, 5, 40, 60)
+    with pytest.raises(ValueError):
+        box_from_landmarks(_landmarks(cx=10))
+    with pytest.raises(ValueError):
+        box_from_landmarks(np.zeros((5, 2)))
+
+
+def test_landmark_detector_plugs_into_preparation(stage):
+    from deployments.avatar import LandmarkFaceDetector, face_boxes
+
+    frames = get_dummy_inputs()["frames"]
+    detector = LandmarkFaceDetector(landmarks=lambda f: _landmarks(cx=20, nose_y=20, chin_y=40, half_width=10),
+                                    box=lambda f: (0, 0, 8, 8))
+    boxes = face_boxes(frames, detector, extra_margin=3)
+    # (10, 0, 30, 40) from the landmarks, 3 px more below the chin, clipped to the frame.
+    h = frames.shape[1]
+    assert boxes.tolist() == [[10, 0, 30, min(43, h)]] * len(frames)
