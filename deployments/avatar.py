@@ -99,12 +99,12 @@ def box_from_landmarks(landmarks: np.ndarray, fallback: Sequence[float] | None =
 @dataclass(frozen=True)
 class LandmarkFaceDetector:
     """A FaceDetector from two pluggable models, combined by MuseTalk's rule:
-    `landmarks(frame) -> (68, 2)` face landmarks and `box(frame) -> (x1, y1, x2, y2)` from a face
-    detector (the fallback when the landmarks give no usable box). MuseTalk uses DWPose's face
-    keypoints and S3FD; any models with these outputs plug in here."""
+    `box(frame) -> (x1, y1, x2, y2)` from a face detector, then `landmarks(frame, box) -> (68, 2)`
+    face landmarks (the detector's box is the fallback when the landmarks give no usable box).
+    MuseTalk uses S3FD and DWPose's face keypoints; any models with these outputs plug in here."""
 
-    landmarks: Callable[[np.ndarray], np.ndarray]
     box: Callable[[np.ndarray], Sequence[float]]
+    landmarks: Callable[[np.ndarray, Sequence[float]], np.ndarray]
     bbox_shift: int = 0
     model_name: str = "landmarks"
 
@@ -113,7 +113,8 @@ class LandmarkFaceDetector:
         return f"{self.model_name}:shift={self.bbox_shift}"
 
     def __call__(self, frame: np.ndarray) -> Box:
-        return box_from_landmarks(self.landmarks(frame), self.box(frame), self.bbox_shift)
+        box = self.box(frame)
+        return box_from_landmarks(self.landmarks(frame, box), box, self.bbox_shift)
 
 
 def clip_box(box: Sequence[float], height: int, width: int) -> Box:

@@ -505,9 +505,12 @@ def test_landmark_detector_plugs_into_preparation(stage):
     from deployments.avatar import LandmarkFaceDetector, face_boxes
 
     frames = get_dummy_inputs()["frames"]
-    detector = LandmarkFaceDetector(landmarks=lambda f: _landmarks(cx=20, nose_y=20, chin_y=40, half_width=10),
-                                    box=lambda f: (0, 0, 8, 8))
+    seen = []
+    detector = LandmarkFaceDetector(box=lambda f: (0, 0, 8, 8),
+                                    landmarks=lambda f, box: seen.append(box) or _landmarks(
+                                        cx=20, nose_y=20, chin_y=40, half_width=10))
     boxes = face_boxes(frames, detector, extra_margin=3)
     # (10, 0, 30, 40) from the landmarks, 3 px more below the chin, clipped to the frame.
     h = frames.shape[1]
     assert boxes.tolist() == [[10, 0, 30, min(43, h)]] * len(frames)
+    assert seen == [(0, 0, 8, 8)] * len(frames)  # landmarks are found inside the detector's box
