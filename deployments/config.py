@@ -83,6 +83,10 @@ class MuseTalkWeights(_Strict):
     # path inside `repo` when that is a local folder. It is not on MuseTalk's Hub repo (MuseTalk's
     # own script fetches it elsewhere), so `avatar-serve download` cannot fetch it; None: not set.
     face_parser: str | None = None
+    # Face detector and landmark models for `face_detector: landmarks` (local paths: face_alignment's
+    # `s3fd-619a316812.pth` and `2DFAN4-11f355bf06.pth.tar`, not on MuseTalk's Hub repo either).
+    s3fd: str | None = None
+    fan: str | None = None
 
 
 WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights,
@@ -176,8 +180,10 @@ class LipSyncConfig(StageBase):
     # then the only copy (about 100 MB per 81-frame 480p avatar).
     max_avatars_in_memory: int = Field(4, ge=1)
     # Face boxes when the caller gives none: "center" is a fixed box, `center_box`, in fractions
-    # of the frame (x1, y1, x2, y2). A landmark detector plugs in through avatar.FaceDetector.
-    face_detector: Literal["center"] = "center"
+    # of the frame (x1, y1, x2, y2); "landmarks" is MuseTalk's rule over an S3FD face box and 68
+    # FAN landmarks (weights.s3fd / weights.fan; frames without a face fall back to `center_box`).
+    # Other detectors plug in through avatar.FaceDetector.
+    face_detector: Literal["center", "landmarks"] = "center"
     center_box: tuple[float, float, float, float] = (0.3, 0.15, 0.7, 0.75)
     # MuseTalk v1.5 extends a detected face box this many pixels below the chin (clipped to the
     # frame); boxes the caller gives are used as they are.

@@ -32,13 +32,13 @@ from deployments.audio import (SAMPLE_RATE, AudioError, as_pcm, decode_audio,
                                encoder_frames_for_samples, feature_padding, feature_window,
                                frames_for_samples, window_length)
 from deployments.avatar import (AvatarInfo, AvatarNotFound, AvatarStore, CenterBox, FaceDetector,
-                                PreparedAvatar, blend_face, crops_to_pixels, lower_face_mask,
-                                masked_for_unet, prepare_avatar)
+                                LandmarkFaceDetector, PreparedAvatar, blend_face, crops_to_pixels,
+                                lower_face_mask, masked_for_unet, prepare_avatar)
 from deployments.components import cast_keeping_fp32
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.face_parsing import face_parsing_mask, load_face_parser, parse_faces
 from deployments.fmp4 import stream_fmp4
-from deployments.hub import resolve_dir, resolve_file
+from deployments.hub import MissingWeightsError, resolve_dir, resolve_file
 from deployments.observability import StageMetrics
 from deployments.payloads import Frames
 from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
@@ -244,7 +244,10 @@ class LipSync:
             cfg.weights, self.dtype, self.device, cfg.weights_dir)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.fps = cfg.fps
-        self.detector = detector if detector is not None else CenterBox(tuple(cfg.center_box))
+        if detector is None:
+            detector = self._landmark_detector(cfg) if cfg.face_detector == "landmarks" \
+                else CenterBox(tuple(cfg.center_box))
+        self.detector = detector
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
         self.mask = lower_face_mask(cfg.blend_upper_ratio, cfg.blend_feather)
         self.face_parser = None
@@ -259,6 +262,35 @@ class LipSync:
         self.compiled = False
         if self.device.type == "cuda":
             self._speed_settings(cfg)
+
+    def _landmark_detector(self, cfg: LipSyncConfig) -> LandmarkFaceDetector:
+        """S3FD face box + FAN 68 landmarks, combined by MuseTalk's rule (avatar.box_from_landmarks).
+        Random models for random weights (tests); local files for MuseTalk weights."""
+        from deployments.fan import landmarks_68, load_fan
+        from deployments.s3fd import largest_face_box, load_s3fd
+
+        weights = cfg.weights
+        if isinstance(weights, RandomWeights):
+            s3fd_path = fan_path = None
+            stacks = 1 if weights.arch == "tiny" else 4
+        elif isinstance(weights, MuseTalkWeights) and weights.s3fd and weights.fan:
+            for path in (weights.s3fd, weights.fan):
+                if not os.path.isfile(path):
+                    raise MissingWeightsError(path)
+            s3fd_path, fan_path, stacks = weights.s3fd, weights.fan, 4
+        else:
+            raise ValueError("face_detector 'landmarks' needs weights.s3fd and weights.fan (local files)")
+        seed = getattr(weights, "seed", 0)
+        s3fd = load_s3fd(s3fd_path, self.device, seed=seed + 4)
+        fan = load_fan(fan_path, self.device, seed=seed + 5, num_modules=stacks)
+        fallback = CenterBox(tuple(cfg.center_box))
+
+        def box(frame: np.ndarray):
+            found = largest_face_box(s3fd, frame)
+            return found if found is not None else fallback(frame)
+
+        return LandmarkFaceDetector(box=box, landmarks=lambda frame, b: landmarks_68(fan, frame, b),
+                                    model_name="s3fd+fan")
 
     @staticmethod
     def _face_parser_path(cfg: LipSyncConfig):

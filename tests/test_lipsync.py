@@ -514,3 +514,23 @@ def test_landmark_detector_plugs_into_preparation(stage):
     h = frames.shape[1]
     assert boxes.tolist() == [[10, 0, 30, min(43, h)]] * len(frames)
     assert seen == [(0, 0, 8, 8)] * len(frames)  # landmarks are found inside the detector's box
+
+
+def test_landmarks_detector_is_built_from_s3fd_and_fan(tmp_path):
+    """face_detector: landmarks wires S3FD boxes and FAN landmarks into MuseTalk's rule; random
+    models here (speed and plumbing), so boxes are checked for shape and bounds only."""
+    from deployments.avatar import LandmarkFaceDetector
+    from deployments.config import MuseTalkWeights
+
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu", batch_size=4,
+                        face_detector="landmarks", avatar_cache_dir=str(tmp_path))
+    stage = LipSync(cfg)
+    assert isinstance(stage.detector, LandmarkFaceDetector) and stage.detector.name.startswith("s3fd+fan")
+    inputs = get_dummy_inputs(num_frames=2)
+    avatar = stage.prepare_avatar(inputs["frames"], inputs["fps"])
+    n, h, w = inputs["frames"].shape[:3]
+    assert avatar.boxes.shape == (n, 4)
+    assert np.all(avatar.boxes[:, 0] < avatar.boxes[:, 2]) and np.all(avatar.boxes[:, 1] < avatar.boxes[:, 3])
+    assert np.all(avatar.boxes >= 0) and np.all(avatar.boxes[:, 2] <= w) and np.all(avatar.boxes[:, 3] <= h)
+    with pytest.raises(ValueError, match="s3fd"):
+        LipSync._landmark_detector(stage, LipSyncConfig(weights=MuseTalkWeights(), face_detector="landmarks"))
