@@ -16,10 +16,10 @@ from ray.serve import Application
 from deployments.config import GraphConfig, Placement, load_profile
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
-from deployments.download import check_weights_present
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.lipsync import LipSync
+from deployments.models.download import check_weights_present
 
 
 class GraphArgs(BaseModel):

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from deployments.checkpoints import load_wan_safetensors  # noqa: E402
-from deployments.components import load_expert  # noqa: E402
 from deployments.config import RandomWeights  # noqa: E402
-from deployments.fp8 import Fp8Linear, gpu_selfcheck, to_fp8  # noqa: E402
+from deployments.models.wan.checkpoints import load_wan_safetensors  # noqa: E402
+from deployments.models.wan.components import load_expert  # noqa: E402
+from deployments.models.wan.fp8 import Fp8Linear, gpu_selfcheck, to_fp8  # noqa: E402
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -2,7 +2,7 @@
 fragmented-MP4 chunk, and aggregate frames per second with several concurrent streams.
 
     python bench/lipsync.py                          # tiny random models on the CPU
-    python bench/lipsync.py --arch a14b --device cuda  # MuseTalk-size random models, fp16 (speed only)
+    python bench/lipsync.py --arch full --device cuda  # MuseTalk-size random models, fp16 (speed only)
 
 A talk turn here is what the ingress hands the stage: 16 kHz PCM for an avatar prepared from an
 81-frame 832x480 base clip (16 fps). Writes JSON to bench/results/.
@@ -52,7 +52,7 @@ def sync(device) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="tiny", choices=["tiny", "a14b"])
+    ap.add_argument("--arch", default="tiny", choices=["tiny", "full"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio per talk turn")
     ap.add_argument("--batches", default="8,32")

@@ -28,8 +28,8 @@ from diffusers import WanImageToVideoPipeline  # noqa: E402
 
 from deployments.config import load_profile  # noqa: E402
 from deployments.local import LocalGraph  # noqa: E402
-from deployments.sampler import make_scheduler  # noqa: E402
-from deployments.video import encode_mp4  # noqa: E402
+from deployments.media.video import encode_mp4  # noqa: E402
+from deployments.models.wan.sampler import make_scheduler  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

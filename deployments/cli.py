@@ -36,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.video import decode_mp4
+    from deployments.media.video import decode_mp4
     from graph import GraphArgs, app
 
     t0 = time.perf_counter()
@@ -67,9 +67,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from deployments import download as dl
+    from deployments.common.errors import MissingWeightsError
     from deployments.config import load_profile
-    from deployments.hub import MissingWeightsError
+    from deployments.models import download as dl
 
     cfg = load_profile(args.profile, {"weights_dir": args.dir} if args.dir else None)
     if args.dry_run:
@@ -116,7 +116,7 @@ def progress_printer(stream=sys.stderr, width: int = 30):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from deployments.client import AvatarClient, ClientError
+    from deployments.api.client import AvatarClient, ClientError
 
     client = AvatarClient(args.url, api_key=args.api_key or os.environ.get("AVATAR_SERVE_API_KEY"))
     fields = {"size": args.size, "num_frames": args.frames, "seconds": args.seconds, "seed": args.seed,
@@ -135,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_speak(args: argparse.Namespace) -> int:
     """Create (or reuse) an avatar from an image + prompt, then stream a lip-synced turn to a file."""
-    from deployments.client import AvatarClient, ClientError
+    from deployments.api.client import AvatarClient, ClientError
 
     client = AvatarClient(args.url, api_key=args.api_key or os.environ.get("AVATAR_SERVE_API_KEY"))
     try:

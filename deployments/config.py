@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,10 +27,12 @@ class _Strict(BaseModel):
 
 
 class RandomWeights(_Strict):
-    """Random weights built in code (no files): `tiny` for tests and the demo, `a14b` for speed."""
+    """Random weights built in code (no files): `tiny` for tests and the demo; full size for speed
+    measurements (speed does not depend on weight values): `a14b` for the Wan2.2 stages, `full`
+    (MuseTalk's published sizes) for lip-sync."""
 
     kind: Literal["random"] = "random"
-    arch: Literal["tiny", "a14b"] = "tiny"
+    arch: Literal["tiny", "a14b", "full"] = "tiny"
     seed: int = 0
 
 
@@ -42,6 +44,18 @@ class DiffusersWeights(_Strict):
     kind: Literal["diffusers"] = "diffusers"
     path: str
     subfolder: str | None = None
+
+
+# diffusers' folders of the two experts in a Wan2.2 repository (and of their configs).
+EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
+
+
+def expert_subfolder(role: str) -> str:
+    """diffusers names the high-noise expert `transformer` and the low-noise one `transformer_2`."""
+    try:
+        return EXPERT_SUBFOLDERS[role]
+    except KeyError:
+        raise ValueError(f"expert role must be 'high' or 'low', got {role!r}") from None
 
 
 class WanSafetensorsWeights(_Strict):
@@ -70,7 +84,7 @@ class MuseTalkWeights(_Strict):
     """The MuseTalk lip-sync models in their published layout: the v1.5 UNet as a plain torch
     state dict (`unet`) plus its diffusers config (`unet_config`), both files of `repo` (a Hub
     repo id or a local folder), the SD VAE (`vae`) and whisper-tiny (`whisper`), each a Hub repo
-    id or a local diffusers / transformers folder. Resolved through deployments.hub, never
+    id or a local diffusers / transformers folder. Resolved through deployments.models.hub, never
     downloaded while serving."""
 
     kind: Literal["musetalk"] = "musetalk"
@@ -118,6 +132,16 @@ class StageBase(_Strict):
     # Copied from GraphConfig.weights_dir by `load_profile`.
     weights_dir: str | None = None
 
+    # The random architectures this stage's models come in.
+    _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "a14b")
+
+    @model_validator(mode="after")
+    def _random_arch_fits(self):
+        if isinstance(self.weights, RandomWeights) and self.weights.arch not in self._random_archs:
+            raise ValueError(f"random weights of arch {self.weights.arch!r} do not fit this stage; "
+                             f"use one of {', '.join(self._random_archs)}")
+        return self
+
 
 class EncoderConfig(StageBase):
     """UMT5 text encoder + Wan VAE encode of the first frame."""
@@ -159,8 +183,10 @@ class LipSyncConfig(StageBase):
     """MuseTalk lip-sync stage (whisper-tiny features, UNet, SD VAE); fp16 on a GPU.
     Fields are owned by deployments/lipsync.py (and avatar.py / fmp4.py, which it drives).
 
-    weights: `random` (tiny: tests; a14b: MuseTalk-size random models for speed) or `musetalk`.
+    weights: `random` (tiny: tests; full: MuseTalk-size random models for speed) or `musetalk`.
     """
+
+    _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "full")
 
     dtype: DType = "float16"
     dtype_cpu: DType = "float32"

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from diffusers.video_processor import VideoProcessor
 
-from deployments.components import load_vae
+from deployments.common.metrics import StageMetrics
+from deployments.common.payloads import DenoiseState, Frames
+from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
-from deployments.observability import StageMetrics
-from deployments.payloads import DenoiseState, Frames
-from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
-from deployments.transport import unpack
-from deployments.video import encode_mp4
+from deployments.media.video import encode_mp4
+from deployments.models.wan.components import load_vae
 
 log = logging.getLogger("avatar_serve.decoder")
 

@@ -18,19 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
-from deployments.components import load_expert
+from deployments.common.errors import LoraBusyError
+from deployments.common.metrics import StageMetrics
+from deployments.common.payloads import Conditioning, DenoiseState, StepRecord
+from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.transport import pack, unpack
 from deployments.config import ExpertConfig, SamplerConfig
-from deployments.observability import StageMetrics
-from deployments.payloads import Conditioning, DenoiseState, StepRecord
-from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
-from deployments.sampler import export_state, expert_for_step, import_state, make_scheduler, set_timesteps
-from deployments.transport import pack, unpack
+from deployments.models.wan.components import load_expert
+from deployments.models.wan.sampler import (
+    expert_for_step,
+    export_state,
+    import_state,
+    make_scheduler,
+    set_timesteps,
+)
 
 log = logging.getLogger("avatar_serve.dit_expert")
-
-
-class LoraBusyError(RuntimeError):
-    """A LoRA change was asked for while the expert is denoising (it would change a running job)."""
 
 
 @dataclass
@@ -76,7 +79,7 @@ class DitExpert:
         self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
                                        cfg.weights_dir)
         if cfg.quantize == "fp8":
-            from deployments.fp8 import to_fp8
+            from deployments.models.wan.fp8 import to_fp8
 
             to_fp8(self.transformer)
         if cfg.attention_backend:
@@ -87,9 +90,6 @@ class DitExpert:
         self.metrics = StageMetrics(f"dit_{cfg.role}")
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         self._loras = None
-
-    def guidance(self, params) -> float:
-        return params.guidance_scale if self.role == "high" else params.guidance_scale_2
 
     def start(self, cond: Conditioning) -> DenoiseState:
         """Initial state: seeded noise and a scheduler with its timesteps set."""
@@ -110,8 +110,8 @@ class DitExpert:
     def _begin(self, cond: Conditioning, state: DenoiseState | None) -> "_Run":
         if state is None:
             state = self.start(cond)
-        guidance = self.guidance(cond.params)
-        cfg = guidance > 1.0
+        guidance = cond.params.guidance_for(self.role)
+        cfg = cond.params.cfg_for(self.role)
         if cfg and cond.negative_prompt_embeds is None:
             raise ValueError("guidance > 1 needs negative prompt embeddings from the encoder")
         return _Run(
@@ -189,7 +189,7 @@ class DitExpert:
     @property
     def loras(self):
         if self._loras is None:
-            from deployments.lora import LoraManager  # peft is loaded only when LoRAs are used
+            from deployments.models.wan.lora import LoraManager  # peft is loaded only when LoRAs are used
 
             self._loras = LoraManager(self.transformer, self.role)
         return self._loras

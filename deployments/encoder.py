@@ -17,12 +17,12 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
 from diffusers.video_processor import VideoProcessor
 
-from deployments.components import load_text_encoder, load_vae
+from deployments.common.metrics import StageMetrics
+from deployments.common.payloads import Conditioning, VideoParams
+from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.transport import pack, torch_dtype
 from deployments.config import EncoderConfig
-from deployments.observability import StageMetrics
-from deployments.payloads import Conditioning, VideoParams
-from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
-from deployments.transport import pack, torch_dtype
+from deployments.models.wan.components import load_text_encoder, load_vae
 
 log = logging.getLogger("avatar_serve.encoder")
 

@@ -34,13 +34,21 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.audio import AudioError, decode_audio
+from deployments.api.jobs import Avatar, Job, JobError, JobEvents, JobStore, new_job_id, sse
+from deployments.api.protocol import (
+    ApiError,
+    LoraActivate,
+    LoraRequest,
+    VideoRequest,
+    decode_image,
+    error_body,
+    resolve,
+)
+from deployments.common.errors import AudioError
+from deployments.common.metrics import IngressMetrics
+from deployments.common.payloads import StepRecord, VideoParams
 from deployments.config import GraphConfig
-from deployments.jobs import Avatar, Job, JobError, JobEvents, JobStore, new_job_id, sse
-from deployments.observability import IngressMetrics
-from deployments.payloads import StepRecord, VideoParams
-from deployments.protocol import (ApiError, LoraActivate, LoraRequest, VideoRequest, decode_image,
-                                  error_body, resolve)
+from deployments.media.audio import decode_audio
 
 log = logging.getLogger("avatar_serve.ingress")
 
@@ -199,7 +207,7 @@ class Ingress:
             info = self.lipsync.create_avatar_from.remote(clip)
             mp4 = await self.lipsync.lipsync_mp4.remote(info, audio)
             if output == "frames":
-                from deployments.video import decode_mp4
+                from deployments.media.video import decode_mp4
 
                 return VideoResult(params=params, frames=decode_mp4(mp4)[0])
             return VideoResult(params=params, mp4=mp4)

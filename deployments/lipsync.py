@@ -1,6 +1,6 @@
 """LipSync stage: MuseTalk v1.5 re-implemented on diffusers / transformers.
 
-Per avatar (once, cached: deployments/avatar.py)
+Per avatar (once, cached: deployments/models/musetalk/avatar.py)
     base clip -> face boxes -> 256x256 crops -> VAE latents [masked | reference] (N, 8, 32, 32)
 
 Per talk turn (`speak`)
@@ -17,91 +17,41 @@ Per talk turn (`speak`)
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-from deployments.audio import (SAMPLE_RATE, AudioError, as_pcm, decode_audio,
-                               encoder_frames_for_samples, feature_padding, feature_window,
-                               frames_for_samples, window_length)
-from deployments.avatar import (AvatarInfo, AvatarNotFound, AvatarStore, CenterBox, FaceDetector,
-                                LandmarkFaceDetector, PreparedAvatar, blend_face, crops_to_pixels,
-                                lower_face_mask, masked_for_unet, prepare_avatar)
-from deployments.components import cast_keeping_fp32
+from deployments.common.errors import AvatarNotFound, MissingWeightsError
+from deployments.common.metrics import StageMetrics
+from deployments.common.payloads import AvatarInfo, Frames
+from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
-from deployments.face_parsing import face_parsing_mask, load_face_parser, parse_faces
-from deployments.fmp4 import stream_fmp4
-from deployments.hub import MissingWeightsError, resolve_dir, resolve_file
-from deployments.observability import StageMetrics
-from deployments.payloads import Frames
-from deployments.runtime import check_resident, dtype_for, placement_info, resolve_device
-
-WHISPER_PIECE_SECONDS = 30  # whisper's fixed input window
-HIDDEN_STATES = 5  # embeddings + 4 encoder layers of whisper-tiny
-AUDIO_DIM = 384  # whisper-tiny width = the UNet's cross_attention_dim
-
-# ------------------------------------------------------------------ architectures
-
-_SEED_OFFSET = {"whisper": 0, "unet": 1, "vae": 2}
-
-TINY = {
-    # REFERENCE.md: runs a talk turn on a CPU in well under a second per batch.
-    "whisper": dict(vocab_size=64, num_mel_bins=80, d_model=AUDIO_DIM, encoder_layers=4,
-                    encoder_attention_heads=6, encoder_ffn_dim=384, decoder_layers=1,
-                    decoder_attention_heads=6, decoder_ffn_dim=64, max_source_positions=1500,
-                    max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-                    decoder_start_token_id=2, begin_suppress_tokens=None),
-    "unet": dict(sample_size=32, in_channels=8, out_channels=4, layers_per_block=1,
-                 block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                 cross_attention_dim=AUDIO_DIM, attention_head_dim=8, norm_num_groups=8),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
-                layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=256,
-                scaling_factor=0.18215),
-}
-
-# Full size (the `a14b` random arch: MuseTalk-size models for speed measurements): whisper-tiny,
-# MuseTalk's musetalk.json (SD-1.x UNet with 8 input channels and 384-wide cross-attention),
-# and the SD VAE (sd-vae-ft-mse's config).
-FULL = {
-    "whisper": dict(vocab_size=51865, num_mel_bins=80, d_model=AUDIO_DIM, encoder_layers=4,
-                    encoder_attention_heads=6, encoder_ffn_dim=1536, decoder_layers=4,
-                    decoder_attention_heads=6, decoder_ffn_dim=1536, max_source_positions=1500),
-    "unet": dict(sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=AUDIO_DIM, attention_head_dim=8, norm_num_groups=32,
-                 flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5),
-    "vae": dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256,
-                scaling_factor=0.18215),
-}
-ARCHS = {"tiny": TINY, "a14b": FULL}
-
-
-def positional_encoding(length: int, d_model: int = AUDIO_DIM) -> torch.Tensor:
-    """MuseTalk's fixed sinusoidal encoding added to the audio features: (length, d_model) fp32,
-    sin on even channels, cos on odd, wavelengths 2*pi .. 10000*2*pi."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    pe = torch.zeros(length, d_model)
-    pe[:, 0::2] = torch.sin(position * div_term)
-    pe[:, 1::2] = torch.cos(position * div_term)
-    return pe
-
-
-# ------------------------------------------------------------------ loading
+from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
+from deployments.media.fmp4 import stream_fmp4
+from deployments.models.faces.face_parsing import face_parsing_mask, load_face_parser, parse_faces
+from deployments.models.hub import resolve_file
+from deployments.models.musetalk.avatar import (
+    AvatarStore,
+    CenterBox,
+    FaceDetector,
+    LandmarkFaceDetector,
+    PreparedAvatar,
+    blend_face,
+    crops_to_pixels,
+    lower_face_mask,
+    masked_for_unet,
+    prepare_avatar,
+)
+from deployments.models.musetalk.components import SEED_OFFSET, load_models
+from deployments.models.musetalk.features import (
+    AUDIO_DIM,
+    HIDDEN_STATES,
+    AudioFeatures,
+    positional_encoding,
+    window_length,
+)
 
 
 def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
@@ -109,124 +59,6 @@ def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
     `--use_float16`) on a GPU, `dtype_cpu` (fp32) on a CPU. Audio features and latents are cast
     to it at the model boundary; the positional encoding is added in fp32 first."""
     return dtype_for(device, cfg.dtype, cfg.dtype_cpu)
-
-
-@contextmanager
-def _building(weights: RandomWeights, component: str, dtype: torch.dtype, device):
-    """Random weights: tiny models are drawn in fp32 on the CPU (bit-identical everywhere);
-    full-size ones directly in `dtype` on `device` (no 3 GB fp32 copy on the host first)."""
-    torch.manual_seed(weights.seed + _SEED_OFFSET[component])
-    if weights.arch == "tiny":
-        yield
-        return
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _random_component(component: str, weights: RandomWeights, dtype: torch.dtype, device):
-    spec = ARCHS[weights.arch][component]
-    with _building(weights, component, dtype, device):
-        if component == "whisper":
-            return WhisperFeatureExtractor(feature_size=spec["num_mel_bins"]), \
-                WhisperModel(WhisperConfig(**spec)).encoder
-        if component == "unet":
-            return UNet2DConditionModel(**spec)
-        return AutoencoderKL(**spec)
-
-
-def load_unet_state_dict(path, config_path) -> UNet2DConditionModel:
-    """MuseTalk's UNet: a diffusers config JSON + a plain torch state dict (fp32).
-
-    The model is built on the meta device and takes the loaded tensors as its parameters, so the
-    850 M parameters are never initialised at random first.
-    """
-    config = json.loads(open(config_path).read())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    unet.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{path}: no weights for {left[:5]}")
-    return unet
-
-
-def load_models(weights, dtype: torch.dtype, device, weights_dir: str | None = None):
-    """-> (WhisperFeatureExtractor, whisper encoder, UNet, VAE), models in `dtype` on `device`."""
-    if isinstance(weights, RandomWeights):
-        extractor, whisper = _random_component("whisper", weights, dtype, device)
-        unet = _random_component("unet", weights, dtype, device)
-        vae = _random_component("vae", weights, dtype, device)
-    elif isinstance(weights, MuseTalkWeights):
-        whisper_dir = resolve_dir(weights.whisper, weights_dir)
-        extractor = WhisperFeatureExtractor.from_pretrained(whisper_dir, local_files_only=True)
-        whisper = WhisperModel.from_pretrained(whisper_dir, local_files_only=True).encoder
-        unet = load_unet_state_dict(resolve_file(weights.repo, weights.unet, weights_dir),
-                                    resolve_file(weights.repo, weights.unet_config, weights_dir))
-        vae = AutoencoderKL.from_pretrained(resolve_dir(weights.vae, weights_dir), local_files_only=True)
-    else:
-        raise TypeError(f"lip-sync cannot load weights of kind {weights.kind!r}")
-    # Cast tensor by tensor (diffusers' `.to(dtype)` warns for models built in code).
-    whisper, unet, vae = (cast_keeping_fp32(m.to(device), dtype).eval() for m in (whisper, unet, vae))
-    return extractor, whisper, unet, vae
-
-
-# ------------------------------------------------------------------ audio features
-
-
-class AudioFeatures:
-    """Whisper features of one utterance, encoded one 30 s piece at a time as windows need them.
-
-    Pieces are concatenated before windowing, so a window that straddles a 30 s boundary sees
-    both pieces (no seam), and the first frames of a long utterance need only its first piece.
-    `padded()` is MuseTalk's padded copy (zeros left and right); `windows(ix)` slices it.
-    """
-
-    def __init__(self, encode_piece, pcm: np.ndarray, fps: int = 25,
-                 sample_rate: int = SAMPLE_RATE):
-        self.encode_piece, self.fps = encode_piece, fps
-        self.total = encoder_frames_for_samples(pcm.shape[0], sample_rate)
-        self.left, self.right = feature_padding(fps)
-        step = WHISPER_PIECE_SECONDS * sample_rate
-        self.pieces = [pcm[i:i + step] for i in range(0, pcm.shape[0], step)]
-        self.pieces_encoded = 0
-        self._features: torch.Tensor | None = None  # (T_so_far, 5, 384)
-
-    def _ensure(self, needed: int) -> torch.Tensor:
-        """Encode pieces until the first `needed` encoder frames (or all there are) exist."""
-        needed = min(needed, self.total)
-        while (self._features is None or self._features.shape[0] < needed) \
-                and self.pieces_encoded < len(self.pieces):
-            piece = self.encode_piece(self.pieces[self.pieces_encoded])  # (1500, 5, 384)
-            self.pieces_encoded += 1
-            self._features = piece if self._features is None else torch.cat([self._features, piece])
-        return self._features[:self.total]
-
-    def padded(self) -> torch.Tensor:
-        """(left + T + right, 5, 384): all features with MuseTalk's zero padding."""
-        feats = self._ensure(self.total)
-        return torch.cat([feats.new_zeros(self.left, *feats.shape[1:]), feats,
-                          feats.new_zeros(self.right, *feats.shape[1:])])
-
-    def windows(self, indices) -> torch.Tensor:
-        """Video frame indices -> (B, 10 * 5, 384): each frame's window, time-major then hidden
-        state (MuseTalk's 'b c h w -> b (c h) w')."""
-        length = window_length(self.fps)
-        last_end = max(feature_window(i, self.fps)[1] for i in indices) - self.left
-        feats = self._ensure(last_end)
-        out = feats.new_zeros(len(indices), length, *feats.shape[1:])
-        for row, i in enumerate(indices):
-            start, end = feature_window(i, self.fps)
-            lo, hi = start - self.left, end - self.left  # unpadded encoder frames
-            a, b = max(lo, 0), min(hi, feats.shape[0])
-            if b > a:
-                out[row, a - lo:b - lo] = feats[a:b]
-        return out.reshape(len(indices), length * feats.shape[1], feats.shape[2])
 
 
 # ------------------------------------------------------------------ the stage
@@ -253,7 +85,7 @@ class LipSync:
         self.face_parser = None
         if cfg.blend_mask == "face_parsing":
             self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
-                                                seed=getattr(cfg.weights, "seed", 0) + 3)
+                                                seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
         self.vae_encodes = 0
         self.frames_generated = 0
@@ -266,8 +98,8 @@ class LipSync:
     def _landmark_detector(self, cfg: LipSyncConfig) -> LandmarkFaceDetector:
         """S3FD face box + FAN 68 landmarks, combined by MuseTalk's rule (avatar.box_from_landmarks).
         Random models for random weights (tests); local files for MuseTalk weights."""
-        from deployments.fan import landmarks_68, load_fan
-        from deployments.s3fd import largest_face_box, load_s3fd
+        from deployments.models.faces.fan import landmarks_68, load_fan
+        from deployments.models.faces.s3fd import largest_face_box, load_s3fd
 
         weights = cfg.weights
         if isinstance(weights, RandomWeights):
@@ -281,8 +113,8 @@ class LipSync:
         else:
             raise ValueError("face_detector 'landmarks' needs weights.s3fd and weights.fan (local files)")
         seed = getattr(weights, "seed", 0)
-        s3fd = load_s3fd(s3fd_path, self.device, seed=seed + 4)
-        fan = load_fan(fan_path, self.device, seed=seed + 5, num_modules=stacks)
+        s3fd = load_s3fd(s3fd_path, self.device, seed=seed + SEED_OFFSET["s3fd"])
+        fan = load_fan(fan_path, self.device, seed=seed + SEED_OFFSET["fan"], num_modules=stacks)
         fallback = CenterBox(tuple(cfg.center_box))
 
         def box(frame: np.ndarray):
@@ -451,14 +283,8 @@ class LipSync:
     def check_audio(self, audio: np.ndarray | bytes) -> np.ndarray:
         """Bytes (any container) or float PCM at 16 kHz -> validated float32 PCM (AudioError)."""
         if isinstance(audio, (bytes, bytearray, memoryview)):
-            return decode_audio(bytes(audio), self.cfg.max_audio_seconds)
-        pcm = as_pcm(audio)
-        if pcm.shape[0] > self.cfg.max_audio_seconds * SAMPLE_RATE:
-            raise AudioError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is "
-                             f"{self.cfg.max_audio_seconds:g} s")
-        if frames_for_samples(pcm.shape[0], SAMPLE_RATE, self.fps) == 0:
-            raise AudioError(f"audio is shorter than one video frame (1/{self.fps} s)")
-        return pcm
+            audio = decode_audio(bytes(audio), self.cfg.max_audio_seconds)
+        return check_pcm(audio, self.cfg.max_audio_seconds, self.fps)
 
     def speak(self, avatar: str | PreparedAvatar, audio: np.ndarray, *, batch_size: int | None = None,
               start_index: int = 0) -> Iterator[np.ndarray]:
@@ -475,7 +301,7 @@ class LipSync:
         pcm = self.check_audio(audio)
         if avatar.fps != self.fps:
             raise ValueError(f"avatar was prepared for {avatar.fps} fps, stage runs at {self.fps}")
-        n = frames_for_samples(pcm.shape[0], SAMPLE_RATE, self.fps)
+        n = frames_for_samples(pcm.shape[0], self.fps)
         first_size = batch_size or min(self.cfg.first_batch_size, self.cfg.batch_size)
         batch_size = batch_size or self.cfg.batch_size
         features = self.audio_features(pcm)

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import free_port, get_dummy_image, png_bytes
-from test_avatars import durations, wav_bytes
 from deployments.local import LocalGraph
-from deployments.video import decode_mp4
+from deployments.media.video import decode_mp4
+from helpers import durations, free_port, get_dummy_image, png_bytes, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "avatar-serve"
@@ -27,15 +26,15 @@ GPU_STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder", "LipSync"]
 KEY = {"Authorization": "Bearer cluster-key"}
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
-SLOW = {**FAST, "num_inference_steps": "20"}  # 20 x 0.1 s: past the 1.5 s deadline
+SLOW = {**FAST, "num_inference_steps": "40"}  # 40 x 0.1 s: past the 3 s deadline
 
 
 def overrides(storage: Path) -> dict:
     stages = {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder", "lipsync")}
     for role in ("high", "low"):
         stages[role]["simulate_step_seconds"] = 0.1
-    return {"stages": stages,
-            "serving": {"storage_dir": str(storage), "job_timeout_s": 1.5, "max_running_jobs": 1,
+    return {"stages": stages, "limits": {"max_steps": 40},
+            "serving": {"storage_dir": str(storage), "job_timeout_s": 3.0, "max_running_jobs": 1,
                         "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
 
 
@@ -168,12 +167,13 @@ def test_deadline_fails_the_job_and_the_stage_serves_the_next(client):
 def test_queue_full_gives_429_then_recovers(client):
     jobs = [create(client, SLOW).json() for _ in range(3)]  # 1 running + 2 queued = the bound
     r = create(client)
-    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.status_code == 429 and r.headers["retry-after"] == "3", (r.status_code, r.text, jobs)
     assert r.json()["error"]["type"] == "rate_limit_error"
     for j in jobs:
         client.delete(f"/v1/videos/{j['id']}")
         wait_final(client, j["id"])
-    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
+    final = wait_final(client, create(client).json()["id"])
+    assert final["status"] == "completed", final
 
 
 def test_auth_over_http(cluster):
@@ -252,7 +252,7 @@ def test_avatar_and_streamed_speech_over_http(client):
     while (a := client.get(f"/v1/avatars/{avatar_id}").json())["status"] not in ("ready", "failed"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert a["status"] == "ready"
+    assert a["status"] == "ready", a
     chunks = []
     with client.stream("POST", f"/v1/avatars/{avatar_id}/speech",
                        files={"audio": ("a.wav", wav_bytes(6.0), "audio/wav")}) as s:

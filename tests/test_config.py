@@ -42,7 +42,7 @@ def test_sampler_config_rejects_inconsistent_settings(bad):
 
 
 def test_builder_stops_on_missing_weights_naming_the_download_command(tmp_path):
-    from deployments.hub import MissingWeightsError
+    from deployments.models.hub import MissingWeightsError
     from graph import GraphArgs, app
 
     with pytest.raises(MissingWeightsError) as exc:

@@ -12,13 +12,13 @@ import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
 
-from conftest import get_dummy_image, get_dummy_params
-from deployments.components import get_dummy_components
 from deployments.config import DecoderConfig, EncoderConfig, ExpertConfig, SamplerConfig
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
 from deployments.encoder import Encoder
-from deployments.sampler import make_scheduler
+from deployments.models.wan.components import get_dummy_components
+from deployments.models.wan.sampler import make_scheduler
+from helpers import get_dummy_image, get_dummy_params
 
 
 def across_processes(payload):

@@ -1,0 +1,162 @@
+"""The API's protocol: request models, validation against a profile, and the error envelope.
+
+Clients may import this module alone (it needs pydantic, numpy and Pillow, nothing of torch or Ray).
+Every error a client sees is `{"error": {"type", "message", "param"}}`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# --------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """A client-facing error: HTTP status, error type, message and the request field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.type, self.message, self.param)
+
+
+def error_body(type: str, message: str, param: str | None = None) -> dict:
+    return {"error": {"type": type, "message": message, "param": param}}
+
+
+# --------------------------------------------------------------------------- requests
+
+SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*$")
+
+
+class VideoRequest(BaseModel):
+    """Fields of a video request (multipart form or JSON). Unset fields take the profile's
+    defaults; bounds that depend on the profile (size, frames, steps) are checked in `resolve`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=20000)
+    negative_prompt: str | None = Field(None, max_length=20000)
+    size: str | None = Field(None, description="WIDTHxHEIGHT, each a multiple of 16", examples=["832x480"])
+    model: str | None = Field(None, description="the served profile's name (GET /v1/models)")
+    num_frames: int | None = Field(None, ge=1, le=1001, description="4k+1 frames")
+    seconds: float | None = Field(None, gt=0, le=120,
+                                  description="instead of num_frames: round(seconds * fps) moved to the nearest 4k+1")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    guidance_scale_2: float | None = Field(None, ge=0, le=50)
+    fps: int | None = Field(None, ge=1, le=60)
+
+
+class LoraRequest(BaseModel):
+    """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, max_length=4096)
+    target: Literal["high", "low", "both"]
+    strength: float = Field(1.0, ge=-10, le=10)
+
+
+class LoraActivate(BaseModel):
+    """POST /v1/admin/loras/activate: exactly these LoRAs active on the targeted experts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(max_length=16)
+    strengths: list[float] | None = None
+    target: Literal["high", "low", "both"] = "both"
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = SIZE_RE.match(size)
+    if not match:
+        raise ApiError(422, f"size must look like WIDTHxHEIGHT (e.g. 832x480), got {size!r}", "size")
+    return int(match.group(1)), int(match.group(2))
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """round(seconds * fps), moved to the nearest valid count 4k+1 (at least 1)."""
+    n = round(seconds * fps)
+    return 4 * max(0, round((n - 1) / 4)) + 1
+
+
+def resolve(req: VideoRequest, cfg, job_id: str = ""):
+    """VideoRequest + GraphConfig -> VideoParams, or ApiError naming the field.
+
+    Nothing here touches a model: bad input is refused before any stage is called.
+    """
+    from deployments.common.payloads import VideoParams  # numpy-only module; kept local for clients
+
+    d, lim, samp = cfg.defaults, cfg.limits, cfg.sampler
+    prompt = req.prompt.strip()
+    if not prompt:
+        raise ApiError(422, "prompt must not be empty", "prompt")
+    if len(prompt) > lim.max_prompt_chars:
+        raise ApiError(422, f"prompt is longer than {lim.max_prompt_chars} characters", "prompt")
+    width, height = parse_size(req.size) if req.size else (d.width, d.height)
+    if width % 16 or height % 16:
+        raise ApiError(422, f"size {width}x{height}: width and height must be multiples of 16", "size")
+    if not (16 <= width <= lim.max_width and 16 <= height <= lim.max_height):
+        raise ApiError(422, f"size {width}x{height} is outside 16x16..{lim.max_width}x{lim.max_height}", "size")
+    if width * height > lim.max_pixels:
+        raise ApiError(422, f"size {width}x{height} has more than {lim.max_pixels} pixels", "size")
+    fps = req.fps or d.fps
+    if req.num_frames is not None and req.seconds is not None:
+        raise ApiError(422, "give num_frames or seconds, not both", "seconds")
+    if req.seconds is not None:
+        frames = frames_for_seconds(req.seconds, fps)
+    else:
+        frames = req.num_frames if req.num_frames is not None else d.num_frames
+    if frames % 4 != 1:
+        raise ApiError(422, f"num_frames must be 4k+1 (e.g. 81), got {frames}", "num_frames")
+    if frames > lim.max_frames:
+        raise ApiError(422, f"num_frames {frames} is over this profile's limit of {lim.max_frames}", "num_frames")
+    steps = req.num_inference_steps if req.num_inference_steps is not None else samp.num_inference_steps
+    if samp.fixed_steps and steps != samp.num_inference_steps:
+        raise ApiError(422, f"this profile's sampler is distilled to exactly {samp.num_inference_steps} steps",
+                       "num_inference_steps")
+    if steps > lim.max_steps:
+        raise ApiError(422, f"num_inference_steps {steps} is over this profile's limit of {lim.max_steps}",
+                       "num_inference_steps")
+    g1 = req.guidance_scale if req.guidance_scale is not None else samp.guidance_scale
+    # As in diffusers: guidance_scale_2 defaults to guidance_scale when only that one is given.
+    g2 = req.guidance_scale_2 if req.guidance_scale_2 is not None else (
+        req.guidance_scale if req.guidance_scale is not None else samp.guidance_scale_2)
+    seed = req.seed if req.seed is not None else random.randrange(2**31)
+    negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
+    return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
+                       num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
+                       guidance_scale_2=g2, fps=fps, job_id=job_id)
+
+
+def decode_image(data: bytes, max_bytes: int, param: str = "input_reference") -> np.ndarray:
+    """Upload bytes -> uint8 RGB (H, W, 3), or ApiError (413 too large, 400 not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ApiError(400, "the image file is empty", param)
+    if len(data) > max_bytes:
+        raise ApiError(413, f"the image is {len(data)} bytes; the limit is {max_bytes}", param)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.width < 2 or img.height < 2 or img.width * img.height > 64_000_000:
+                raise ApiError(400, f"image size {img.width}x{img.height} is not usable", param)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"not a decodable image ({type(exc).__name__})", param) from None

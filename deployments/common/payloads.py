@@ -1,0 +1,150 @@
+"""Typed payloads passed between stages. Every tensor in them is a numpy `WireTensor`; this
+module needs numpy only (no torch), so the ingress and clients can import it.
+
+    Ingress --VideoParams--> Encoder --Conditioning--> DitExpert(high) --DenoiseState-->
+    DitExpert(low) --DenoiseState--> Decoder --Frames / MP4 bytes--> Ingress
+    Decoder --Frames--> LipSync --AvatarInfo / MP4 bytes--> Ingress
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """A tensor in transit: a numpy array plus the torch dtype it stands for."""
+
+    data: np.ndarray
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """One generation, fully resolved: the ingress fills defaults and validates before any stage."""
+
+    prompt: str
+    width: int
+    height: int
+    num_frames: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    negative_prompt: str = ""
+    fps: int = 16
+    job_id: str = ""
+
+    def guidance_for(self, role: str) -> float:
+        """The guidance scale of the expert `role`: `guidance_scale` for the high-noise expert,
+        `guidance_scale_2` for the low-noise one."""
+        return self.guidance_scale if role == "high" else self.guidance_scale_2
+
+    def cfg_for(self, role: str) -> bool:
+        """Classifier-free guidance runs on an expert whose own scale is > 1.
+
+        diffusers' one-process pipeline decides CFG for both experts from the first scale alone;
+        here each expert follows its own scale (the two agree whenever both are > 1 or both <= 1).
+        """
+        return self.guidance_for(role) > 1.0
+
+    @property
+    def needs_negative(self) -> bool:
+        """Whether the encoder must embed the negative prompt (some expert runs CFG)."""
+        return self.cfg_for("high") or self.cfg_for("low")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Encoder output.
+
+    prompt_embeds / negative_prompt_embeds: (1, L, D) in the text encoder's dtype (bf16 on GPU);
+    the expert casts them to its compute dtype on arrival.
+    condition: (1, 4 + z, T, h, w) fp32 -- first-frame mask (4) + normalised VAE latents (z=16).
+    latent_shape: (1, z, T, h, w) of the noise the first expert draws from `params.seed`.
+    """
+
+    params: VideoParams
+    prompt_embeds: WireTensor
+    negative_prompt_embeds: WireTensor | None
+    condition: WireTensor
+    latent_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    index: int
+    timestep: float
+    expert: str
+    cfg: bool
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """A diffusers scheduler in transit: its class, config and every attribute (tensors as wire).
+
+    Multistep samplers (UniPC) keep a history of model outputs; without it the low-noise expert
+    would drift from the one-process result (~7e-4, REFERENCE.md).
+    """
+
+    class_name: str
+    config: dict
+    attributes: dict
+    cpu_attributes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DenoiseState:
+    """Latents between experts and after the last step.
+
+    latents: (1, z, T, h, w) fp32. `next_step` is the index of the first step not yet run.
+    """
+
+    params: VideoParams
+    latents: WireTensor
+    sampler: SamplerState
+    next_step: int
+    total_steps: int
+    steps: tuple[StepRecord, ...] = field(default_factory=tuple)
+
+    @property
+    def done(self) -> bool:
+        return self.next_step >= self.total_steps
+
+    def advanced(self, **changes) -> "DenoiseState":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Decoder output: uint8 frames (F, H, W, 3) plus the frame rate they are meant for."""
+
+    frames: np.ndarray
+    fps: int
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass(frozen=True)
+class AvatarInfo:
+    """LipSync's answer to an avatar preparation: the stage's id for the prepared avatar and its
+    shape (the arrays stay on the stage). Small, so it crosses handles cheaply."""
+
+    avatar_id: str
+    num_source_frames: int
+    num_frames: int  # after retiming to `fps`
+    fps: int
+    height: int
+    width: int

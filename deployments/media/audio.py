@@ -1,0 +1,103 @@
+"""Speech audio in: any common container decoded to 16 kHz mono float PCM, and the one rule
+that admits a talk turn's audio.
+
+    bytes (wav, mp3, ogg/opus, flac, m4a, ...) -> PyAV decode -> resample -> float32 (S,) at 16 kHz
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import av
+import numpy as np
+
+from deployments.common.errors import AudioError
+
+SAMPLE_RATE = 16000  # the lip-sync stage's input rate (whisper's)
+
+
+# ------------------------------------------------------------------ decoding
+
+
+def decode_audio(data: bytes, max_seconds: float | None = None,
+                 sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Audio file bytes in any container/codec FFmpeg reads -> float32 mono (S,) at `sample_rate`.
+
+    Channels are averaged after resampling. Raises AudioError for bytes that hold no
+    decodable audio stream, for audio without samples, and (before decoding all of it, where the
+    container states its duration) for audio longer than `max_seconds`.
+    """
+    if not data:
+        raise AudioError("audio is empty (0 bytes)")
+    try:
+        container = av.open(io.BytesIO(bytes(data)), mode="r")
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise AudioError(f"not a readable audio file: {exc}") from None
+    with container:
+        if not container.streams.audio:
+            raise AudioError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        if max_seconds is not None and stream.duration is not None and stream.time_base is not None:
+            declared = float(stream.duration * stream.time_base)
+            if declared > max_seconds + 0.5:
+                raise AudioError(f"audio is {declared:.1f} s long; the limit is {max_seconds:g} s")
+        # Resample keeping the channels, then average them (librosa's `to_mono`, which MuseTalk
+        # used): FFmpeg's own stereo-to-mono matrix scales by 1/sqrt(2) instead of 1/2.
+        resampler = av.AudioResampler(format="flt", rate=sample_rate)
+        limit = None if max_seconds is None else int(math.floor(max_seconds * sample_rate))
+        pieces: list[np.ndarray] = []
+        total = 0
+
+        def take(frames) -> None:
+            nonlocal total
+            for out in frames:
+                channels = out.layout.nb_channels
+                piece = out.to_ndarray().reshape(-1, channels)  # packed: (samples, channels)
+                piece = piece[:, 0] if channels == 1 else piece.mean(axis=1)
+                pieces.append(piece)
+                total += piece.shape[0]
+            if limit is not None and total > limit:
+                raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
+
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler count samples; containers' pts may jump
+                take(resampler.resample(frame))
+            take(resampler.resample(None))
+        except av.error.FFmpegError as exc:
+            raise AudioError(f"audio could not be decoded: {exc}") from None
+    if total == 0:
+        raise AudioError("audio has no samples")
+    return np.concatenate(pieces).astype(np.float32, copy=False)
+
+
+def as_pcm(audio: np.ndarray) -> np.ndarray:
+    """Validate raw PCM given directly: float (S,) at 16 kHz mono -> float32 (S,)."""
+    pcm = np.asarray(audio)
+    if pcm.ndim != 1 or not np.issubdtype(pcm.dtype, np.floating):
+        raise AudioError(f"PCM audio must be float (S,) at {SAMPLE_RATE} Hz mono, got "
+                         f"{pcm.dtype} {pcm.shape}")
+    if pcm.shape[0] == 0:
+        raise AudioError("audio has no samples")
+    if not np.isfinite(pcm).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    return pcm.astype(np.float32, copy=False)
+
+
+def frames_for_samples(num_samples: int, fps: int, sample_rate: int = SAMPLE_RATE) -> int:
+    """Whole video frames at `fps` that `num_samples` of audio cover: floor(seconds * fps), in
+    exact integer arithmetic."""
+    return (num_samples * fps) // sample_rate
+
+
+def check_pcm(pcm: np.ndarray, max_seconds: float, fps: int) -> np.ndarray:
+    """The one admission rule for speech: float PCM (S,) at 16 kHz mono, finite, at most
+    `max_seconds` long and at least one video frame at `fps` -> float32 (S,), or AudioError.
+    The ingress applies it before any stage runs; the lip-sync stage again for direct callers."""
+    pcm = as_pcm(pcm)
+    if pcm.shape[0] > max_seconds * SAMPLE_RATE:
+        raise AudioError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is {max_seconds:g} s")
+    if frames_for_samples(pcm.shape[0], fps) == 0:
+        raise AudioError(f"audio is shorter than one video frame (1/{fps} s)")
+    return pcm

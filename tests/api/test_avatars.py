@@ -1,0 +1,155 @@
+"""Avatars and streamed talk turns through the ingress on the in-process graph, and video jobs
+with audio. The same flow over real HTTP on a Ray cluster is in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.config import load_profile
+from deployments.local import LocalGraph
+from deployments.media.video import decode_mp4
+from helpers import durations, get_dummy_image, png_bytes, wav_bytes
+
+IMAGE = png_bytes(get_dummy_image())
+AVATAR = {"prompt": "a woman talks", "size": "32x32", "num_frames": "5", "num_inference_steps": "2"}
+
+
+@pytest.fixture()
+def graph(tmp_path):
+    return LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)},
+                                            "stages": {"lipsync": {"max_audio_seconds": 3}},
+                                            "limits": {"max_audio_bytes": 400_000}}))
+
+
+def create(c, data=AVATAR):
+    return c.post("/v1/avatars", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
+
+
+def wait_ready(c, avatar_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        a = c.get(f"/v1/avatars/{avatar_id}").json()
+        if a["status"] in ("ready", "failed", "cancelled"):
+            return a
+        time.sleep(0.05)
+    raise AssertionError(a)
+
+
+def test_avatar_is_created_once_and_speaks_in_a_stream(graph):
+    with TestClient(graph.ingress.build_app()) as c:
+        r = create(c)
+        assert r.status_code == 201, r.text
+        avatar = wait_ready(c, r.json()["id"])
+        assert avatar["status"] == "ready" and avatar["fps"] == 25 and "lipsync_id" not in avatar
+        # 5 frames at 16 fps -> 8 frames at 25 fps, forward then backward.
+        assert avatar["cycle_frames"] == 16
+        encodes = graph.encoder.calls["encode"]
+        again = create(c)
+        assert again.status_code == 200 and again.json()["id"] == avatar["id"]
+        assert graph.encoder.calls["encode"] == encodes  # idempotent: no second generation
+
+        chunks = []
+        with c.stream("POST", f"/v1/avatars/{avatar['id']}/speech",
+                      files={"audio": ("a.wav", wav_bytes(1.3), "audio/wav")}) as s:
+            assert s.status_code == 200 and s.headers["content-type"] == "video/mp4"
+            chunks = list(s.iter_bytes())
+        mp4 = b"".join(chunks)
+        frames, video_s, audio_s = durations(mp4)
+        assert frames == 32  # floor(1.3 * 25)
+        assert abs(audio_s - video_s) <= 1 / 25
+        assert decode_mp4(mp4)[0].shape[1:] == (32, 32, 3)
+
+        raw = c.post(f"/v1/avatars/{avatar['id']}/speech", content=wav_bytes(0.5),
+                     headers={"content-type": "audio/wav"})
+        assert raw.status_code == 200 and durations(raw.content)[0] == 12
+
+        lipsync_id = graph.ingress.avatars[avatar["id"]].lipsync_id
+        assert graph.lipsync.target.store.get(lipsync_id) is not None
+        assert c.delete(f"/v1/avatars/{avatar['id']}").json()["deleted"] is True
+        assert c.post(f"/v1/avatars/{avatar['id']}/speech",
+                      files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")}).status_code == 404
+        assert graph.lipsync.target.store.get(lipsync_id) is None  # the stage dropped it too
+
+
+BAD_SPEECH = [
+    ("not audio", {"audio": ("a.wav", b"this is not audio at all", "audio/wav")}, 400, "audio"),
+    ("empty audio", {"audio": ("a.wav", b"", "audio/wav")}, 400, "audio"),
+    ("too long", {"audio": ("a.wav", wav_bytes(4.0, rate=8000, channels=1), "audio/wav")}, 422, "audio"),
+    ("too many bytes", {"audio": ("a.wav", wav_bytes(2.9, rate=48000), "audio/wav")}, 413, "audio"),
+    ("no audio", None, 422, "audio"),
+]
+
+
+@pytest.mark.parametrize("case,files,status,param", BAD_SPEECH, ids=[b[0] for b in BAD_SPEECH])
+def test_bad_speech_is_refused_before_the_lipsync_stage(graph, case, files, status, param):
+    with TestClient(graph.ingress.build_app()) as c:
+        avatar = wait_ready(c, create(c).json()["id"])
+        calls = dict(graph.lipsync.calls)
+        r = c.post(f"/v1/avatars/{avatar['id']}/speech", files=files, data={"start_index": "0"})
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["param"] == param
+        assert graph.lipsync.calls == calls  # nothing reached the stage
+        # ...and the avatar still speaks.
+        ok = c.post(f"/v1/avatars/{avatar['id']}/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
+        assert ok.status_code == 200
+
+
+def test_unknown_and_unready_avatars(graph):
+    with TestClient(graph.ingress.build_app()) as c:
+        r = c.post("/v1/avatars/avatar_nope/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "avatar_id"
+        assert c.get("/v1/avatars/avatar_nope").status_code == 404
+        assert c.delete("/v1/avatars/avatar_nope").status_code == 404
+        slow = create(c, {**AVATAR, "num_inference_steps": "20"}).json()
+        r = c.post(f"/v1/avatars/{slow['id']}/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
+        assert r.status_code == 409 and r.json()["error"]["type"] == "conflict_error"
+        r = create(c, {**AVATAR, "face_box": "10,10,5,5"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "face_box"
+        wait_ready(c, slow["id"])
+
+
+def test_video_job_with_audio_is_lip_synced(graph):
+    with TestClient(graph.ingress.build_app()) as c:
+        r = c.post("/v1/videos", data={"prompt": "a man talks", "size": "32x32", "num_frames": "5",
+                                       "num_inference_steps": "2"},
+                   files={"input_reference": ("p.png", IMAGE, "image/png"),
+                          "audio": ("a.wav", wav_bytes(0.8), "audio/wav")})
+        assert r.status_code == 200 and r.json()["has_audio"] is True
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while c.get(f"/v1/videos/{job_id}").json()["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(f"/v1/videos/{job_id}").json()["status"] == "completed"
+        frames, video_s, audio_s = durations(c.get(f"/v1/videos/{job_id}/content").content)
+        assert frames == 20 and abs(audio_s - video_s) <= 1 / 25
+        r = c.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("p.png", IMAGE, "image/png"),
+                                                             "audio": ("a.wav", b"junk", "audio/wav")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "audio"
+
+
+def test_deleting_a_queued_avatar_leaves_the_queue_working(tmp_path):
+    """Delete a queued avatar and submit a job at once, before the cancelled task has run: the
+    queue must not trip over the deleted entry."""
+    import asyncio
+
+    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "max_running_jobs": 1},
+                                            "stages": {r: {"simulate_step_seconds": 0.05} for r in ("high", "low")}}))
+    ingress = graph.ingress
+    request = {k: v for k, v in AVATAR.items()}
+
+    async def scenario():
+        first, _ = ingress.create_avatar({**request, "num_inference_steps": "10"}, IMAGE)
+        queued, _ = ingress.create_avatar({**request, "seed": "5"}, IMAGE)
+        assert queued.status == "queued" and queued.id in ingress.waiting
+        await ingress.delete_avatar(queued.id)
+        job = ingress.submit({"prompt": "x", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}, IMAGE)
+        while not (job.final and ingress.avatars[first.id].final):
+            await asyncio.sleep(0.05)
+        return first, job, queued
+
+    first, job, queued = asyncio.run(scenario())
+    assert ingress.avatars[first.id].status == "ready" and job.status == "completed"
+    assert queued.id not in ingress.avatars and queued.id not in ingress.waiting

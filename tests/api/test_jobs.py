@@ -1,0 +1,268 @@
+"""Video jobs in process (FastAPI TestClient over the in-process graph): lifecycle, progress
+events, cancel, deadline, queue bound, restart over the same storage, auth, expiry. The same
+behaviours run over real HTTP on a Ray cluster in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.api.jobs import Job, JobStore
+from deployments.api.protocol import frames_for_seconds
+from deployments.config import load_profile
+from deployments.ingress import Ingress
+from deployments.local import LocalGraph
+from deployments.media.video import decode_mp4
+from helpers import get_dummy_image, png_bytes
+
+IMAGE = png_bytes(get_dummy_image())
+FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
+SLOW = {**FAST, "num_inference_steps": "20"}
+
+
+def make_graph(tmp_path, step_s=0.0, **serving):
+    overrides = {"serving": {"storage_dir": str(tmp_path / "store"), **serving},
+                 "stages": {r: {"simulate_step_seconds": step_s} for r in ("high", "low")}}
+    return LocalGraph(load_profile("tiny", overrides))
+
+
+def create(client, data=FAST, headers=None):
+    return client.post("/v1/videos", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")},
+                       headers=headers or {})
+
+
+def events(client, job_id, headers=None):
+    out = []
+    with client.stream("GET", f"/v1/videos/{job_id}/events", headers=headers or {}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def wait_final(client, job_id, timeout=60, headers=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/videos/{job_id}", headers=headers or {}).json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_job_lifecycle_events_content_list_delete(tmp_path):
+    graph = make_graph(tmp_path)
+    with TestClient(graph.ingress.build_app()) as c:
+        r = create(c)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["object"] == "video" and job["status"] in ("queued", "in_progress")
+        assert job["model"] == "tiny" and job["size"] == "32x16" and job["seconds"] == "0.3125"
+        evs = events(c, job["id"])
+        kinds = [e["event"] for e in evs]
+        assert kinds[0] == "queued" and kinds[-1] == "completed"
+        steps = [e for e in evs if e["event"] == "step"]
+        assert [(s["step"], s["total"]) for s in steps] == [(1, 2), (2, 2)]
+        assert [s["expert"] for s in steps] == ["high", "low"]
+        assert [e["progress"] for e in evs if "progress" in e] == sorted(e["progress"] for e in evs if "progress" in e)
+        done = c.get(f"/v1/videos/{job['id']}").json()
+        assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"]
+        content = c.get(f"/v1/videos/{job['id']}/content")
+        frames, fps = decode_mp4(content.content)
+        assert frames.shape == (5, 16, 32, 3) and fps == 16
+
+        ids = [job["id"]] + [create(c).json()["id"] for _ in range(2)]
+        for i in ids:
+            wait_final(c, i)
+        page = c.get("/v1/videos", params={"limit": 2}).json()
+        assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+        rest = c.get("/v1/videos", params={"limit": 2, "after": page["last_id"]}).json()
+        assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
+
+        gone = c.delete(f"/v1/videos/{ids[0]}").json()
+        assert gone == {"id": ids[0], "object": "video.deleted", "deleted": True}
+        assert c.get(f"/v1/videos/{ids[0]}").status_code == 404
+        assert not (tmp_path / "store" / "results" / f"{ids[0]}.mp4").exists()
+
+
+def test_content_before_completion_is_409_and_cancel_stops_between_steps(tmp_path):
+    graph = make_graph(tmp_path, step_s=0.1)
+    high = graph.high.target
+    with TestClient(graph.ingress.build_app()) as c:
+        job = create(c, SLOW).json()
+        with c.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["event"] == "step":
+                    assert c.get(f"/v1/videos/{job['id']}/content").status_code == 409
+                    assert c.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
+                    break
+        final = wait_final(c, job["id"])
+        assert final["status"] == "cancelled"
+        time.sleep(0.3)  # a step already running finishes; none starts after it
+        assert high.steps_run < 20 and graph.low.target.steps_run == 0
+        nxt = create(c).json()
+        assert wait_final(c, nxt["id"])["status"] == "completed"
+
+
+def test_deadline_fails_the_job_and_the_next_one_runs(tmp_path):
+    graph = make_graph(tmp_path, step_s=0.1, job_timeout_s=0.5)
+    with TestClient(graph.ingress.build_app()) as c:
+        job = create(c, SLOW).json()
+        final = wait_final(c, job["id"])
+        assert final["status"] == "failed" and final["error"]["code"] == "timeout"
+        assert graph.high.target.steps_run < 20
+        assert wait_final(c, create(c).json()["id"])["status"] == "completed"
+
+
+def test_queue_bound_gives_429_with_retry_after(tmp_path):
+    graph = make_graph(tmp_path, step_s=0.05, max_running_jobs=1, max_queued_jobs=1, retry_after_s=7)
+    with TestClient(graph.ingress.build_app()) as c:
+        a, b = create(c, SLOW).json(), create(c, SLOW).json()
+        assert c.get(f"/v1/videos/{b['id']}").json()["queue_position"] == 1
+        r = create(c)
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        for j in (a, b):
+            assert wait_final(c, j["id"])["status"] == "completed"
+        assert create(c).status_code == 200
+
+
+def test_restart_lists_jobs_serves_content_and_fails_interrupted(tmp_path):
+    graph = make_graph(tmp_path)
+    with TestClient(graph.ingress.build_app()) as c:
+        done = create(c).json()
+        wait_final(c, done["id"])
+    store = JobStore(tmp_path / "store")
+    # A job the previous ingress was running when it died.
+    store.save(Job(id="video_interrupted", status="in_progress", created_at=int(time.time()), model="tiny",
+                   prompt="x", size="16x16", seconds="1", num_frames=17, fps=16, seed=1, num_inference_steps=4))
+    g = graph
+    again = Ingress(g.encoder, g.high, g.low, g.decoder, load_profile("tiny", {"serving": {"storage_dir": str(tmp_path / "store")}}))
+    with TestClient(again.build_app()) as c:
+        ids = [j["id"] for j in c.get("/v1/videos").json()["data"]]
+        assert set(ids) == {done["id"], "video_interrupted"}
+        frames, _ = decode_mp4(c.get(f"/v1/videos/{done['id']}/content").content)
+        assert frames.shape[0] == 5
+        lost = c.get("/v1/videos/video_interrupted").json()
+        assert lost["status"] == "failed" and lost["error"]["code"] == "interrupted"
+        assert [e["event"] for e in events(c, done["id"])] == ["completed"]
+
+
+def test_auth_protects_every_route_but_healthz(tmp_path):
+    graph = make_graph(tmp_path, api_keys=["s3cret"])
+    ok = {"Authorization": "Bearer s3cret"}
+    with TestClient(graph.ingress.build_app()) as c:
+        assert c.get("/healthz").status_code == 200
+        for method, path in [("get", "/v1/models"), ("get", "/v1/videos"), ("post", "/v1/videos"),
+                             ("post", "/v1/videos/sync"), ("get", "/v1/videos/x"), ("delete", "/v1/videos/x"),
+                             ("get", "/v1/videos/x/content"), ("get", "/v1/videos/x/events")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = getattr(c, method)(path, headers=headers)
+                assert r.status_code == 401, (method, path, headers)
+                assert r.json()["error"]["type"] == "authentication_error"
+                assert r.headers["www-authenticate"] == "Bearer"
+        assert graph.stage_calls == 0
+        job = create(c, headers=ok).json()
+        assert wait_final(c, job["id"], headers=ok)["status"] == "completed"
+        assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == "tiny"
+
+
+def test_api_keys_from_environment(monkeypatch):
+    monkeypatch.setenv("AVATAR_SERVE_API_KEYS", "k1, k2")
+    assert load_profile("tiny").serving.api_keys == ["k1", "k2"]
+
+
+BAD = [
+    # (case, method, path, form overrides, files, status, param)
+    ("not an image", "post", "/v1/videos", {}, {"input_reference": ("p.png", b"GIF89a-no", "image/gif")}, 400, "input_reference"),
+    ("truncated png", "post", "/v1/videos", {}, {"input_reference": ("p.png", IMAGE[:60], "image/png")}, 400, "input_reference"),
+    ("no image", "post", "/v1/videos", {}, None, 422, "input_reference"),
+    ("image as text", "post", "/v1/videos", {"input_reference": "abc"}, None, 422, "input_reference"),
+    ("empty prompt", "post", "/v1/videos", {"prompt": " "}, "default", 422, "prompt"),
+    ("prompt too long", "post", "/v1/videos", {"prompt": "a" * 2001}, "default", 422, "prompt"),
+    ("steps not a number", "post", "/v1/videos", {"num_inference_steps": "ten"}, "default", 422, "num_inference_steps"),
+    ("steps zero", "post", "/v1/videos", {"num_inference_steps": "0"}, "default", 422, "num_inference_steps"),
+    ("guidance too big", "post", "/v1/videos", {"guidance_scale": "1000"}, "default", 422, "guidance_scale"),
+    ("size odd", "post", "/v1/videos", {"size": "33x16"}, "default", 422, "size"),
+    ("size too big", "post", "/v1/videos", {"size": "4096x4096"}, "default", 422, "size"),
+    ("frames not 4k+1", "post", "/v1/videos", {"num_frames": "6"}, "default", 422, "num_frames"),
+    ("frames and seconds", "post", "/v1/videos", {"seconds": "1"}, "default", 422, "seconds"),
+    ("seconds negative", "post", "/v1/videos", {"num_frames": None, "seconds": "-2"}, "default", 422, "seconds"),
+    ("seconds over limit", "post", "/v1/videos", {"num_frames": None, "seconds": "60"}, "default", 422, "num_frames"),
+    ("unknown model", "post", "/v1/videos", {"model": "sora"}, "default", 422, "model"),
+    ("seed not an int", "post", "/v1/videos", {"seed": "1.5"}, "default", 422, "seed"),
+    ("fps zero", "post", "/v1/videos", {"fps": "0"}, "default", 422, "fps"),
+    ("unknown field", "post", "/v1/videos", {"style": "anime"}, "default", 422, "style"),
+    ("unknown id", "get", "/v1/videos/video_nope", None, None, 404, "video_id"),
+    ("unknown id content", "get", "/v1/videos/video_nope/content", None, None, 404, "video_id"),
+    ("unknown id events", "get", "/v1/videos/video_nope/events", None, None, 404, "video_id"),
+    ("unknown id delete", "delete", "/v1/videos/video_nope", None, None, 404, "video_id"),
+    ("bad list limit", "get", "/v1/videos?limit=0", None, None, 422, "limit"),
+    ("bad list cursor", "get", "/v1/videos?after=video_nope", None, None, 422, "after"),
+]
+
+
+@pytest.mark.parametrize("case,method,path,overrides,files,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_the_documented_status_and_envelope(tmp_path, case, method, path, overrides,
+                                                             files, status, param):
+    graph = make_graph(tmp_path)
+    with TestClient(graph.ingress.build_app()) as c:
+        if method == "post":
+            data = {k: v for k, v in {**FAST, **overrides}.items() if v is not None}
+            f = {"input_reference": ("p.png", IMAGE, "image/png")} if files == "default" else files
+            r = c.post(path, data=data, files=f)
+        else:
+            r = getattr(c, method)(path)
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param"}
+        assert body["error"]["param"] == param and "Traceback" not in r.text
+        assert graph.stage_calls == 0
+        assert c.get("/v1/videos").json()["data"] == []  # nothing was queued
+
+
+@pytest.mark.parametrize("method,path", [("put", "/v1/videos"), ("patch", "/v1/videos/x"), ("post", "/healthz"),
+                                         ("get", "/v2/anything")])
+def test_wrong_methods_and_routes_use_the_envelope(tmp_path, method, path):
+    with TestClient(make_graph(tmp_path).ingress.build_app()) as c:
+        r = getattr(c, method)(path)
+        assert r.status_code in (404, 405) and "error" in r.json()
+
+
+def test_json_body_with_base64_image(tmp_path):
+    import base64
+
+    graph = make_graph(tmp_path)
+    with TestClient(graph.ingress.build_app()) as c:
+        body = {"prompt": "hi", "size": "16x16", "seconds": 0.5, "num_inference_steps": 2,
+                "input_reference": "data:image/png;base64," + base64.b64encode(IMAGE).decode()}
+        job = c.post("/v1/videos", json=body).json()
+        assert job["num_frames"] == 9  # round(0.5 * 16) = 8 -> nearest 4k+1 is 9
+        assert wait_final(c, job["id"])["status"] == "completed"
+        r = c.post("/v1/videos", json={**body, "input_reference": "%%%"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+
+
+@pytest.mark.parametrize("seconds,fps,frames", [(5, 16, 81), (0.1, 16, 1), (1, 25, 25), (2, 16, 33), (3.1, 16, 49)])
+def test_seconds_map_to_the_nearest_valid_frame_count(seconds, fps, frames):
+    assert frames_for_seconds(seconds, fps) == frames
+
+
+def test_results_expire_by_age_then_by_total_size(tmp_path):
+    store = JobStore(tmp_path)
+    jobs = {}
+    for i, age in enumerate([100, 50, 10]):
+        j = Job(id=f"video_{i}", status="completed", created_at=0, completed_at=1000 - age, model="tiny",
+                prompt="x", size="16x16", seconds="1", num_frames=17, fps=16, seed=i, num_inference_steps=2)
+        jobs[j.id] = j
+        store.save(j)
+        store.save_result(j.id, b"x" * 100)
+    assert store.expire(jobs, ttl_s=60, max_bytes=10_000, now=1000) == ["video_0"]
+    del jobs["video_0"]
+    assert store.expire(jobs, ttl_s=600, max_bytes=150, now=1000) == ["video_1"]
+    assert [p.name for p in (tmp_path / "results").iterdir()] == ["video_2.mp4"]
+    assert {j.id for j in store.load_all()} == {"video_2"}

@@ -1,0 +1,305 @@
+"""LipSync stage (deployments/lipsync.py) with its avatar preparation. Offline, no Ray: tiny random
+models on the CPU, and a real-layout checkpoint (MuseTalk unet.pth + musetalk.json, VAE and whisper
+folders) written to tmp_path. Model-side pieces alone are in tests/models/test_musetalk.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperModel
+
+from deployments.common.errors import AudioError, AvatarNotFound, MissingWeightsError
+from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.lipsync import LipSync, lipsync_dtype
+from deployments.models.musetalk.avatar import PreparedAvatar, blend_face, crop_face
+from deployments.models.musetalk.components import TINY
+from helpers import decode_mp4_tracks, synthetic_landmarks
+
+H, W = 64, 96
+BOX = (24, 8, 72, 56)  # (x1, y1, x2, y2) inside a 96x64 frame
+
+
+def get_dummy_inputs(seed: int = 0, num_frames: int = 5) -> dict:
+    """A 16 fps base clip (uint8 (N, 64, 96, 3)) and half a second of speech-like PCM."""
+    g = np.random.default_rng(seed)
+    frames = g.integers(0, 256, (num_frames, H, W, 3), dtype=np.uint8)
+    t = np.arange(8000) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    return {"frames": frames, "fps": 16, "audio": pcm}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("avatars")
+
+
+@pytest.fixture(scope="module")
+def stage(cache_dir) -> LipSync:
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu",
+                        avatar_cache_dir=str(cache_dir), batch_size=4)
+    return LipSync(cfg)
+
+
+@pytest.fixture(scope="module")
+def avatar(stage) -> PreparedAvatar:
+    inputs = get_dummy_inputs()
+    return stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+
+
+# ------------------------------------------------------------------ audio features and windows
+
+
+def test_whisper_features_stack_all_five_hidden_states(stage):
+    piece = stage.encode_audio_piece(get_dummy_inputs()["audio"])
+    assert piece.shape == (1500, 5, 384) and piece.dtype == torch.float32
+    # Embeddings, four layers (the last layer-normed): five different states.
+    assert all(not torch.allclose(piece[:, a], piece[:, b]) for a in range(5) for b in range(a + 1, 5))
+    normed = piece[:, 4]
+    assert normed.mean(-1).abs().max() < 1e-3  # LayerNorm output (random init: unit gain, zero bias)
+
+
+# ------------------------------------------------------------------ blending
+
+
+# ------------------------------------------------------------------ avatar preparation
+
+
+def test_prepared_avatar_shapes(stage, avatar):
+    n = 5
+    assert avatar.frames.shape == (n, H, W, 3) and avatar.frames.dtype == np.uint8
+    assert avatar.latents.shape == (n, 8, 32, 32) and avatar.latents.dtype == np.float32
+    assert avatar.crops.shape == (n, 256, 256, 3) and avatar.crops.dtype == np.uint8
+    assert avatar.masks.shape == (n, 256, 256) and avatar.masks.dtype == np.uint8
+    assert avatar.boxes.tolist() == [list(BOX)] * n
+    # 5 frames at 16 fps -> ceil(5 * 25 / 16) = 8 frames at 25 fps, nearest source frame each.
+    assert avatar.source_index.tolist() == [0, 1, 1, 2, 3, 3, 4, 4]
+    assert avatar.fps == 25 and avatar.info.num_frames == 8
+    np.testing.assert_array_equal(avatar.crops[2], crop_face(avatar.frames[2], BOX))
+
+
+def test_second_prepare_reuses_the_cache_without_vae_encodes(stage, avatar, cache_dir):
+    inputs = get_dummy_inputs()
+    encodes = stage.vae_encodes
+    again = stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+    assert stage.vae_encodes == encodes and again.avatar_id == avatar.avatar_id
+    # A fresh stage (another replica) finds it on disk: no VAE encode either.
+    other = LipSync(stage.cfg)
+    from_disk = other.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+    assert other.vae_encodes == 0
+    assert (cache_dir / f"{avatar.avatar_id}.npz").is_file()
+    for name in PreparedAvatar._ARRAYS:
+        np.testing.assert_array_equal(getattr(from_disk, name), getattr(avatar, name))
+    assert other.get_avatar(avatar.avatar_id).avatar_id == avatar.avatar_id
+    # Different content or settings -> a different avatar, prepared afresh.
+    changed = inputs["frames"].copy()
+    changed[0, 0, 0, 0] ^= 1
+    for frames, fps, box in [(changed, 16, BOX), (inputs["frames"], 16, (20, 8, 72, 56)),
+                             (inputs["frames"], 25, BOX)]:
+        before = other.vae_encodes
+        assert other.prepare_avatar(frames, fps, face_box=box).avatar_id != avatar.avatar_id
+        assert other.vae_encodes > before
+
+
+def test_vae_latents_mask_the_lower_half(stage):
+    g = np.random.default_rng(2)
+    a = g.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    b = a.copy()
+    b[128:] = g.integers(0, 256, (128, 256, 3), dtype=np.uint8)  # differ only in the lower half
+    latents = stage.encode_crops(np.stack([a, b]))
+    assert latents.shape == (2, 8, 32, 32)
+    np.testing.assert_array_equal(latents[0, :4], latents[1, :4])  # masked: lower half unseen
+    assert not np.allclose(latents[0, 4:], latents[1, 4:])  # reference: whole crop
+
+
+# ------------------------------------------------------------------ the talk turn
+
+
+def test_speak_yields_chunks_of_blended_frames(stage, avatar):
+    audio = get_dummy_inputs()["audio"]  # 0.5 s -> 12 frames
+    chunks = list(stage.speak(avatar.avatar_id, audio, batch_size=5))
+    assert [c.shape for c in chunks] == [(5, H, W, 3), (5, H, W, 3), (2, H, W, 3)]
+    assert all(c.dtype == np.uint8 for c in chunks)
+    frames = np.concatenate(chunks)
+    x1, y1, x2, y2 = BOX
+    outside = np.ones((H, W), bool)
+    outside[y1:y2, x1:x2] = False
+    cycle = [0, 1, 1, 2, 3, 3, 4, 4, 4, 4, 3, 3]  # retimed clip forward, then backward
+    for i, frame in enumerate(frames):
+        assert avatar.source_frame(i) == cycle[i]
+        np.testing.assert_array_equal(frame[outside], avatar.frames[cycle[i]][outside])
+    # Inside the mask the generated face replaced the base frame.
+    lower = slice(y1 + 3 * (y2 - y1) // 4 - 2, y1 + 3 * (y2 - y1) // 4 + 2)
+    assert not np.array_equal(frames[0][lower, x1 + 10:x2 - 10], avatar.frames[0][lower, x1 + 10:x2 - 10])
+    # The first chunk is exactly the pipeline written out by hand.
+    feats = stage.audio_features(audio)
+    crops = stage.generate(avatar.latents[cycle[:5]], feats.windows(range(5)))
+    assert crops.shape == (5, 256, 256, 3) and crops.dtype == np.uint8
+    by_hand = [blend_face(avatar.frames[s], c, avatar.boxes[s], avatar.masks[s])
+               for s, c in zip(cycle[:5], crops)]
+    np.testing.assert_array_equal(chunks[0], np.stack(by_hand))
+
+
+def test_speak_continues_the_cycle_from_start_index(stage, avatar):
+    audio = get_dummy_inputs()["audio"][:1280]  # 0.08 s -> 2 frames
+    frames = np.concatenate(list(stage.speak(avatar, audio, start_index=9)))
+    x1, y1, x2, y2 = BOX
+    assert frames.shape[0] == 2
+    for i, frame in enumerate(frames):
+        src = [4, 3][i]  # cycle positions 9 and 10 of 0 1 1 2 3 3 4 4 | 4 4 3 3 2 1 1 0
+        np.testing.assert_array_equal(frame[:y1], avatar.frames[src][:y1])
+
+
+def test_speak_refuses_bad_audio_before_any_model_runs(stage, avatar):
+    before = stage.frames_generated
+    cfg = stage.cfg
+    with pytest.raises(AudioError, match="limit"):
+        next(stage.speak(avatar, np.zeros(int((cfg.max_audio_seconds + 1) * 16000), np.float32)))
+    with pytest.raises(AudioError, match="shorter than one video frame"):
+        next(stage.speak(avatar, np.zeros(100, np.float32)))
+    with pytest.raises(AudioError):
+        next(stage.speak_fmp4(avatar, b"not audio"))
+    with pytest.raises(AvatarNotFound):
+        next(stage.speak("0" * 32, np.zeros(16000, np.float32)))
+    assert stage.frames_generated == before
+
+
+def test_speak_fmp4_streams_a_playable_mp4(stage, avatar):
+    audio = get_dummy_inputs()["audio"]
+    pieces = list(stage.speak_fmp4(avatar, audio))
+    video, fps, audio_end = decode_mp4_tracks(b"".join(pieces))
+    assert video.shape == (12, H, W, 3) and fps == 25
+    assert abs(audio_end - 12 / 25) < 1 / 25
+
+
+def test_delete_avatar(stage):
+    inputs = get_dummy_inputs(seed=5, num_frames=2)
+    prepared = stage.prepare_avatar(inputs["frames"], 16, face_box=BOX)
+    assert stage.delete_avatar(prepared.avatar_id)
+    with pytest.raises(AvatarNotFound):
+        stage.get_avatar(prepared.avatar_id)
+
+
+# ------------------------------------------------------------------ dtypes and architectures
+
+
+def test_dtype_policy_fp16_on_gpu_fp32_on_cpu():
+    cfg = LipSyncConfig()
+    assert lipsync_dtype(cfg, torch.device("cuda", 0)) == torch.float16
+    assert lipsync_dtype(cfg, torch.device("cpu")) == torch.float32
+    assert lipsync_dtype(LipSyncConfig(dtype="bfloat16"), torch.device("cuda", 0)) == torch.bfloat16
+
+
+# ------------------------------------------------------------------ real-weights layout
+
+
+def write_musetalk_layout(root, source: LipSync):
+    """The published layout, with the tiny models: musetalkV15/unet.pth + musetalk.json, a
+    diffusers VAE folder and a transformers whisper folder (model + feature extractor)."""
+    (root / "musetalkV15").mkdir(parents=True)
+    torch.save(source.unet.state_dict(), root / "musetalkV15" / "unet.pth")
+    (root / "musetalkV15" / "musetalk.json").write_text(json.dumps(dict(source.unet.config)))
+    source.vae.save_pretrained(root / "sd-vae-ft-mse")
+    torch.manual_seed(0)
+    whisper = WhisperModel(WhisperConfig(**TINY["whisper"]))
+    whisper.encoder.load_state_dict(source.whisper.state_dict())
+    whisper.save_pretrained(root / "whisper-tiny")
+    source.feature_extractor.save_pretrained(root / "whisper-tiny")
+
+
+def test_musetalk_layout_loads_and_matches_the_models_it_was_written_from(stage, tmp_path):
+    write_musetalk_layout(tmp_path, stage)
+    weights = MuseTalkWeights(repo=str(tmp_path), vae=str(tmp_path / "sd-vae-ft-mse"),
+                              whisper=str(tmp_path / "whisper-tiny"))
+    loaded = LipSync(LipSyncConfig(weights=weights, device="cpu"))
+    assert isinstance(loaded.unet.config.block_out_channels, (list, tuple))
+    for a, b in ((stage.unet, loaded.unet), (stage.vae, loaded.vae), (stage.whisper, loaded.whisper)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert loaded.scaling_factor == pytest.approx(0.18215)
+    audio = get_dummy_inputs()["audio"]
+    np.testing.assert_array_equal(loaded.encode_audio_piece(audio).numpy(),
+                                  stage.encode_audio_piece(audio).numpy())
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 8, 32, 32, generator=g)
+    feats = torch.randn(2, 50, 384, generator=g)
+    np.testing.assert_array_equal(loaded.generate(latents, feats), stage.generate(latents, feats))
+
+
+def test_missing_musetalk_files_name_the_download_command(stage, tmp_path):
+    # A Hub repo id that is not in the (empty) cache: serving never downloads.
+    weights = MuseTalkWeights(repo="TMElyralab/MuseTalk", vae="stabilityai/sd-vae-ft-mse",
+                              whisper="openai/whisper-tiny")
+    with pytest.raises(MissingWeightsError, match="avatar-serve download"):
+        LipSync(LipSyncConfig(weights=weights, device="cpu", weights_dir=str(tmp_path / "hub")))
+    # A local layout without the UNet file.
+    write_musetalk_layout(tmp_path / "layout", stage)
+    (tmp_path / "layout" / "musetalkV15" / "unet.pth").unlink()
+    weights = MuseTalkWeights(repo=str(tmp_path / "layout"), vae=str(tmp_path / "layout" / "sd-vae-ft-mse"),
+                              whisper=str(tmp_path / "layout" / "whisper-tiny"))
+    with pytest.raises(MissingWeightsError, match="unet.pth"):
+        LipSync(LipSyncConfig(weights=weights, device="cpu"))
+
+
+# ------------------------------------------------------------------ fragmented MP4
+
+
+def test_default_batches_start_small_then_full(avatar, cache_dir):
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu",
+                        avatar_cache_dir=str(cache_dir), batch_size=4, first_batch_size=3)
+    stage = LipSync(cfg)
+    audio = get_dummy_inputs()["audio"]  # 12 frames
+    assert [len(c) for c in stage.speak(avatar.avatar_id, audio)] == [3, 4, 4, 1]
+
+
+def test_padding_for_compiled_batch_sizes_changes_no_output(stage, avatar):
+    """A compiled stage pads short batches up to a compiled size; the padding must not change
+    the frames it returns (samples of a batch are independent)."""
+    feats = stage.audio_features(get_dummy_inputs()["audio"])
+    latents, audio = avatar.latents[[0, 1, 2]], feats.windows(range(3))
+    plain = stage.generate(latents, audio)
+    stage.compiled = True  # as after torch.compile: batches of 3 are padded up to batch_size 4
+    try:
+        padded = stage.generate(latents, audio)
+    finally:
+        stage.compiled = False
+    assert padded.shape == plain.shape == (3, 256, 256, 3)
+    assert np.abs(padded.astype(int) - plain.astype(int)).max() <= 1  # fp32 batch-size rounding
+
+
+def test_landmark_detector_plugs_into_preparation(stage):
+    from deployments.models.musetalk.avatar import LandmarkFaceDetector, face_boxes
+
+    frames = get_dummy_inputs()["frames"]
+    seen = []
+    detector = LandmarkFaceDetector(box=lambda f: (0, 0, 8, 8),
+                                    landmarks=lambda f, box: seen.append(box) or synthetic_landmarks(
+                                        cx=20, nose_y=20, chin_y=40, half_width=10))
+    boxes = face_boxes(frames, detector, extra_margin=3)
+    # (10, 0, 30, 40) from the landmarks, 3 px more below the chin, clipped to the frame.
+    h = frames.shape[1]
+    assert boxes.tolist() == [[10, 0, 30, min(43, h)]] * len(frames)
+    assert seen == [(0, 0, 8, 8)] * len(frames)  # landmarks are found inside the detector's box
+
+
+def test_landmarks_detector_is_built_from_s3fd_and_fan(tmp_path):
+    """face_detector: landmarks wires S3FD boxes and FAN landmarks into MuseTalk's rule; random
+    models here (speed and plumbing), so boxes are checked for shape and bounds only."""
+    from deployments.config import MuseTalkWeights
+    from deployments.models.musetalk.avatar import LandmarkFaceDetector
+
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu", batch_size=4,
+                        face_detector="landmarks", avatar_cache_dir=str(tmp_path))
+    stage = LipSync(cfg)
+    assert isinstance(stage.detector, LandmarkFaceDetector) and stage.detector.name.startswith("s3fd+fan")
+    inputs = get_dummy_inputs(num_frames=2)
+    avatar = stage.prepare_avatar(inputs["frames"], inputs["fps"])
+    n, h, w = inputs["frames"].shape[:3]
+    assert avatar.boxes.shape == (n, 4)
+    assert np.all(avatar.boxes[:, 0] < avatar.boxes[:, 2]) and np.all(avatar.boxes[:, 1] < avatar.boxes[:, 3])
+    assert np.all(avatar.boxes >= 0) and np.all(avatar.boxes[:, 2] <= w) and np.all(avatar.boxes[:, 3] <= h)
+    with pytest.raises(ValueError, match="s3fd"):
+        LipSync._landmark_detector(stage, LipSyncConfig(weights=MuseTalkWeights(), face_detector="landmarks"))
