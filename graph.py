@@ -1,4 +1,5 @@
-"""The Ray Serve application: each stage class becomes a deployment, bound into one DAG.
+"""The Ray Serve application: each stage class becomes a deployment, bound into one DAG, and the
+ingress gets its HTTP skin (deployments/api/routes.py).
 
     serve run serve_config.yaml          (import_path: graph:app, args: {profile: tiny})
 
@@ -13,6 +14,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
+from deployments.api.routes import with_http
 from deployments.config import GraphConfig, Placement, load_profile
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
@@ -47,7 +49,7 @@ def build_from_config(cfg: GraphConfig) -> Application:
     low = deployment(DitExpert, "DitExpertLow", s.low.placement).bind(s.low, cfg.sampler)
     decoder = deployment(Decoder, "Decoder", s.decoder.placement).bind(s.decoder)
     lipsync = deployment(LipSync, "LipSync", s.lipsync.placement).bind(s.lipsync)
-    ingress = deployment(serve.ingress()(Ingress), "Ingress", s.ingress.placement)
+    ingress = deployment(serve.ingress()(with_http(Ingress)), "Ingress", s.ingress.placement)
     return ingress.bind(encoder, high, low, decoder, cfg, lipsync)
 
 

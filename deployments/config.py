@@ -196,7 +196,8 @@ class LipSyncConfig(StageBase):
     # smaller so its first chunk (time to first frame) comes sooner.
     batch_size: int = Field(32, ge=1, le=256)
     first_batch_size: int = Field(16, ge=1, le=256)
-    # A talk turn's audio is refused beyond this (AudioError before any model runs).
+    # A talk turn's audio is refused beyond this (AudioError before any model runs). Copied from
+    # `limits.max_audio_seconds` by `load_profile`: profiles set it there, once.
     max_audio_seconds: float = Field(120.0, gt=0)
     # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
     # them in memory only. Several replicas on one host may share the folder.
@@ -316,6 +317,8 @@ class Limits(_Strict):
     max_prompt_chars: int = 2000
     max_image_bytes: int = 20 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
+    # Speech (a talk turn's, or a video job's audio) longer than this is refused while decoding.
+    max_audio_seconds: float = Field(120.0, gt=0)
 
 
 class ServingConfig(_Strict):
@@ -393,6 +396,12 @@ def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None)
         stages.setdefault(role, {}).setdefault("role", role)
     for name in MODEL_STAGES:
         stages.setdefault(name, {}).setdefault("weights_dir", raw.get("weights_dir"))
+    # The audio limit is stated once, in `limits`; the lip-sync stage gets it for its own check.
+    if "max_audio_seconds" in stages["lipsync"]:
+        raise ValueError("set the audio length limit as limits.max_audio_seconds (the ingress and the "
+                         "lip-sync stage both apply it), not stages.lipsync.max_audio_seconds")
+    stages["lipsync"]["max_audio_seconds"] = raw.get("limits", {}).get(
+        "max_audio_seconds", Limits.model_fields["max_audio_seconds"].default)
     serving = raw.setdefault("serving", {})
     env_name = serving.get("api_keys_env", ServingConfig.model_fields["api_keys_env"].default)
     if env_name and os.environ.get(env_name):

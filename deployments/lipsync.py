@@ -345,6 +345,12 @@ class LipSync:
         with self.metrics.timed("lipsync_mp4"):
             return b"".join(self.speak_fmp4(self.get_avatar(avatar), audio))
 
+    def lipsync_frames(self, avatar: str | AvatarInfo, audio: np.ndarray | bytes) -> Frames:
+        """The lip-synced frames themselves, uint8 (F, H, W, 3) at the stage's fps (Python API)."""
+        with self.metrics.timed("lipsync_frames"):
+            return Frames(frames=np.concatenate(list(self.speak(self.get_avatar(avatar), self.check_audio(audio)))),
+                          fps=self.fps)
+
     # ------------------------------------------------------------------ health
 
     def check_health(self) -> None:

@@ -120,6 +120,12 @@ class LocalGraph:
         self.lipsync = LocalHandle(LipSync(s.lipsync))
         self.ingress = Ingress(self.encoder, self.high, self.low, self.decoder, cfg, self.lipsync)
 
+    def app(self):
+        """The HTTP app over this graph's ingress (FastAPI; tests drive it with TestClient)."""
+        from deployments.api.routes import build_app
+
+        return build_app(self.ingress)
+
     @property
     def stage_calls(self) -> int:
         return sum(sum(h.calls.values()) for h in (self.encoder, self.high, self.low, self.decoder, self.lipsync))

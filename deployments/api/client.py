@@ -3,7 +3,9 @@
     client = AvatarClient("http://127.0.0.1:8000", api_key=None)
     mp4 = client.generate("portrait.png", "a woman talks", on_event=print, size="832x480")
 
-It needs httpx only (no torch, no Ray).
+Requests are built from the protocol's models (deployments/api/protocol.py), so a field the
+server would refuse for its type or bounds is refused here first, with the same message. It needs
+httpx and pydantic (no torch, no Ray).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+from pydantic import ValidationError
+
+from deployments.api.protocol import AvatarRequest, VideoRequest, validation_param
 
 
 class ClientError(RuntimeError):
@@ -51,15 +56,25 @@ class AvatarClient:
         return r
 
     @staticmethod
-    def _fields(prompt: str, fields: dict[str, Any]) -> dict[str, str]:
-        return {"prompt": prompt, **{k: str(v) for k, v in fields.items() if v is not None}}
+    def _form(model: type[VideoRequest], prompt: str, fields: dict[str, Any]) -> dict[str, str]:
+        """The request's form fields, validated by the protocol model (ClientError 422 if not)."""
+        try:
+            request = model(prompt=prompt, **{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            message, param = validation_param(exc)
+            raise ClientError(422, {"type": "invalid_request_error", "message": message, "param": param}) from None
+        form = request.form()
+        if isinstance(request, AvatarRequest) and request.face_box is not None:
+            form["face_box"] = ",".join(str(v) for v in request.face_box)
+        return form
 
     # -------------------------------------------------------------- jobs
 
     def create_video(self, image: str | Path | bytes, prompt: str, **fields: Any) -> dict:
         name, data = _image(image)
         files = {"input_reference": (name, data, "application/octet-stream")}
-        return self._check(self.http.post("/v1/videos", data=self._fields(prompt, fields), files=files)).json()
+        return self._check(self.http.post("/v1/videos", data=self._form(VideoRequest, prompt, fields),
+                                          files=files)).json()
 
     def get_video(self, video_id: str) -> dict:
         return self._check(self.http.get(f"/v1/videos/{video_id}")).json()
@@ -103,7 +118,8 @@ class AvatarClient:
     def generate_sync(self, image: str | Path | bytes, prompt: str, **fields: Any) -> bytes:
         name, data = _image(image)
         files = {"input_reference": (name, data, "application/octet-stream")}
-        return self._check(self.http.post("/v1/videos/sync", data=self._fields(prompt, fields), files=files)).content
+        return self._check(self.http.post("/v1/videos/sync", data=self._form(VideoRequest, prompt, fields),
+                                          files=files)).content
 
     # -------------------------------------------------------------- avatars
 
@@ -113,7 +129,8 @@ class AvatarClient:
         is ready; raises ClientError if it fails."""
         name, data = _image(image)
         files = {"input_reference": (name, data, "application/octet-stream")}
-        avatar = self._check(self.http.post("/v1/avatars", data=self._fields(prompt, fields), files=files)).json()
+        avatar = self._check(self.http.post("/v1/avatars", data=self._form(AvatarRequest, prompt, fields),
+                                            files=files)).json()
         while wait and avatar["status"] in ("queued", "in_progress"):
             time.sleep(poll_s)
             avatar = self.get_avatar(avatar["id"])

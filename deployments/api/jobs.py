@@ -1,9 +1,10 @@
-"""Video jobs: the record a client sees (OpenAI video-jobs shape), its progress events, and the
-on-disk store that lets a restarted ingress serve finished results.
+"""Jobs and avatars as records: in memory by id, on disk so a restarted ingress still serves
+finished results, their progress events, and how a failure reads to a client.
 
 Layout of `storage_dir`:
-    jobs/<id>.json      the job record, rewritten atomically (temp file + rename) on each change
+    jobs/<id>.json      a video job's record, rewritten atomically (temp file + rename) on each change
     results/<id>.mp4    the finished video, written atomically once
+    avatars/<id>.json   an avatar's record (with the lip-sync stage's id for it)
 """
 
 from __future__ import annotations
@@ -11,79 +12,56 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-FINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class Job(BaseModel):
-    """What GET /v1/videos/{id} returns."""
-
-    id: str
-    object: Literal["video"] = "video"
-    status: Status = "queued"
-    progress: int = Field(0, ge=0, le=100)
-    created_at: int
-    completed_at: int | None = None
-    expires_at: int | None = None
-    model: str
-    prompt: str
-    size: str
-    seconds: str
-    num_frames: int
-    fps: int
-    seed: int
-    num_inference_steps: int
-    stage: str | None = None
-    step: int | None = None
-    queue_position: int | None = None
-    has_audio: bool = False
-    error: JobError | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.status in FINAL
-
-
-class Avatar(BaseModel):
-    """What GET /v1/avatars/{id} returns. Its id is a content hash of the image, the generation
-    settings and the profile, so creating the same avatar twice returns the first one."""
-
-    id: str
-    object: Literal["avatar"] = "avatar"
-    status: Literal["queued", "in_progress", "ready", "failed", "cancelled"] = "queued"
-    created_at: int
-    ready_at: int | None = None
-    model: str
-    prompt: str
-    size: str
-    num_frames: int
-    seed: int
-    queue_position: int | None = None
-    # Filled when ready: the lip-sync stage's own id for the prepared avatar and its cycle.
-    lipsync_id: str | None = None
-    fps: int | None = None
-    cycle_frames: int | None = None
-    error: JobError | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.status in ("ready", "failed", "cancelled")
+from deployments.api.protocol import ApiError, Avatar, Deleted, Job, JobError, Queued, VideoList
+from deployments.common.errors import unwrap
 
 
 def new_job_id() -> str:
     return f"video_{uuid.uuid4().hex}"
+
+
+class AvatarRecord(Avatar):
+    """The ingress's record of an avatar: the public fields plus the lip-sync stage's own id for
+    the prepared avatar (internal: `public()` leaves it out)."""
+
+    lipsync_id: str | None = None
+
+    def public(self) -> Avatar:
+        return Avatar.model_validate(self.model_dump(exclude={"lipsync_id"}))
+
+
+def failure(exc: BaseException) -> JobError:
+    """A stage failure as the client sees it: a reason, no stack trace (that goes to the log)."""
+    if isinstance(exc, TimeoutError):
+        return JobError(code="timeout", message="the job ran past its deadline and was stopped")
+    cause = unwrap(exc)
+    name = type(cause).__name__
+    if _replica_gone(exc):
+        return JobError(code="stage_unavailable", message=f"a stage replica died while running this job ({name})")
+    text = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
+    return JobError(code="stage_error", message=f"{name}: {text}" if text else name)
+
+
+# Ray's exceptions for a replica that died or cannot be reached (RayActorError covers
+# ActorDiedError and ActorUnavailableError), by module: matched as types, looked up only in the
+# modules already loaded (when Ray is not loaded, no such error can exist).
+_REPLICA_GONE = {"ray.exceptions": ("RayActorError",),
+                 "ray.serve.exceptions": ("ReplicaUnavailableError", "DeploymentUnavailableError")}
+
+
+def _replica_gone(exc: BaseException) -> bool:
+    kinds = tuple(getattr(sys.modules[module], name) for module, names in _REPLICA_GONE.items()
+                  if module in sys.modules for name in names if hasattr(sys.modules[module], name))
+    return bool(kinds) and isinstance(exc, kinds)
+
+
+# ------------------------------------------------------------------ on disk
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -96,7 +74,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class JobStore:
-    """Job records and results on disk. One ingress replica owns a storage directory."""
+    """Job and avatar records and results on disk. One ingress replica owns a storage directory."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -106,8 +84,9 @@ class JobStore:
         for folder in (self.jobs_dir, self.results_dir, self.avatars_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def save(self, job: Job) -> None:
-        _atomic_write(self.jobs_dir / f"{job.id}.json", job.model_dump_json().encode())
+    def save(self, record: Job | AvatarRecord) -> None:
+        folder = self.avatars_dir if isinstance(record, AvatarRecord) else self.jobs_dir
+        _atomic_write(folder / f"{record.id}.json", record.model_dump_json().encode())
 
     def save_result(self, job_id: str, data: bytes) -> None:
         _atomic_write(self.result_path(job_id), data)
@@ -115,28 +94,30 @@ class JobStore:
     def result_path(self, job_id: str) -> Path:
         return self.results_dir / f"{job_id}.mp4"
 
-    def load_all(self) -> list[Job]:
-        jobs = []
-        for path in self.jobs_dir.glob("video_*.json"):
-            try:
-                jobs.append(Job.model_validate_json(path.read_bytes()))
-            except (ValueError, OSError):
-                continue  # a torn or foreign file: ignore it rather than refuse to start
-        return jobs
-
     def delete(self, job_id: str) -> None:
         for path in (self.jobs_dir / f"{job_id}.json", self.result_path(job_id)):
             path.unlink(missing_ok=True)
 
+    def delete_avatar(self, avatar_id: str) -> None:
+        (self.avatars_dir / f"{avatar_id}.json").unlink(missing_ok=True)
+
+    def _load(self, folder: Path, pattern: str, cls):
+        out = []
+        for path in folder.glob(pattern):
+            try:
+                out.append(cls.model_validate_json(path.read_bytes()))
+            except (ValueError, OSError):
+                continue  # a torn or foreign file: ignore it rather than refuse to start
+        return out
+
     def recover(self) -> list[Job]:
         """Jobs from an earlier run; any that had not finished is marked failed, with a reason."""
-        jobs = self.load_all()
+        jobs = self._load(self.jobs_dir, "video_*.json", Job)
         now = int(time.time())
         for job in jobs:
             if not job.final:
                 job.status, job.completed_at, job.queue_position = "failed", now, None
-                job.error = JobError(code="interrupted",
-                                     message="the server restarted before this job finished")
+                job.error = JobError(code="interrupted", message="the server restarted before this job finished")
                 self.save(job)
             elif job.status == "completed" and not self.result_path(job.id).exists():
                 job.status = "failed"
@@ -144,25 +125,14 @@ class JobStore:
                 self.save(job)
         return jobs
 
-    def save_avatar(self, avatar: Avatar) -> None:
-        _atomic_write(self.avatars_dir / f"{avatar.id}.json", avatar.model_dump_json().encode())
-
-    def delete_avatar(self, avatar_id: str) -> None:
-        (self.avatars_dir / f"{avatar_id}.json").unlink(missing_ok=True)
-
-    def recover_avatars(self) -> list[Avatar]:
+    def recover_avatars(self) -> list[AvatarRecord]:
         """Avatars from an earlier run; those still being prepared are marked failed."""
-        avatars = []
-        for path in self.avatars_dir.glob("avatar_*.json"):
-            try:
-                avatar = Avatar.model_validate_json(path.read_bytes())
-            except (ValueError, OSError):
-                continue
+        avatars = self._load(self.avatars_dir, "avatar_*.json", AvatarRecord)
+        for avatar in avatars:
             if not avatar.final:
                 avatar.status, avatar.queue_position = "failed", None
                 avatar.error = JobError(code="interrupted", message="the server restarted while preparing it")
-                self.save_avatar(avatar)
-            avatars.append(avatar)
+                self.save(avatar)
         return avatars
 
     def expire(self, jobs: dict[str, Job], ttl_s: float, max_bytes: int, now: float | None = None) -> list[str]:
@@ -183,6 +153,95 @@ class JobStore:
         for job_id in gone:
             self.delete(job_id)
         return gone
+
+
+# ------------------------------------------------------------------ in memory
+
+
+class Records:
+    """Every job and avatar this ingress knows, by id, backed by a JobStore: lookups that answer
+    404, listing, deletion, result files and expiry."""
+
+    def __init__(self, store: JobStore, result_ttl_s: float, max_result_bytes: int):
+        self.store = store
+        self.result_ttl_s, self.max_result_bytes = result_ttl_s, max_result_bytes
+        self.jobs: dict[str, Job] = {j.id: j for j in sorted(store.recover(), key=lambda j: j.created_at)}
+        self.avatars: dict[str, AvatarRecord] = {a.id: a for a in store.recover_avatars()}
+
+    def add(self, record: Job | AvatarRecord) -> None:
+        (self.avatars if isinstance(record, AvatarRecord) else self.jobs)[record.id] = record
+        self.store.save(record)
+
+    def save(self, record: Queued) -> None:
+        """Write a record that is still known (one deleted meanwhile stays deleted)."""
+        if record.id in self.jobs or record.id in self.avatars:
+            self.store.save(record)
+
+    # -------------------------------------------------------------- jobs
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise ApiError(404, f"no video job {job_id!r}", "video_id", type="not_found_error") from None
+
+    def list_jobs(self, limit: int = 20, after: str | None = None) -> VideoList:
+        # Newest first: by creation second, then by creation order within it (dict order).
+        order = {job_id: i for i, job_id in enumerate(self.jobs)}
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, order[j.id]), reverse=True)
+        if after is not None:
+            ids = [j.id for j in jobs]
+            if after not in ids:
+                raise ApiError(422, f"after: no video job {after!r}", "after")
+            jobs = jobs[ids.index(after) + 1:]
+        page = jobs[:limit]
+        return VideoList(data=page, has_more=len(jobs) > limit,
+                         first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
+
+    def delete_job(self, job_id: str) -> Deleted:
+        self.job(job_id)
+        self.jobs.pop(job_id)
+        self.store.delete(job_id)
+        return Deleted(id=job_id, object="video.deleted")
+
+    def save_result(self, job: Job, mp4: bytes) -> None:
+        self.store.save_result(job.id, mp4)
+        job.expires_at = int(time.time() + self.result_ttl_s)
+
+    def content_path(self, job_id: str) -> Path:
+        job = self.job(job_id)
+        if job.status != "completed":
+            raise ApiError(409, f"video {job_id} is {job.status}; content exists once it is completed",
+                           "video_id", type="conflict_error")
+        path = self.store.result_path(job_id)
+        if not path.exists():
+            raise ApiError(404, f"the result of {job_id} has expired", "video_id", type="not_found_error")
+        return path
+
+    def expire(self) -> list[str]:
+        gone = self.store.expire(self.jobs, self.result_ttl_s, self.max_result_bytes)
+        for job_id in gone:
+            self.jobs.pop(job_id, None)
+        return gone
+
+    # -------------------------------------------------------------- avatars
+
+    def avatar(self, avatar_id: str) -> AvatarRecord:
+        try:
+            return self.avatars[avatar_id]
+        except KeyError:
+            raise ApiError(404, f"no avatar {avatar_id!r}", "avatar_id", type="not_found_error") from None
+
+    def delete_avatar(self, avatar_id: str) -> AvatarRecord:
+        avatar = self.avatars.pop(avatar_id)
+        self.store.delete_avatar(avatar_id)
+        return avatar
+
+    def shares_lipsync_id(self, lipsync_id: str) -> bool:
+        return any(a.lipsync_id == lipsync_id for a in self.avatars.values())
+
+
+# ------------------------------------------------------------------ progress events
 
 
 class JobEvents:

@@ -1,7 +1,7 @@
-"""The API's protocol: request models, validation against a profile, and the error envelope.
+"""The API's contract: request and response models, validation against a profile, and the error
+envelope. Clients import this module (it needs pydantic, numpy and Pillow; no torch, no Ray).
 
-Clients may import this module alone (it needs pydantic, numpy and Pillow, nothing of torch or Ray).
-Every error a client sees is `{"error": {"type", "message", "param"}}`.
+Every error a client sees is `{"error": {"type", "message", "param"}}` (`ErrorResponse`).
 """
 
 from __future__ import annotations
@@ -9,12 +9,26 @@ from __future__ import annotations
 import io
 import random
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deployments.common.payloads import VideoParams
 
 # --------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope of every route."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -31,7 +45,22 @@ class ApiError(Exception):
 
 
 def error_body(type: str, message: str, param: str | None = None) -> dict:
-    return {"error": {"type": type, "message": message, "param": param}}
+    return ErrorResponse(error=ErrorDetail(type=type, message=message, param=param)).model_dump()
+
+
+def validation_param(exc: ValidationError) -> tuple[str, str | None]:
+    """First error of a pydantic validation (or FastAPI's RequestValidationError, which has the
+    same `errors()`) -> (message, field name)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "form")]
+    param = loc[-1] if loc else None
+    return (f"{param}: {err.get('msg')}" if param else str(err.get("msg"))), param
+
+
+def invalid(exc: ValidationError) -> ApiError:
+    """A pydantic validation error as the 422 a client sees."""
+    message, param = validation_param(exc)
+    return ApiError(422, message, param)
 
 
 # --------------------------------------------------------------------------- requests
@@ -58,6 +87,37 @@ class VideoRequest(BaseModel):
     guidance_scale_2: float | None = Field(None, ge=0, le=50)
     fps: int | None = Field(None, ge=1, le=60)
 
+    def form(self) -> dict[str, str]:
+        """As multipart form fields (what the client sends)."""
+        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+
+
+class AvatarRequest(VideoRequest):
+    """POST /v1/avatars: a video request for the base clip, plus an optional face box. The seed
+    defaults to 0 (not a random one), so the request alone fixes the avatar's id."""
+
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    face_box: tuple[int, int, int, int] | None = Field(
+        None, description="x1,y1,x2,y2 in pixels of the generated clip (default: the stage's detector)")
+
+    @field_validator("face_box", mode="before")
+    @classmethod
+    def _face_box(cls, value):
+        """"x1,y1,x2,y2" (a form field) or four numbers, with x1 < x2 and y1 < y2."""
+        if value in (None, ""):
+            return None
+        try:
+            parts = value.split(",") if isinstance(value, str) else list(value)
+            box = [int(float(v)) for v in parts]
+        except (ValueError, TypeError):
+            box = []
+        if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3] or min(box) < 0:
+            raise ValueError("x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
+        return tuple(box)
+
+    def video(self) -> VideoRequest:
+        return VideoRequest.model_validate(self.model_dump(exclude={"face_box"}))
+
 
 class LoraRequest(BaseModel):
     """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
@@ -80,6 +140,100 @@ class LoraActivate(BaseModel):
     target: Literal["high", "low", "both"] = "both"
 
 
+# --------------------------------------------------------------------------- responses
+
+Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Queued(BaseModel):
+    """What jobs and avatars share: they wait in one queue, run, report progress and end."""
+
+    id: str
+    status: str = "queued"
+    progress: int = Field(0, ge=0, le=100)
+    created_at: int
+    completed_at: int | None = None
+    model: str
+    prompt: str
+    size: str
+    num_frames: int
+    seed: int
+    stage: str | None = None
+    step: int | None = None
+    queue_position: int | None = None
+    error: JobError | None = None
+
+    DONE: ClassVar[str] = "completed"  # the status of a record whose work succeeded
+    FINAL: ClassVar[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})
+
+    @property
+    def final(self) -> bool:
+        return self.status in self.FINAL
+
+
+class Job(Queued):
+    """What GET /v1/videos/{id} returns (OpenAI's video-job shape)."""
+
+    object: Literal["video"] = "video"
+    status: Status = "queued"
+    expires_at: int | None = None
+    seconds: str
+    fps: int
+    num_inference_steps: int
+    has_audio: bool = False
+
+
+class Avatar(Queued):
+    """What GET /v1/avatars/{id} returns. Its id is a content hash of the image, the generation
+    settings and the profile, so creating the same avatar twice returns the first one."""
+
+    object: Literal["avatar"] = "avatar"
+    status: Literal["queued", "in_progress", "ready", "failed", "cancelled"] = "queued"
+    ready_at: int | None = None
+    # When ready: the frame rate of its talk turns and the length of its base-clip cycle (a turn's
+    # `start_index` continues the cycle).
+    fps: int | None = None
+    cycle_frames: int | None = None
+
+    DONE: ClassVar[str] = "ready"
+    FINAL: ClassVar[frozenset[str]] = frozenset({"ready", "failed", "cancelled"})
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["video.deleted", "avatar.deleted"]
+    deleted: bool = True
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "avatar-serve"
+    description: str = ""
+    loras: dict[str, list] = Field(default_factory=dict, description="active LoRAs per expert role")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- validation
+
+
 def parse_size(size: str) -> tuple[int, int]:
     match = SIZE_RE.match(size)
     if not match:
@@ -93,13 +247,11 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
     return 4 * max(0, round((n - 1) / 4)) + 1
 
 
-def resolve(req: VideoRequest, cfg, job_id: str = ""):
+def resolve(req: VideoRequest, cfg, job_id: str = "") -> VideoParams:
     """VideoRequest + GraphConfig -> VideoParams, or ApiError naming the field.
 
     Nothing here touches a model: bad input is refused before any stage is called.
     """
-    from deployments.common.payloads import VideoParams  # numpy-only module; kept local for clients
-
     d, lim, samp = cfg.defaults, cfg.limits, cfg.sampler
     prompt = req.prompt.strip()
     if not prompt:

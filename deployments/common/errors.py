@@ -13,6 +13,10 @@ class AudioError(ValueError):
     too short."""
 
 
+class AudioLengthError(AudioError):
+    """Audio that decodes but is longer than the limit or shorter than one video frame."""
+
+
 class AvatarNotFound(KeyError):
     """No prepared avatar with this id on the lip-sync stage (in memory or in its cache folder)."""
 

@@ -12,7 +12,7 @@ import math
 import av
 import numpy as np
 
-from deployments.common.errors import AudioError
+from deployments.common.errors import AudioError, AudioLengthError
 
 SAMPLE_RATE = 16000  # the lip-sync stage's input rate (whisper's)
 
@@ -41,7 +41,7 @@ def decode_audio(data: bytes, max_seconds: float | None = None,
         if max_seconds is not None and stream.duration is not None and stream.time_base is not None:
             declared = float(stream.duration * stream.time_base)
             if declared > max_seconds + 0.5:
-                raise AudioError(f"audio is {declared:.1f} s long; the limit is {max_seconds:g} s")
+                raise AudioLengthError(f"audio is {declared:.1f} s long; the limit is {max_seconds:g} s")
         # Resample keeping the channels, then average them (librosa's `to_mono`, which MuseTalk
         # used): FFmpeg's own stereo-to-mono matrix scales by 1/sqrt(2) instead of 1/2.
         resampler = av.AudioResampler(format="flt", rate=sample_rate)
@@ -58,7 +58,7 @@ def decode_audio(data: bytes, max_seconds: float | None = None,
                 pieces.append(piece)
                 total += piece.shape[0]
             if limit is not None and total > limit:
-                raise AudioError(f"audio is longer than the limit of {max_seconds:g} s")
+                raise AudioLengthError(f"audio is longer than the limit of {max_seconds:g} s")
 
         try:
             for frame in container.decode(stream):
@@ -97,7 +97,7 @@ def check_pcm(pcm: np.ndarray, max_seconds: float, fps: int) -> np.ndarray:
     The ingress applies it before any stage runs; the lip-sync stage again for direct callers."""
     pcm = as_pcm(pcm)
     if pcm.shape[0] > max_seconds * SAMPLE_RATE:
-        raise AudioError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is {max_seconds:g} s")
+        raise AudioLengthError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is {max_seconds:g} s")
     if frames_for_samples(pcm.shape[0], fps) == 0:
-        raise AudioError(f"audio is shorter than one video frame (1/{fps} s)")
+        raise AudioLengthError(f"audio is shorter than one video frame (1/{fps} s)")
     return pcm

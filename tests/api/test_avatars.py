@@ -20,8 +20,7 @@ AVATAR = {"prompt": "a woman talks", "size": "32x32", "num_frames": "5", "num_in
 @pytest.fixture()
 def graph(tmp_path):
     return LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)},
-                                            "stages": {"lipsync": {"max_audio_seconds": 3}},
-                                            "limits": {"max_audio_bytes": 400_000}}))
+                                            "limits": {"max_audio_bytes": 400_000, "max_audio_seconds": 3}}))
 
 
 def create(c, data=AVATAR):
@@ -39,7 +38,7 @@ def wait_ready(c, avatar_id, timeout=60):
 
 
 def test_avatar_is_created_once_and_speaks_in_a_stream(graph):
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = create(c)
         assert r.status_code == 201, r.text
         avatar = wait_ready(c, r.json()["id"])
@@ -66,7 +65,7 @@ def test_avatar_is_created_once_and_speaks_in_a_stream(graph):
                      headers={"content-type": "audio/wav"})
         assert raw.status_code == 200 and durations(raw.content)[0] == 12
 
-        lipsync_id = graph.ingress.avatars[avatar["id"]].lipsync_id
+        lipsync_id = graph.ingress.records.avatars[avatar["id"]].lipsync_id
         assert graph.lipsync.target.store.get(lipsync_id) is not None
         assert c.delete(f"/v1/avatars/{avatar['id']}").json()["deleted"] is True
         assert c.post(f"/v1/avatars/{avatar['id']}/speech",
@@ -85,7 +84,7 @@ BAD_SPEECH = [
 
 @pytest.mark.parametrize("case,files,status,param", BAD_SPEECH, ids=[b[0] for b in BAD_SPEECH])
 def test_bad_speech_is_refused_before_the_lipsync_stage(graph, case, files, status, param):
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         avatar = wait_ready(c, create(c).json()["id"])
         calls = dict(graph.lipsync.calls)
         r = c.post(f"/v1/avatars/{avatar['id']}/speech", files=files, data={"start_index": "0"})
@@ -98,7 +97,7 @@ def test_bad_speech_is_refused_before_the_lipsync_stage(graph, case, files, stat
 
 
 def test_unknown_and_unready_avatars(graph):
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = c.post("/v1/avatars/avatar_nope/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
         assert r.status_code == 404 and r.json()["error"]["param"] == "avatar_id"
         assert c.get("/v1/avatars/avatar_nope").status_code == 404
@@ -112,7 +111,7 @@ def test_unknown_and_unready_avatars(graph):
 
 
 def test_video_job_with_audio_is_lip_synced(graph):
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = c.post("/v1/videos", data={"prompt": "a man talks", "size": "32x32", "num_frames": "5",
                                        "num_inference_steps": "2"},
                    files={"input_reference": ("p.png", IMAGE, "image/png"),
@@ -143,13 +142,13 @@ def test_deleting_a_queued_avatar_leaves_the_queue_working(tmp_path):
     async def scenario():
         first, _ = ingress.create_avatar({**request, "num_inference_steps": "10"}, IMAGE)
         queued, _ = ingress.create_avatar({**request, "seed": "5"}, IMAGE)
-        assert queued.status == "queued" and queued.id in ingress.waiting
+        assert queued.status == "queued" and queued.id in [r.id for r in ingress.queue.waiting]
         await ingress.delete_avatar(queued.id)
         job = ingress.submit({"prompt": "x", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}, IMAGE)
-        while not (job.final and ingress.avatars[first.id].final):
+        while not (job.final and ingress.records.avatars[first.id].final):
             await asyncio.sleep(0.05)
         return first, job, queued
 
     first, job, queued = asyncio.run(scenario())
-    assert ingress.avatars[first.id].status == "ready" and job.status == "completed"
-    assert queued.id not in ingress.avatars and queued.id not in ingress.waiting
+    assert ingress.records.avatars[first.id].status == "ready" and job.status == "completed"
+    assert queued.id not in ingress.records.avatars and queued.id not in [r.id for r in ingress.queue.waiting]

@@ -18,7 +18,7 @@ from helpers import get_dummy_image, png_bytes
 @pytest.fixture()
 def client(tmp_path):
     graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "api_keys": ["k"]}}))
-    with TestClient(graph.ingress.build_app()) as http:
+    with TestClient(graph.app()) as http:
         yield AvatarClient(api_key="k", http=http)
 
 

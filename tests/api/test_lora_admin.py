@@ -28,7 +28,7 @@ def frames(graph):
 def test_lora_reaches_only_its_target_and_removal_restores(graph, tmp_path):
     path = write_diffusers_lora(tmp_path / "style.safetensors", lora_pairs(1))
     base = frames(graph)
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = c.post("/v1/admin/loras", json={"name": "style", "path": str(path), "target": "low", "strength": 0.8})
         assert r.status_code == 200, r.text
         assert set(r.json()) == {"low"} and r.json()["low"]["active"][0]["name"] == "style"
@@ -37,7 +37,7 @@ def test_lora_reaches_only_its_target_and_removal_restores(graph, tmp_path):
         assert loras["high"] == [] and [a["strength"] for a in loras["low"]] == [0.8]
     with_lora = frames(graph)
     assert np.abs(with_lora.astype(int) - base.astype(int)).max() > 0
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         assert c.delete("/v1/admin/loras/style", params={"target": "low"}).status_code == 200
         assert c.get("/v1/models").json()["data"][0]["loras"] == {"high": [], "low": []}
     np.testing.assert_array_equal(frames(graph), base)
@@ -50,7 +50,7 @@ def test_lora_reaches_only_its_target_and_removal_restores(graph, tmp_path):
     ({"name": "x", "path": "/p", "target": "high", "strength": 100}, 422, "strength"),
 ])
 def test_bad_lora_requests_never_reach_an_expert(graph, body, status, param):
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = c.post("/v1/admin/loras", json=body)
         assert r.status_code == status and r.json()["error"]["param"] == param
     assert graph.stage_calls == 0
@@ -64,7 +64,7 @@ def test_lora_matching_nothing_is_refused_and_expert_keeps_working(graph, tmp_pa
     save_file({"transformer.nothing_here.lora_A.weight": torch.zeros(4, 8),
                "transformer.nothing_here.lora_B.weight": torch.zeros(8, 4)}, str(bad))
     base = frames(graph)
-    with TestClient(graph.ingress.build_app()) as c:
+    with TestClient(graph.app()) as c:
         r = c.post("/v1/admin/loras", json={"name": "other", "path": str(bad), "target": "both"})
         assert r.status_code == 422 and "match" in r.json()["error"]["message"]
         r = c.post("/v1/admin/loras", json={"name": "gone", "path": str(tmp_path / "missing.safetensors"),

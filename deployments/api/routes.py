@@ -1,0 +1,323 @@
+"""HTTP over an Ingress: the FastAPI app -- routes, upload parsing, auth and the error table.
+
+Every route is a named function below that reads the request, calls one typed method of the
+ingress and shapes the answer; the ingress knows nothing of HTTP and this module does not import
+it (the object arrives as `app.state.ingress`). graph.py attaches the app to the deployment with
+`serve.ingress()(with_http(Ingress))`, as Ray LLM's `make_fastapi_ingress` does; tests call
+`build_app(ingress)` on the in-process graph.
+
+Errors: an `ApiError` carries its own status; stage errors are mapped by class in `ERRORS`;
+anything else is a 500 without a stack trace (the log has it). All use one envelope.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.api.jobs import sse
+from deployments.api.protocol import (
+    ApiError,
+    Avatar,
+    Deleted,
+    Job,
+    LoraActivate,
+    LoraRequest,
+    ModelList,
+    VideoList,
+    error_body,
+    validation_param,
+)
+from deployments.common.errors import AudioError, LoraBusyError, LoraError, MissingWeightsError, unwrap
+
+log = logging.getLogger("avatar_serve.http")
+
+# Stage errors -> (HTTP status, error type, the request field at fault). Ray hands the ingress an
+# exception that is an instance of the stage's class, so the lookup walks the class's MRO.
+ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
+    AudioError: (400, "invalid_request_error", "audio"),
+    LoraBusyError: (409, "conflict_error", None),
+    LoraError: (422, "invalid_request_error", None),
+    MissingWeightsError: (422, "invalid_request_error", "path"),
+}
+MP4 = {200: {"content": {"video/mp4": {}}}}
+
+
+# ------------------------------------------------------------------ the app
+
+
+def build_app(ingress) -> FastAPI:
+    """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
+    app = FastAPI(title="avatar-serve", version="0.1.0",
+                  description="Talking-avatar video: Wan2.2 I2V + MuseTalk stages on Ray Serve.")
+    app.state.ingress = ingress
+    app.add_exception_handler(ApiError, api_error)
+    for kind in ERRORS:
+        app.add_exception_handler(kind, stage_error)
+    app.add_exception_handler(RequestValidationError, request_invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.include_router(public)
+    app.include_router(api, dependencies=[Depends(require_key)])
+    return app
+
+
+def with_http(cls: type) -> type:
+    """`cls` with the hook Ray Serve calls on a replica after constructing it, to get its ASGI app
+    (`serve.ingress()` without an app argument)."""
+
+    class HttpIngress(cls):
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            return build_app(self)
+
+    HttpIngress.__name__ = HttpIngress.__qualname__ = cls.__name__
+    return HttpIngress
+
+
+def get_ingress(request: Request):
+    return request.app.state.ingress
+
+
+IngressDep = Annotated[Any, Depends(get_ingress)]
+
+
+def require_key(request: Request, ingress: IngressDep) -> None:
+    """Bearer API keys: when the profile has any, every route but /healthz needs one."""
+    keys = ingress.cfg.serving.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if not token or not any(hmac.compare_digest(token, k) for k in keys):
+        raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", None,
+                       type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+# ------------------------------------------------------------------ errors
+
+
+async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def stage_error(_: Request, exc: Exception) -> JSONResponse:
+    cause = unwrap(exc)
+    status, kind, param = next(ERRORS[k] for k in type(exc).__mro__ if k in ERRORS)
+    return JSONResponse(error_body(kind, str(cause), param), status_code=status)
+
+
+async def request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_param(exc)
+    return JSONResponse(error_body("invalid_request_error", message, param), status_code=422)
+
+
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found_error", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("server_error", "internal error; see the server logs"), status_code=500)
+
+
+# ------------------------------------------------------------------ uploads
+
+
+async def read_form(request: Request, file_fields: dict[str, int]) -> tuple[dict, dict[str, bytes]]:
+    """A multipart form or a JSON body -> (text fields, {file field: bytes}).
+
+    `file_fields` maps each file field to its size limit; a file is read up to one byte past it,
+    enough to refuse it (413) without reading it all. In JSON, files are base64 strings (or data:
+    URLs)."""
+    files: dict[str, bytes] = {}
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON", None) from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object", None)
+        for name in file_fields:
+            value = body.pop(name, None)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ApiError(422, f"{name}: a base64 string (or data: URL) is required", name)
+            try:
+                files[name] = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value,
+                                               validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, f"{name}: not valid base64", name) from None
+        return body, files
+    try:
+        form = await request.form()
+    except Exception as exc:  # malformed multipart
+        raise ApiError(400, f"could not parse the multipart form: {exc}", None) from None
+    fields = {}
+    for key, value in form.multi_items():
+        if key in file_fields:
+            if isinstance(value, str):
+                raise ApiError(422, f"{key}: must be a file upload", key)
+            files[key] = await value.read(file_fields[key] + 1)
+        elif not isinstance(value, str):
+            raise ApiError(422, f"{key}: expected a text field, got a file", key)
+        else:
+            fields[key] = value
+    return fields, files
+
+
+async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes | None]:
+    """The fields of a video (or avatar) request, its image and its optional audio."""
+    limits = ingress.cfg.limits
+    fields, files = await read_form(request, {"input_reference": limits.max_image_bytes,
+                                              "audio": limits.max_audio_bytes})
+    if "input_reference" not in files:
+        raise ApiError(422, "input_reference: an image file is required", "input_reference")
+    return fields, files["input_reference"], files.get("audio")
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """A raw request body, refused with 413 once it passes `limit` bytes."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes", "audio")
+    return bytes(data)
+
+
+# ------------------------------------------------------------------ routes
+
+public = APIRouter()
+api = APIRouter()
+
+
+@public.get("/healthz")
+async def healthz(ingress: IngressDep) -> dict[str, Any]:
+    return {"status": "ok", "profile": ingress.cfg.name}
+
+
+@api.get("/v1/models", response_model=ModelList)
+async def list_models(ingress: IngressDep):
+    return await ingress.models()
+
+
+@api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)")
+async def create_video(request: Request, ingress: IngressDep):
+    fields, image, audio = await read_video_form(request, ingress)
+    return ingress.submit(fields, image, audio)
+
+
+@api.post("/v1/videos/sync", response_class=Response, responses=MP4,
+          summary="Generate a video and wait for the MP4 (multipart: prompt, input_reference, ...)")
+async def create_video_sync(request: Request, ingress: IngressDep) -> Response:
+    fields, image, audio = await read_video_form(request, ingress)
+    result = await ingress.generate(fields, image, "mp4", audio)
+    return Response(content=result.mp4, media_type="video/mp4",
+                    headers={"X-Seed": str(result.params.seed), "X-Job-Id": result.params.job_id})
+
+
+@api.get("/v1/videos", response_model=VideoList)
+async def list_videos(ingress: IngressDep, limit: int = Query(20, ge=1, le=100), after: str | None = None):
+    return ingress.list_jobs(limit, after)
+
+
+@api.get("/v1/videos/{video_id}", response_model=Job)
+async def get_video(video_id: str, ingress: IngressDep):
+    return ingress.job(video_id)
+
+
+@api.delete("/v1/videos/{video_id}", response_model=Job | Deleted,
+            summary="Cancel a queued or running job; delete a finished one")
+async def delete_video(video_id: str, ingress: IngressDep):
+    return ingress.cancel_or_delete(video_id)
+
+
+@api.get("/v1/videos/{video_id}/content", response_class=FileResponse, responses=MP4)
+async def get_video_content(video_id: str, ingress: IngressDep):
+    return FileResponse(ingress.content_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
+
+
+@api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events")
+async def get_video_events(video_id: str, ingress: IngressDep) -> StreamingResponse:
+    events = ingress.follow(video_id)  # 404 before the stream starts
+
+    async def stream():
+        async for event in events:
+            yield sse(event)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@api.post("/v1/avatars", response_model=Avatar, status_code=201,
+          summary="Create an avatar: base clip + lip-sync preparation (idempotent for the same inputs)")
+async def create_avatar(request: Request, ingress: IngressDep):
+    fields, image, audio = await read_video_form(request, ingress)
+    if audio is not None:
+        raise ApiError(422, "audio: avatars take no audio; send it to /v1/avatars/{id}/speech", "audio")
+    avatar, created = ingress.create_avatar(fields, image)
+    return JSONResponse(avatar.model_dump(), status_code=201 if created else 200)
+
+
+@api.get("/v1/avatars/{avatar_id}", response_model=Avatar)
+async def get_avatar(avatar_id: str, ingress: IngressDep):
+    return ingress.avatar(avatar_id)
+
+
+@api.delete("/v1/avatars/{avatar_id}", response_model=Deleted)
+async def delete_avatar(avatar_id: str, ingress: IngressDep):
+    return await ingress.delete_avatar(avatar_id)
+
+
+@api.post("/v1/avatars/{avatar_id}/speech", response_class=StreamingResponse, responses=MP4,
+          summary="Audio in (multipart `audio`, or a raw audio body), lip-synced fragmented MP4 streamed out")
+async def create_speech(avatar_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
+    ingress.avatar(avatar_id)  # 404 before reading the body
+    limit = ingress.cfg.limits.max_audio_bytes
+    if request.headers.get("content-type", "").startswith(("audio/", "application/octet-stream", "video/")):
+        audio, fields = await read_limited(request, limit), {}
+    else:
+        fields, files = await read_form(request, {"audio": limit})
+        audio = files.get("audio")
+    start = fields.get("start_index", "0")
+    if not str(start).isdigit():
+        raise ApiError(422, "start_index: a non-negative integer", "start_index")
+    chunks = ingress.speak(avatar_id, audio, int(start))
+    first = await anext(chunks)  # validation and the first fragment: errors here are HTTP errors
+
+    async def body():
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
+
+
+@api.get("/v1/admin/loras")
+async def list_loras(ingress: IngressDep) -> dict:
+    return await ingress.list_loras()
+
+
+@api.post("/v1/admin/loras", summary="Load a LoRA onto the high, low or both experts")
+async def load_lora(req: LoraRequest, ingress: IngressDep) -> dict:
+    return await ingress.load_lora(req)
+
+
+@api.post("/v1/admin/loras/activate")
+async def activate_loras(req: LoraActivate, ingress: IngressDep) -> dict:
+    return await ingress.activate_loras(req)
+
+
+@api.delete("/v1/admin/loras/{name}")
+async def remove_lora(name: str, ingress: IngressDep, target: Literal["high", "low", "both"] = "both") -> dict:
+    return await ingress.remove_lora(name, target)
