@@ -2,6 +2,11 @@
 
 A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up; every stage
 receives its own sub-config as a constructor argument and never reads files or the environment.
+
+The defaults below are one coherent set: the embedded `tiny` profile (random tiny models on the
+CPU, 32x32 clips, 4 UniPC steps). A profile says only what differs, and may start from another
+with `extends: NAME`; names starting with `_` are bases, not servable themselves
+(`configs/_wan22-a14b.yaml` holds what every full-size profile shares).
 """
 
 from __future__ import annotations
@@ -194,11 +199,11 @@ class LipSyncConfig(StageBase):
     fps: int = Field(25, ge=1, le=50)
     # Frames per UNet + VAE-decode batch, and per chunk `speak` yields; a turn's first batch is
     # smaller so its first chunk (time to first frame) comes sooner.
-    batch_size: int = Field(32, ge=1, le=256)
+    batch_size: int = Field(8, ge=1, le=256)
     first_batch_size: int = Field(16, ge=1, le=256)
     # A talk turn's audio is refused beyond this (AudioError before any model runs). Copied from
     # `limits.max_audio_seconds` by `load_profile`: profiles set it there, once.
-    max_audio_seconds: float = Field(120.0, gt=0)
+    max_audio_seconds: float = Field(30.0, gt=0)
     # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
     # them in memory only. Several replicas on one host may share the folder.
     avatar_cache_dir: str | None = None
@@ -221,11 +226,8 @@ class LipSyncConfig(StageBase):
     blend_upper_ratio: float = Field(0.5, ge=0, lt=1)
     blend_feather: float = Field(0.08, ge=0, le=0.25)
     # "face_parsing": MuseTalk's mask instead, per frame from a BiSeNet face parser on the crop
-    # (skin and lips below `blend_upper_ratio`, blurred; deployments/face_parsing.py).
+    # (skin and lips below `blend_upper_ratio`, blurred; deployments/models/faces/face_parsing.py).
     blend_mask: Literal["feathered", "face_parsing"] = "feathered"
-    # Streaming MP4 (deployments/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
-    # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
-    # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
     # GPU speed settings (no effect on a CPU), measured in bench/README.md: channels-last
     # convolutions (+5% on an H100); cuDNN autotuning (faster for one stream, but it re-tunes in
     # every new thread and concurrent turns ran 3x slower: off); torch.compile of the UNet and VAE
@@ -234,6 +236,9 @@ class LipSyncConfig(StageBase):
     channels_last: bool = True
     cudnn_benchmark: bool = False
     compile: bool = False
+    # Streaming MP4 (deployments/media/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
+    # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
+    # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
     mp4_keyframe_interval: int = Field(12, ge=1)
     mp4_crf: int = Field(20, ge=0, le=51)
     aac_sample_rate: int = 48000
@@ -268,12 +273,12 @@ class SamplerConfig(_Strict):
 
     scheduler: Literal["unipc", "euler"] = "unipc"
     flow_shift: float = Field(3.0, gt=0)
-    num_inference_steps: int = Field(40, ge=1)
+    num_inference_steps: int = Field(4, ge=1)
     # Explicit sigma schedule before the shift (distilled models: [1.0, 0.75, 0.5, 0.25]).
     # When set, the number of steps is fixed to its length.
     sigmas: list[float] | None = None
     guidance_scale: float = Field(3.5, ge=0)
-    guidance_scale_2: float = Field(3.5, ge=0)
+    guidance_scale_2: float = Field(3.0, ge=0)
     # Wan2.2 rule: the high-noise expert runs while t >= boundary_ratio * num_train_timesteps.
     boundary_ratio: float = Field(0.9, gt=0, le=1)
     # Distilled profiles split by step index instead: the first `high_steps` steps are high.
@@ -299,9 +304,9 @@ class SamplerConfig(_Strict):
 class GenerationDefaults(_Strict):
     """Values a request gets when it leaves a field out."""
 
-    width: int = 832
-    height: int = 480
-    num_frames: int = 81
+    width: int = 32
+    height: int = 32
+    num_frames: int = 9
     fps: int = 16
     negative_prompt: str = ""
 
@@ -309,16 +314,16 @@ class GenerationDefaults(_Strict):
 class Limits(_Strict):
     """Per-profile bounds checked at the ingress before any stage is called."""
 
-    max_width: int = 1280
-    max_height: int = 1280
-    max_pixels: int = 1280 * 720
-    max_frames: int = 121
-    max_steps: int = 100
+    max_width: int = 256
+    max_height: int = 256
+    max_pixels: int = 256 * 256
+    max_frames: int = 33
+    max_steps: int = 20
     max_prompt_chars: int = 2000
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
     max_audio_bytes: int = 50 * 1024 * 1024
     # Speech (a talk turn's, or a video job's audio) longer than this is refused while decoding.
-    max_audio_seconds: float = Field(120.0, gt=0)
+    max_audio_seconds: float = Field(30.0, gt=0)
 
 
 class ServingConfig(_Strict):
@@ -364,32 +369,65 @@ MODEL_STAGES = ("encoder", "high", "low", "decoder", "lipsync")
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
-    """Return `base` with `overrides` merged in, recursing into nested mappings."""
+    """Return `base` with `overrides` merged in, recursing into nested mappings. A mapping whose
+    `kind` differs from the base's (another weights source) replaces it whole."""
     out = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("kind", old.get("kind")) == old.get("kind"):
+            out[key] = deep_merge(old, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-def profile_path(profile: str) -> Path:
+def profile_names() -> list[str]:
+    """The servable profiles in `configs/` (bases, named `_...`, are not)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def profile_path(profile: str, relative_to: Path = CONFIG_DIR) -> Path:
     """A profile is a name in `configs/` (`tiny`) or a path to a YAML file."""
     path = Path(profile)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+    if path.suffix in (".yaml", ".yml"):
+        path = path if path.is_absolute() or path.exists() else relative_to / path
+        if path.exists():
+            return path
     candidate = CONFIG_DIR / f"{profile}.yaml"
     if not candidate.exists():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ValueError(f"unknown profile {profile!r}; known profiles: {known}")
+        raise ValueError(f"unknown profile {profile!r}; known profiles: {', '.join(profile_names())}")
     return candidate
 
 
+def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A profile's YAML with its `extends:` chain merged in (the base first, then this file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"profile {path.name}: 'extends' goes in a circle ({' -> '.join(p.name for p in seen)})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"profile {path.name}: expected a mapping at the top")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    return deep_merge(read_profile(profile_path(base, path.parent), (*seen, path)), raw)
+
+
 def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None) -> GraphConfig:
-    raw = yaml.safe_load(profile_path(profile).read_text()) or {}
+    path = profile_path(profile)
+    if path.stem.startswith("_"):
+        raise ValueError(f"{path.stem!r} is a base for other profiles ('extends: {path.stem}'), not a "
+                         f"profile to serve; known profiles: {', '.join(profile_names())}")
+    raw = read_profile(path)
     if overrides:
         raw = deep_merge(raw, overrides)
+    return validate_profile(raw)
+
+
+def validate_profile(raw: dict) -> GraphConfig:
+    """A profile's merged YAML -> GraphConfig: the roles follow the expert slots, `weights_dir`
+    and the audio limit reach the stages, API keys from the environment are added."""
+    raw = copy.deepcopy(raw)
     stages = raw.setdefault("stages", {})
     # The role of each expert follows from its slot; a profile need not repeat it.
     for role in ("high", "low"):

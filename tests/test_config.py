@@ -1,4 +1,7 @@
+import textwrap
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from deployments.config import SamplerConfig, load_profile
@@ -42,7 +45,7 @@ def test_sampler_config_rejects_inconsistent_settings(bad):
 
 
 def test_builder_stops_on_missing_weights_naming_the_download_command(tmp_path):
-    from deployments.models.hub import MissingWeightsError
+    from deployments.common.errors import MissingWeightsError
     from graph import GraphArgs, app
 
     with pytest.raises(MissingWeightsError) as exc:
@@ -64,3 +67,68 @@ def test_builder_accepts_serve_config_args_as_a_mapping():
 def test_one_ingress_replica_owns_the_job_store():
     with pytest.raises(ValidationError, match="replicas must be 1"):
         load_profile("tiny", {"stages": {"ingress": {"placement": {"replicas": 2}}}})
+
+
+def test_code_defaults_are_the_tiny_profile(tiny_cfg):
+    """The embedded default is the code's defaults: tiny.yaml holds only its name."""
+    from deployments.config import CONFIG_DIR, GraphConfig
+
+    assert set(yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())) == {"name", "description"}
+    defaults = GraphConfig(name="x")
+    assert (defaults.defaults.width, defaults.sampler.num_inference_steps, defaults.limits.max_width) == (32, 4, 256)
+    assert (tiny_cfg.stages.lipsync.batch_size, tiny_cfg.limits.max_audio_seconds) == (8, 30)
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_extends_merges_the_base_and_another_kind_of_weights_replaces_it(tmp_path):
+    write(tmp_path / "_base.yaml", """
+        stages:
+          high: {weights: {kind: diffusers, path: some/repo}, placement: {num_gpus: 1, num_cpus: 2}}
+        sampler: {num_inference_steps: 8}
+        """)
+    child = write(tmp_path / "child.yaml", """
+        extends: _base.yaml
+        name: child
+        stages:
+          high: {weights: {kind: random}, placement: {num_gpus: 0}}
+        """)
+    cfg = load_profile(str(child))
+    assert cfg.stages.high.weights.kind == "random"  # replaced whole (no stray `path`)
+    assert (cfg.stages.high.placement.num_gpus, cfg.stages.high.placement.num_cpus) == (0, 2)  # merged
+    assert cfg.sampler.num_inference_steps == 8
+    grandchild = write(tmp_path / "grandchild.yaml", """
+        extends: child.yaml
+        name: grandchild
+        stages: {high: {weights: {seed: 3}}}
+        """)
+    high = load_profile(str(grandchild)).stages.high
+    assert (high.weights.kind, high.weights.seed, high.placement.num_cpus) == ("random", 3, 2)
+
+
+def test_bases_are_not_servable_and_circles_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="is a base for other profiles"):
+        load_profile("_wan22-a14b")
+    write(tmp_path / "a.yaml", "extends: b.yaml\nname: a\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\nname: b\n")
+    with pytest.raises(ValueError, match="circle"):
+        load_profile(str(tmp_path / "a.yaml"))
+    with pytest.raises(ValueError, match="unknown profile 'nowhere'"):
+        load_profile(str(write(tmp_path / "c.yaml", "extends: nowhere\nname: c\n")))
+
+
+def test_the_audio_limit_is_set_once_in_limits():
+    cfg = load_profile("tiny", {"limits": {"max_audio_seconds": 7}})
+    assert cfg.limits.max_audio_seconds == cfg.stages.lipsync.max_audio_seconds == 7
+    with pytest.raises(ValueError, match="limits.max_audio_seconds"):
+        load_profile("tiny", {"stages": {"lipsync": {"max_audio_seconds": 7}}})
+
+
+def test_random_archs_fit_their_stage():
+    with pytest.raises(ValidationError, match="do not fit this stage"):
+        load_profile("tiny", {"stages": {"lipsync": {"weights": {"kind": "random", "arch": "a14b"}}}})
+    with pytest.raises(ValidationError, match="do not fit this stage"):
+        load_profile("tiny", {"stages": {"high": {"weights": {"kind": "random", "arch": "full"}}}})

@@ -19,7 +19,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import CONFIG_DIR, MuseTalkWeights, load_profile
+from deployments.config import (CONFIG_DIR, GraphConfig, MuseTalkWeights, load_profile, profile_names,
+                                read_profile, validate_profile)
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
 
@@ -120,7 +121,7 @@ def selection(profile: str) -> dict[str, set[str]]:
 
 
 def test_every_profile_in_configs_is_covered_and_loads():
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    names = profile_names()
     # Every profile in configs/ has its expected selection spelled out here (and vice versa).
     assert names == sorted(EXPECTED), names
     for name in names:
@@ -128,34 +129,56 @@ def test_every_profile_in_configs_is_covered_and_loads():
         assert cfg.name == name
 
 
-def test_profile_settings():
-    bf16 = load_profile("wan22-i2v-a14b-bf16")
-    s = bf16.sampler
+def base(name: str) -> GraphConfig:
+    """A base profile (`_...`, not servable) validated as if it were one."""
+    return validate_profile({"name": name, **read_profile(CONFIG_DIR / f"{name}.yaml")})
+
+
+def test_full_size_bases_hold_the_shared_settings():
+    full = base("_wan22-a14b")
+    s, d, lim = full.sampler, full.defaults, full.limits
+    # The original Wan2.2 I2V recipe.
     assert (s.scheduler, s.flow_shift, s.num_inference_steps) == ("unipc", 5.0, 40)
     assert (s.guidance_scale, s.guidance_scale_2, s.boundary_ratio, s.high_steps) == (3.5, 3.5, 0.9, None)
-    d, lim = bf16.defaults, bf16.limits
     assert (d.width, d.height, d.num_frames, d.fps) == (832, 480, 81, 16)
-    assert (lim.max_pixels, lim.max_frames) == (1280 * 720, 121)
-    for name in ("wan22-i2v-a14b-distill-fp8", "wan22-i2v-a14b-distill-bf16", "random-a14b"):
-        s = load_profile(name).sampler
-        assert (s.scheduler, s.flow_shift, s.sigmas, s.num_inference_steps, s.high_steps,
-                s.guidance_scale, s.guidance_scale_2) == ("euler", 5.0, [1.0, 0.75, 0.5, 0.25], 4, 2, 1.0, 1.0)
-    for name in ("wan22-i2v-a14b-gguf-q4km", "wan22-i2v-a14b-gguf-q8"):
-        assert load_profile(name).sampler == bf16.sampler
-    for name in ("random-a14b", *REAL_PROFILES):
-        stages = load_profile(name).stages
-        # split placement: each GPU stage on its own card
-        assert [getattr(stages, st).placement.num_gpus
-                for st in ("encoder", "high", "low", "decoder", "lipsync")] == [1] * 5
-        assert stages.ingress.placement.num_gpus == 0
+    assert (lim.max_pixels, lim.max_frames, lim.max_audio_seconds) == (1280 * 720, 121, 120)
+    stages = full.stages
+    # split placement: each GPU stage on its own card, the ingress on none
+    assert [getattr(stages, st).placement.num_gpus
+            for st in ("encoder", "high", "low", "decoder", "lipsync")] == [1] * 5
+    assert stages.ingress.placement.num_gpus == 0
+    lipsync = stages.lipsync
+    assert (lipsync.weights.repo, lipsync.weights.unet, lipsync.weights.unet_config,
+            lipsync.weights.vae, lipsync.weights.whisper) == (
+        MUSETALK, "musetalkV15/unet.pth", "musetalkV15/musetalk.json", SD_VAE, WHISPER)
+    assert (lipsync.batch_size, lipsync.avatar_cache_dir, lipsync.compile) == (32, None, True)
+    # The 4-step distilled recipe on top of it.
+    s = base("_wan22-a14b-4step").sampler
+    assert (s.scheduler, s.flow_shift, s.sigmas, s.num_inference_steps, s.high_steps,
+            s.guidance_scale, s.guidance_scale_2) == ("euler", 5.0, [1.0, 0.75, 0.5, 0.25], 4, 2, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("name,parent", [
+    ("wan22-i2v-a14b-bf16", "_wan22-a14b"), ("wan22-i2v-a14b-gguf-q4km", "_wan22-a14b"),
+    ("wan22-i2v-a14b-gguf-q8", "_wan22-a14b"), ("wan22-i2v-a14b-distill-bf16", "_wan22-a14b-4step"),
+    ("wan22-i2v-a14b-distill-fp8", "_wan22-a14b-4step"), ("random-a14b", "_wan22-a14b-4step")])
+def test_profiles_differ_from_their_base_only_in_weights(name, parent):
+    cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
+    for key in ("sampler", "defaults", "limits", "serving"):
+        assert cfg[key] == shared[key], key
+    for stage, settings in cfg["stages"].items():
+        other = shared["stages"][stage]
+        assert {k: v for k, v in settings.items() if k != "weights"} == \
+            {k: v for k, v in other.items() if k != "weights"}, stage
+
+
+def test_real_profiles_lip_sync_with_musetalk():
     for name in REAL_PROFILES:
         # real weights for lip-sync too (never the default random tiny models)
-        lipsync = load_profile(name).stages.lipsync
-        assert lipsync.weights == MuseTalkWeights()
-        assert (lipsync.weights.repo, lipsync.weights.unet, lipsync.weights.unet_config,
-                lipsync.weights.vae, lipsync.weights.whisper) == (
-            MUSETALK, "musetalkV15/unet.pth", "musetalkV15/musetalk.json", SD_VAE, WHISPER)
-        assert (lipsync.batch_size, lipsync.avatar_cache_dir, lipsync.compile) == (32, None, True)
+        assert load_profile(name).stages.lipsync.weights == MuseTalkWeights()
+
+
+def test_random_profile_is_full_size_everywhere():
     w = load_profile("random-a14b").stages
     assert {getattr(w, st).weights.kind for st in ("encoder", "high", "low", "decoder", "lipsync")} == {"random"}
     assert {getattr(w, st).weights.arch for st in ("encoder", "high", "low", "decoder")} == {"a14b"}
