@@ -20,7 +20,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from deployments.config import RandomWeights  # noqa: E402
 from deployments.models.wan.checkpoints import load_wan_safetensors  # noqa: E402

@@ -159,16 +159,15 @@ class DitExpert:
                                   next_step=run.index, steps=tuple(run.records))
 
     def denoise(self, cond: Conditioning, state: DenoiseState | None = None) -> DenoiseState:
-        """Run this expert's steps from `state` (None: start a new generation) and return the
-        state after them. Steps belonging to the other expert are left for it."""
-        params = cond.params
-        with self.metrics.timed("denoise"), self._running():
-            run = self._begin(cond, state)
-            while self._owns_next(run):
-                self._step(run)
-            log.info("job %s: %s expert ran steps up to %d of %d", params.job_id, self.role,
-                     run.index, run.state.total_steps)
-            return self._finish(run)
+        """`denoise_stream` run to its end in the caller's thread (tests, scripts): this expert's
+        steps from `state` (None: start a new generation); steps of the other expert are left."""
+
+        async def last():
+            async for item in self.denoise_stream(cond, state):
+                pass
+            return item
+
+        return asyncio.run(last())
 
     async def denoise_stream(self, cond: Conditioning, state: DenoiseState | None = None):
         """As `denoise`, streamed: yields a StepRecord after each step, then the DenoiseState.

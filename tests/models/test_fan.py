@@ -11,7 +11,7 @@ from torch import nn
 from deployments.models.faces.fan import (
     FAN,
     box_center_scale,
-    crop_face,
+    crop_fan_input,
     decode_heatmaps,
     landmarks_68,
     load_fan,
@@ -184,7 +184,7 @@ def test_crop_and_transform_round_trip_through_pipeline():
     frame[spot[1] - 1:spot[1] + 2, spot[0] - 1:spot[0] + 2] = 255
     box = (100, 50, 180, 165)  # w 80, h 115 -> scale 1, crop side 200 px, 3.125 px per cell
     center, scale = box_center_scale(box)
-    crop = crop_face(frame, center, scale)
+    crop = crop_fan_input(frame, center, scale)
     assert crop.shape == (256, 256, 3) and crop.dtype == np.uint8
     cy, cx = np.unravel_index(crop[..., 0].argmax(), crop.shape[:2])
     expected = to_crop(spot, center, scale, 256)
@@ -202,7 +202,7 @@ def test_crop_and_transform_round_trip_through_pipeline():
 def test_crop_pads_outside_the_frame_with_zeros():
     frame = np.full((100, 100, 3), 200, dtype=np.uint8)
     center, scale = box_center_scale((0, 0, 60, 60))  # crop window reaches past the top-left
-    crop = crop_face(frame, center, scale)
+    crop = crop_fan_input(frame, center, scale)
     # window [-31, 91) x [-38, 84): top-left is padding, bottom-right and centre are image
     assert crop[:20, :20].max() == 0
     assert crop[-20:, -20:].min() == 200 and crop[128, 128].min() == 200

@@ -228,7 +228,7 @@ def crop_window(center, scale, resolution: int = INPUT_SIZE):
     return ul, br
 
 
-def crop_face(frame: np.ndarray, center, scale, resolution: int = INPUT_SIZE) -> np.ndarray:
+def crop_fan_input(frame: np.ndarray, center, scale, resolution: int = INPUT_SIZE) -> np.ndarray:
     """uint8 (res, res, 3): source pixels [ul, br) (zero outside the frame), resized bilinearly
     (half-pixel centers, no antialias, as cv2.INTER_LINEAR) to res x res."""
     frame = np.asarray(frame)
@@ -278,7 +278,7 @@ def landmarks_68(model: nn.Module, frame_uint8_rgb: np.ndarray, box: Sequence[fl
                  reference_scale: float = REFERENCE_SCALE) -> np.ndarray:
     """68 (x, y) landmarks in image pixels, float32 (68, 2), for one face box (x1, y1, x2, y2)."""
     center, scale = box_center_scale(box, reference_scale)
-    crop = crop_face(frame_uint8_rgb, center, scale, INPUT_SIZE)
+    crop = crop_fan_input(frame_uint8_rgb, center, scale, INPUT_SIZE)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
