@@ -125,3 +125,27 @@ def decode_mp4_tracks(data: bytes) -> tuple[np.ndarray, float, float]:
             last = frame
         audio_end = float(last.pts * last.time_base) + last.samples / last.sample_rate
     return np.stack(frames), fps, audio_end
+
+
+# ------------------------------------------------------------------ polling the HTTP API
+
+FINAL = {"videos": ("completed", "failed", "cancelled"), "avatars": ("ready", "failed", "cancelled")}
+
+
+def wait_final(client, record_id: str, timeout: float = 90, headers=None, kind: str = "videos") -> dict:
+    """Poll GET /v1/{kind}/{id} (an httpx or TestClient client) until the record reaches a final
+    status; -> its last JSON."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = client.get(f"/v1/{kind}/{record_id}", headers=headers or {}).json()
+        if record.get("status") in FINAL[kind]:
+            return record
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{record_id} did not finish: {record}")
+        time.sleep(0.05)
+
+
+def wait_ready(client, avatar_id: str, timeout: float = 90, headers=None) -> dict:
+    return wait_final(client, avatar_id, timeout, headers, kind="avatars")

@@ -18,7 +18,7 @@ import yaml
 
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
-from helpers import durations, free_port, get_dummy_image, png_bytes, wav_bytes
+from helpers import durations, free_port, get_dummy_image, png_bytes, wait_final, wait_ready, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "avatar-serve"
@@ -88,16 +88,6 @@ def stage(name):
 
 def create(client, data=FAST):
     return client.post("/v1/videos", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
-
-
-def wait_final(client, job_id, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/videos/{job_id}").json()
-        if job["status"] in ("completed", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def first_step(client, job_id):
@@ -248,10 +238,7 @@ def test_avatar_and_streamed_speech_over_http(client):
                     files={"input_reference": ("p.png", IMAGE, "image/png")})
     assert r.status_code in (200, 201), r.text
     avatar_id = r.json()["id"]
-    deadline = time.monotonic() + 90
-    while (a := client.get(f"/v1/avatars/{avatar_id}").json())["status"] not in ("ready", "failed"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    a = wait_ready(client, avatar_id)
     assert a["status"] == "ready", a
     chunks = []
     with client.stream("POST", f"/v1/avatars/{avatar_id}/speech",

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from deployments.config import load_profile
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
-from helpers import durations, get_dummy_image, png_bytes, wav_bytes
+from helpers import durations, get_dummy_image, png_bytes, wait_ready, wav_bytes
 
 IMAGE = png_bytes(get_dummy_image())
 AVATAR = {"prompt": "a woman talks", "size": "32x32", "num_frames": "5", "num_inference_steps": "2"}
@@ -25,16 +25,6 @@ def graph(tmp_path):
 
 def create(c, data=AVATAR):
     return c.post("/v1/avatars", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
-
-
-def wait_ready(c, avatar_id, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        a = c.get(f"/v1/avatars/{avatar_id}").json()
-        if a["status"] in ("ready", "failed", "cancelled"):
-            return a
-        time.sleep(0.05)
-    raise AssertionError(a)
 
 
 def test_avatar_is_created_once_and_speaks_in_a_stream(graph):

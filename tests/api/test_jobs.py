@@ -17,7 +17,7 @@ from deployments.config import load_profile
 from deployments.ingress import Ingress
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
-from helpers import get_dummy_image, png_bytes
+from helpers import get_dummy_image, png_bytes, wait_final
 
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
@@ -43,16 +43,6 @@ def events(client, job_id, headers=None):
             if line.startswith("data: "):
                 out.append(json.loads(line[6:]))
     return out
-
-
-def wait_final(client, job_id, timeout=60, headers=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/videos/{job_id}", headers=headers or {}).json()
-        if job["status"] in ("completed", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def test_job_lifecycle_events_content_list_delete(tmp_path):

@@ -19,8 +19,15 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import (CONFIG_DIR, GraphConfig, MuseTalkWeights, load_profile, profile_names,
-                                read_profile, validate_profile)
+from deployments.config import (
+    CONFIG_DIR,
+    GraphConfig,
+    MuseTalkWeights,
+    load_profile,
+    profile_names,
+    read_profile,
+    validate_profile,
+)
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
 
