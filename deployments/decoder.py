@@ -5,6 +5,10 @@
 
 The decoder also muxes MP4 (`decode_mp4`), so the ~100 MB of frames of an 81-frame 480p clip
 never leave this process on the HTTP path; only the few-hundred-kB MP4 does.
+
+Concurrency: one VAE decode at a time per replica (`self.model`, a ModelLock): the Wan VAE keeps
+per-call feature caches on the module. Rounding to uint8 and MP4 muxing (CPU) run outside the
+lock, so one request muxes while the next decodes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from diffusers.video_processor import VideoProcessor
 
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import DenoiseState, Frames
-from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
 from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
 from deployments.media.video import encode_mp4
@@ -53,6 +57,7 @@ class Decoder:
         self.latents_mean, self.latents_std = vae_norm_constants(self.vae, self.dtype, self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         self.metrics = StageMetrics("decoder")
+        self.model = ModelLock(self.metrics.observe_wait)
 
     @torch.no_grad()
     def decode_float(self, state: DenoiseState) -> np.ndarray:
@@ -60,9 +65,10 @@ class Decoder:
         if not state.done:
             raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
         latents = unpack(state.latents, self.device).to(self.dtype)
-        latents = latents * self.latents_std + self.latents_mean
-        video = self.vae.decode(latents, return_dict=False)[0]
-        return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
+        with self.model:
+            latents = latents * self.latents_std + self.latents_mean
+            video = self.vae.decode(latents, return_dict=False)[0]
+            return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
 
     def decode(self, state: DenoiseState) -> Frames:
         """-> uint8 frames (F, H, W, 3)."""

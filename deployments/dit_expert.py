@@ -6,6 +6,11 @@ and sets the sampler's timesteps; each expert runs the consecutive steps that be
 
     per step: cat(latents (1, 16, T, h, w), condition (1, 20, T, h, w)) -> (1, 36, T, h, w)
               -> transformer -> flow prediction (1, 16, T, h, w) -> scheduler.step
+
+Concurrency: one denoise step at a time per replica (`self.model`, a ModelLock), so concurrent
+jobs interleave step by step: each keeps its own latents and sampler, compiled graphs and
+activations are never entered twice, and peak memory is one forward's. A job waiting for the
+expert stays cancellable; a LoRA change takes the same lock and is refused while a job runs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from deployments.common.errors import LoraBusyError
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import Conditioning, DenoiseState, StepRecord
-from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
 from deployments.common.transport import pack, unpack
 from deployments.config import ExpertConfig, SamplerConfig
 from deployments.models.wan.components import load_expert
@@ -88,6 +93,7 @@ class DitExpert:
             self.transformer.compile_repeated_blocks(fullgraph=True)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
         self.metrics = StageMetrics(f"dit_{cfg.role}")
+        self.model = ModelLock(self.metrics.observe_wait)
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         self._loras = None
 
@@ -178,7 +184,9 @@ class DitExpert:
         with self.metrics.timed("denoise"), self._running():
             run = self._begin(cond, state)
             while self._owns_next(run):
-                yield await asyncio.to_thread(self._step, run)
+                async with self.model:
+                    record = await asyncio.to_thread(self._step, run)
+                yield record
             log.info("job %s: %s expert ran steps up to %d of %d", cond.params.job_id, self.role,
                      run.index, run.state.total_steps)
             yield self._finish(run)
@@ -194,10 +202,11 @@ class DitExpert:
         return self._loras
 
     def _lora_change(self, change) -> dict:
-        if self.active_runs:
-            raise LoraBusyError(f"the {self.role} expert is running {self.active_runs} job(s); "
-                                "LoRAs change between jobs, retry shortly")
-        change()  # LoraError (bad target, no matching keys, ...) leaves the model untouched
+        with self.model:
+            if self.active_runs:
+                raise LoraBusyError(f"the {self.role} expert is running {self.active_runs} job(s); "
+                                    "LoRAs change between jobs, retry shortly")
+            change()  # LoraError (bad target, no matching keys, ...) leaves the model untouched
         return self.list_loras()
 
     def load_lora(self, name: str, path: str, strength: float = 1.0, target: str = "both") -> dict:

@@ -5,6 +5,10 @@
 
 Mirrors diffusers' `WanImageToVideoPipeline.encode_prompt` / `prepare_latents` (the reference the
 tests compare against) as a stage of its own, so it can sit on its own GPU and stay resident.
+
+Concurrency: one `encode` at a time per replica (`self.model`, a ModelLock). The Wan VAE keeps
+per-call feature caches on the module and fast tokenizers refuse concurrent use, so two requests
+inside it at once would crash or, worse, mix their latents; other requests wait their turn.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from diffusers.video_processor import VideoProcessor
 
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import Conditioning, VideoParams
-from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
 from deployments.common.transport import pack, torch_dtype
 from deployments.config import EncoderConfig
 from deployments.models.wan.components import load_text_encoder, load_vae
@@ -66,6 +70,7 @@ class Encoder:
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
         self.metrics = StageMetrics("encoder")
+        self.model = ModelLock(self.metrics.observe_wait)
 
     # ------------------------------------------------------------------ text
 
@@ -115,14 +120,15 @@ class Encoder:
 
     def encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:
         """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
-        with self.metrics.timed("encode"):
+        with self.metrics.timed("encode"), self.model:
             context = self.encode_text(params.prompt)
             negative = self.encode_text(params.negative_prompt) if params.needs_negative else None
             condition = self.encode_image(image, params.width, params.height, params.num_frames)
+            cond = Conditioning(params=params, prompt_embeds=pack(context),
+                                negative_prompt_embeds=None if negative is None else pack(negative),
+                                condition=pack(condition), latent_shape=self.latent_shape(params))
         log.info("job %s: encoded prompt and first frame", params.job_id)
-        return Conditioning(params=params, prompt_embeds=pack(context),
-                            negative_prompt_embeds=None if negative is None else pack(negative),
-                            condition=pack(condition), latent_shape=self.latent_shape(params))
+        return cond
 
     def check_health(self) -> None:
         check_resident("encoder", self.text_encoder, self.vae)

@@ -13,6 +13,11 @@ Per talk turn (`speak`)
 
 `speak` is a generator of frame chunks (`batch_size` frames each) so the caller can stream;
 `speak_fmp4` turns those chunks into fragmented-MP4 bytes as they are made.
+
+Concurrency: every model call (whisper, UNet + VAE decode of a batch, VAE encode, face models)
+takes `self.model`, a ModelLock, so concurrent talk turns interleave batch by batch on the GPU
+while their CPU work (blending into the frames, H.264) runs in parallel outside it. Compiled
+graphs and the VAE are never entered twice at once; the avatar store has its own lock.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from deployments.common.errors import AvatarNotFound, MissingWeightsError
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import AvatarInfo, Frames
-from deployments.common.runtime import check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
@@ -70,6 +75,8 @@ class LipSync:
 
     def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None):
         self.cfg = cfg
+        self.metrics = StageMetrics("lipsync")
+        self.model = ModelLock(self.metrics.observe_wait)
         self.device = resolve_device(cfg.device)
         self.dtype = lipsync_dtype(cfg, self.device)
         self.feature_extractor, self.whisper, self.unet, self.vae = load_models(
@@ -87,9 +94,8 @@ class LipSync:
             self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
                                                 seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
-        self.vae_encodes = 0
-        self.frames_generated = 0
-        self.metrics = StageMetrics("lipsync")
+        self.vae_encodes = 0  # counted under self.model
+        self.frames_generated = 0  # counted under self.model
         self.memory_format = torch.contiguous_format
         self.compiled = False
         if self.device.type == "cuda":
@@ -118,11 +124,15 @@ class LipSync:
         fallback = CenterBox(tuple(cfg.center_box))
 
         def box(frame: np.ndarray):
-            found = largest_face_box(s3fd, frame)
+            with self.model:
+                found = largest_face_box(s3fd, frame)
             return found if found is not None else fallback(frame)
 
-        return LandmarkFaceDetector(box=box, landmarks=lambda frame, b: landmarks_68(fan, frame, b),
-                                    model_name="s3fd+fan")
+        def landmarks(frame: np.ndarray, face_box):
+            with self.model:
+                return landmarks_68(fan, frame, face_box)
+
+        return LandmarkFaceDetector(box=box, landmarks=landmarks, model_name="s3fd+fan")
 
     @staticmethod
     def _face_parser_path(cfg: LipSyncConfig):
@@ -140,7 +150,8 @@ class LipSync:
 
     def face_parsing_masks(self, crops: np.ndarray) -> np.ndarray:
         """uint8 crops (N, 256, 256, 3) -> MuseTalk face-parsing blend masks uint8 (N, 256, 256)."""
-        class_map = parse_faces(self.face_parser, crops, batch_size=self.cfg.batch_size)
+        with self.model:
+            class_map = parse_faces(self.face_parser, crops, batch_size=self.cfg.batch_size)
         return face_parsing_mask(class_map, upper_ratio=self.cfg.blend_upper_ratio,
                                  size=crops.shape[1])
 
@@ -181,9 +192,10 @@ class LipSync:
             part = crops[i:i + self.cfg.batch_size]
             pixels = np.concatenate([masked_for_unet(part), crops_to_pixels(part)])
             x = torch.from_numpy(pixels).to(self.device, self.dtype)
-            self.vae_encodes += 1
-            latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
-            masked, reference = latents.float().cpu().chunk(2)
+            with self.model:
+                self.vae_encodes += 1
+                latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
+                masked, reference = latents.float().cpu().chunk(2)
             out.append(torch.cat([masked, reference], dim=1).numpy())
         return np.concatenate(out)
 
@@ -192,18 +204,24 @@ class LipSync:
         """Up to 30 s of 16 kHz PCM -> (1500, 5, 384) fp32: every hidden state of the whisper
         encoder (embeddings + each layer; the last one layer-normed) over the padded piece."""
         mel = self.feature_extractor(pcm, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        hidden = self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
-        if len(hidden) != HIDDEN_STATES:
-            raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
-        return torch.stack(hidden, dim=2)[0].float()
+        with self.model:
+            hidden = self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+            if len(hidden) != HIDDEN_STATES:
+                raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
+            return torch.stack(hidden, dim=2)[0].float()
 
     def audio_features(self, pcm: np.ndarray) -> AudioFeatures:
         return AudioFeatures(self.encode_audio_piece, pcm, self.fps)
 
-    @torch.no_grad()
     def generate_on_device(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """One MuseTalk step: latents (B, 8, 32, 32) + audio windows (B, 50, 384)
         -> uint8 face crops (B, 256, 256, 3), left on the stage's device (queued, not waited for)."""
+        with self.model:
+            return self._generate(latents, audio)
+
+    @torch.no_grad()
+    def _generate(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """`generate_on_device` for a caller that holds `self.model`."""
         latents = torch.as_tensor(latents).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         audio = (audio.to(self.device, torch.float32) + self.pe[:audio.shape[1]]).to(self.dtype)
         n = latents.shape[0]
@@ -309,7 +327,6 @@ class LipSync:
         def blended(sources, host, event) -> np.ndarray:
             if event is not None:
                 event.synchronize()
-            self.frames_generated += len(sources)
             return np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
                              for s, crop in zip(sources, host.numpy())])
 
@@ -319,8 +336,11 @@ class LipSync:
         for first, end in zip(starts, [*starts[1:], n]):
             indices = list(range(first, end))
             sources = [avatar.source_frame(i, start_index) for i in indices]
-            crops = self.generate_on_device(avatar.latents[sources], features.windows(indices))
-            previous, pending = pending, (sources, *self._to_host(crops))
+            windows = features.windows(indices)  # whisper runs here when the turn needs a new piece
+            with self.model:
+                self.frames_generated += len(sources)
+                host = self._to_host(self._generate(avatar.latents[sources], windows))
+            previous, pending = pending, (sources, *host)
             if previous is not None:
                 yield blended(*previous)  # the GPU is already working on this batch meanwhile
             if pending[2] is None:  # computed synchronously (CPU): nothing to overlap

@@ -6,6 +6,7 @@ classes only when it finds itself in a running Ray worker.
 
     avatar_serve_stage_latency_seconds{stage, method}   histogram
     avatar_serve_denoise_step_seconds{stage}            histogram
+    avatar_serve_stage_wait_seconds{stage}              histogram (waiting for the stage's model lock)
     avatar_serve_gpu_memory_bytes{stage}                gauge (where the stage has a GPU)
     avatar_serve_jobs_total{status}                     counter (jobs reaching a final status)
     avatar_serve_queue_depth / avatar_serve_jobs_running   gauges
@@ -62,6 +63,9 @@ class StageMetrics:
                           ("stage",), boundaries=LATENCY_BUCKETS)
         self.gpu_memory = _make("Gauge", "avatar_serve_gpu_memory_bytes",
                                 "GPU memory allocated by the stage", ("stage",))
+        self.wait = _make("Histogram", "avatar_serve_stage_wait_seconds",
+                          "Time a request waited for the stage's model (other requests were using it)",
+                          ("stage",), boundaries=LATENCY_BUCKETS)
 
     @contextmanager
     def timed(self, method: str):
@@ -71,6 +75,9 @@ class StageMetrics:
         finally:
             self.latency.observe(time.perf_counter() - started, tags={"stage": self.stage, "method": method})
             self._gpu_memory()
+
+    def observe_wait(self, seconds: float) -> None:
+        self.wait.observe(seconds, tags={"stage": self.stage})
 
     def observe_step(self, seconds: float) -> None:
         self.step.observe(seconds, tags={"stage": self.stage})

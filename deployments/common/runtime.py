@@ -3,14 +3,61 @@ and the one way models are built in code with random weights."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import threading
+import time
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from deployments.common.transport import torch_dtype
+
+
+class ModelLock:
+    """One model call at a time in a replica.
+
+    Ray Serve runs a replica's sync methods in a thread pool, so several requests are inside one
+    stage object at once. Model work that is not re-entrant -- diffusers' VAEs keep per-call
+    feature caches on the module, fast tokenizers refuse concurrent use, compiled graphs and LoRA
+    switches change shared state -- runs under this lock: `with lock:` from a thread, or
+    `async with lock:` from a coroutine, where waiting stays cancellable (a cancelled request
+    leaves the line without running). `on_wait(seconds)` reports how long each caller waited.
+    """
+
+    def __init__(self, on_wait: Callable[[float], None] | None = None, poll_s: float = 0.002):
+        self._lock = threading.Lock()
+        self._on_wait, self._poll_s = on_wait, poll_s
+
+    def __enter__(self) -> "ModelLock":
+        started = time.perf_counter()
+        self._lock.acquire()
+        self._waited(started)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    async def __aenter__(self) -> "ModelLock":
+        # threading.Lock has no awaitable acquire; poll it so that the event loop stays free and a
+        # cancelled waiter simply stops polling.
+        started = time.perf_counter()
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(self._poll_s)
+        self._waited(started)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def _waited(self, started: float) -> None:
+        if self._on_wait is not None:
+            self._on_wait(time.perf_counter() - started)
 
 
 def resolve_device(setting: str) -> torch.device:

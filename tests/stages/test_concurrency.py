@@ -1,0 +1,86 @@
+"""Several requests inside one stage object at once (Ray Serve runs a replica's sync methods in a
+thread pool) give exactly what each gives alone. Threads here call the same stage objects the
+way Ray's pool does; the same rule over HTTP on a cluster is in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from deployments.local import LocalGraph
+from helpers import get_dummy_image, png_bytes, wav_bytes
+
+# Different seeds, sizes and frame counts, so any state shared between calls shows.
+REQUESTS = [
+    {"prompt": "a woman talks", "size": "32x16", "num_frames": 5, "seed": 1, "num_inference_steps": 2},
+    {"prompt": "a man smiles", "size": "16x32", "num_frames": 9, "seed": 2, "num_inference_steps": 3},
+    {"prompt": "a cat", "size": "48x32", "num_frames": 5, "seed": 3, "num_inference_steps": 2},
+    {"prompt": "a portrait", "size": "32x32", "num_frames": 13, "seed": 4, "num_inference_steps": 4},
+    {"prompt": "the camera", "size": "16x16", "num_frames": 1, "seed": 5, "num_inference_steps": 2},
+    {"prompt": "a woman smiles", "size": "64x32", "num_frames": 9, "seed": 6, "num_inference_steps": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_cfg):
+    return LocalGraph(tiny_cfg)
+
+
+def at_once(fn, args_list):
+    """Call fn(*args) for every args at the same time from a pool of threads, like Ray's."""
+    with ThreadPoolExecutor(len(args_list)) as pool:
+        return list(pool.map(lambda a: fn(*a), args_list))
+
+
+def test_encoder_and_decoder_calls_at_once_equal_calls_alone(graph):
+    ingress, encoder, decoder = graph.ingress, graph.encoder.target, graph.decoder.target
+    inputs = [(ingress.prepare(r, get_dummy_image(i))[0], get_dummy_image(i)) for i, r in enumerate(REQUESTS)]
+    alone = [encoder.encode(*a) for a in inputs]
+    for _ in range(3):
+        together = at_once(encoder.encode, inputs)
+        for a, b in zip(alone, together):
+            np.testing.assert_array_equal(a.condition.data, b.condition.data)
+            np.testing.assert_array_equal(a.prompt_embeds.data, b.prompt_embeds.data)
+    states = [graph.low.target.denoise(c, graph.high.target.denoise(c)) for c in alone]
+    frames_alone = [decoder.decode(s).frames for s in states]
+    for _ in range(3):
+        for a, b in zip(frames_alone, at_once(decoder.decode, [(s,) for s in states])):
+            np.testing.assert_array_equal(a.frames if hasattr(a, "frames") else a, b.frames)
+
+
+def test_whole_requests_at_once_equal_requests_alone(graph):
+    async def alone():
+        return [await graph.ingress.generate(r, get_dummy_image(i), "frames") for i, r in enumerate(REQUESTS)]
+
+    async def together():
+        return await asyncio.gather(*[graph.ingress.generate(r, get_dummy_image(i), "frames")
+                                      for i, r in enumerate(REQUESTS)])
+
+    expected = asyncio.run(alone())
+    for _ in range(2):
+        for a, b in zip(expected, asyncio.run(together())):
+            np.testing.assert_array_equal(a.frames, b.frames)
+
+
+def test_talk_turns_at_once_equal_turns_alone(graph):
+    async def prepare():
+        avatar, _ = graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
+        while not graph.ingress.avatar(avatar.id).final:
+            await asyncio.sleep(0.02)
+        return avatar.id
+
+    async def turn(avatar_id, audio, start):
+        return b"".join([piece async for piece in graph.ingress.speak(avatar_id, audio, start)])
+
+    avatar_id = asyncio.run(prepare())
+    turns = [(wav_bytes(0.3 + 0.2 * i, rate=16000, channels=1), i * 3) for i in range(4)]
+    alone = [asyncio.run(turn(avatar_id, *t)) for t in turns]
+
+    async def together():
+        return await asyncio.gather(*[turn(avatar_id, *t) for t in turns])
+
+    for _ in range(2):
+        assert asyncio.run(together()) == alone
