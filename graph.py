@@ -37,9 +37,12 @@ def deployment(cls: type, name: str, placement: Placement):
     actor = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     if placement.accelerator_type:
         actor["accelerator_type"] = placement.accelerator_type
-    return serve.deployment(cls, name=name, num_replicas=placement.replicas,
-                            max_ongoing_requests=placement.max_ongoing_requests,
-                            ray_actor_options=actor)
+    if placement.autoscaling is not None:
+        replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
+    else:
+        replicas = {"num_replicas": placement.replicas}
+    return serve.deployment(cls, name=name, max_ongoing_requests=placement.max_ongoing_requests,
+                            ray_actor_options=actor, **replicas)
 
 
 def build_from_config(cfg: GraphConfig) -> Application:

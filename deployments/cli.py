@@ -40,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from graph import GraphArgs, app
 
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(app(GraphArgs(profile=args.profile)), name="avatar-serve", route_prefix="/")

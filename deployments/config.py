@@ -116,14 +116,55 @@ WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsW
 # ---------------------------------------------------------------- placement
 
 
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling of a deployment (its `autoscaling_config`): between `min_replicas`
+    and `max_replicas`, aiming at `target_ongoing_requests` per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas (and >= 1)")
+        return self
+
+
 class Placement(_Strict):
     """Where and how many: maps onto `serve.deployment(...)` options in graph.py."""
 
     num_gpus: float = Field(0.0, ge=0)
+    # CPUs Ray reserves for each replica. CPU work of a stage (tokenising, resizing, blending,
+    # H.264) runs on `threads` threads; Ray also sets OMP_NUM_THREADS from num_cpus.
     num_cpus: float = Field(0.1, ge=0)
+    # torch's intra-op threads in the replica (and the H.264 encoder's threads in lip-sync);
+    # None: what Ray's OMP_NUM_THREADS gives (max(1, int(num_cpus))).
+    threads: int | None = Field(None, ge=1, le=256)
     replicas: int = Field(1, ge=1)
+    # Ray Serve sends a replica at most this many requests at once; the stage's ModelLock then
+    # runs its model work one at a time while the rest wait (cancellable) or do CPU work.
     max_ongoing_requests: int = Field(4, ge=1)
     accelerator_type: str | None = None
+    # Instead of a fixed `replicas` count (used for the lip-sync stage in the full profiles).
+    autoscaling: Autoscaling | None = None
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+
+class WarmupShape(_Strict):
+    """A request shape a stage runs once at start-up, before it reports ready (compiled graphs,
+    cuDNN's algorithm choice and the allocator are then settled for real requests)."""
+
+    width: int = Field(ge=16)
+    height: int = Field(ge=16)
+    num_frames: int = Field(1, ge=1)
 
 
 # ---------------------------------------------------------------- stages
@@ -136,6 +177,9 @@ class StageBase(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Copied from GraphConfig.weights_dir by `load_profile`.
     weights_dir: str | None = None
+    # Shapes run once at start-up (Encoder, DitExpert, Decoder), so no user request pays for
+    # compiling or autotuning; the replica reports ready only after them.
+    warmup: list[WarmupShape] = Field(default_factory=list)
 
     # The random architectures this stage's models come in.
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "a14b")
@@ -193,6 +237,15 @@ class LipSyncConfig(StageBase):
 
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "full")
 
+    @model_validator(mode="after")
+    def _replicas_share_avatars(self) -> "LipSyncConfig":
+        # A talk turn may reach any replica; prepared avatars reach every replica through the
+        # cache folder (a replica that has an avatar only in memory cannot lend it to another).
+        if self.placement.max_replicas > 1 and self.avatar_cache_dir is None:
+            raise ValueError("a lip-sync stage with more than one replica needs avatar_cache_dir: a folder "
+                             "every replica reads, through which prepared avatars are shared")
+        return self
+
     dtype: DType = "float16"
     dtype_cpu: DType = "float32"
     # Output frame rate; MuseTalk was trained on 25 fps video with 50 whisper frames per second.
@@ -239,13 +292,18 @@ class LipSyncConfig(StageBase):
     # Streaming MP4 (deployments/media/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
     # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
     # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
+    # Testing and demos only: each batch of a talk turn takes at least this long (a tiny model then
+    # behaves like a busy GPU: autoscaling, admission, cancellation). 0 = off.
+    simulate_batch_seconds: float = Field(0.0, ge=0, le=60)
     mp4_keyframe_interval: int = Field(12, ge=1)
     mp4_crf: int = Field(20, ge=0, le=51)
+    # x264's speed preset for talk turns (with `zerolatency`: no B-frames, no look-ahead).
+    mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
     aac_sample_rate: int = 48000
 
 
 class IngressConfig(_Strict):
-    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=16)
+    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=64)
 
 
 class Stages(_Strict):
@@ -337,6 +395,11 @@ class ServingConfig(_Strict):
     max_running_jobs: int = Field(2, ge=1)
     max_queued_jobs: int = Field(16, ge=0)
     retry_after_s: int = Field(10, ge=1)
+    # Talk turns streaming at once; one more answers 429 with Retry-After (`turn_retry_after_s`)
+    # instead of waiting: a live turn that starts late is no use. None: what the lip-sync stage
+    # can take, its (maximum) replicas x max_ongoing_requests.
+    max_talk_turns: int | None = Field(None, ge=1)
+    turn_retry_after_s: int = Field(1, ge=1)
     # Job records and finished MP4s, written atomically; None: a temporary folder (lost on restart).
     storage_dir: str | None = None
     # Finished results are deleted after this age, and oldest-first beyond this total size.
@@ -355,17 +418,42 @@ class GraphConfig(_Strict):
     # Where `avatar-serve download` put the files (a huggingface_hub cache folder); None: the
     # default Hugging Face cache. Serving reads from here and never downloads.
     weights_dir: str | None = None
+    # A placement preset (PLACEMENTS, in deployments/config.py) applied under the stages' own
+    # placement settings; None: each stage's placement as written (tiny: all on CPUs).
+    placement: Literal["per-stage", "four-gpu", "two-gpu", "single-gpu"] | None = None
     stages: Stages = Stages()
     sampler: SamplerConfig = SamplerConfig()
     defaults: GenerationDefaults = GenerationDefaults()
     limits: Limits = Limits()
     serving: ServingConfig = ServingConfig()
 
+    @property
+    def max_talk_turns(self) -> int:
+        """Concurrent talk turns the ingress admits."""
+        placement = self.stages.lipsync.placement
+        return self.serving.max_talk_turns or placement.max_replicas * placement.max_ongoing_requests
+
 
 # ---------------------------------------------------------------- loading
 
 
 MODEL_STAGES = ("encoder", "high", "low", "decoder", "lipsync")
+
+# Placement presets: the GPU share of each stage's replica, so the same weights run on 1, 2, 4 or
+# 5+ GPUs without editing. Ray packs fractional shares onto GPUs; a share above 0.5 keeps two
+# replicas off one GPU, which is how the experts are kept apart. Lip-sync shares leave room for
+# its second replica (autoscaling) next to the first. A profile picks one with `placement: NAME`;
+# a stage's own `placement.num_gpus` in the profile still wins.
+PLACEMENTS: dict[str, dict[str, float]] = {
+    # five GPUs: one per Wan stage, the lip-sync replicas sharing the fifth
+    "per-stage": {"encoder": 1, "high": 1, "low": 1, "decoder": 1, "lipsync": 0.5},
+    # four GPUs: each expert alone; the encoder; decoder and lip-sync together
+    "four-gpu": {"encoder": 1, "high": 1, "low": 1, "decoder": 0.5, "lipsync": 0.25},
+    # two GPUs: the experts never share one; encoder, decoder and lip-sync fill the rest
+    "two-gpu": {"encoder": 0.2, "high": 0.6, "low": 0.6, "decoder": 0.2, "lipsync": 0.1},
+    # one GPU for everything (an H200 holds both fp8 or bf16 experts, the encoder and MuseTalk)
+    "single-gpu": {"encoder": 0.2, "high": 0.25, "low": 0.25, "decoder": 0.1, "lipsync": 0.1},
+}
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
@@ -428,6 +516,12 @@ def validate_profile(raw: dict) -> GraphConfig:
     """A profile's merged YAML -> GraphConfig: the roles follow the expert slots, `weights_dir`
     and the audio limit reach the stages, API keys from the environment are added."""
     raw = copy.deepcopy(raw)
+    preset = raw.get("placement")
+    if preset is not None:
+        if preset not in PLACEMENTS:
+            raise ValueError(f"placement {preset!r} is not a preset; choose one of {', '.join(PLACEMENTS)}")
+        shares = {stage: {"placement": {"num_gpus": share}} for stage, share in PLACEMENTS[preset].items()}
+        raw["stages"] = deep_merge(shares, raw.get("stages") or {})
     stages = raw.setdefault("stages", {})
     # The role of each expert follows from its slot; a profile need not repeat it.
     for role in ("high", "low"):

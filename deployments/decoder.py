@@ -14,6 +14,7 @@ lock, so one request muxes while the next decodes.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -21,7 +22,14 @@ from diffusers.video_processor import VideoProcessor
 
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import DenoiseState, Frames
-from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import (
+    ModelLock,
+    apply_threads,
+    check_resident,
+    dtype_for,
+    placement_info,
+    resolve_device,
+)
 from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
 from deployments.media.video import encode_mp4
@@ -49,7 +57,9 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 class Decoder:
     def __init__(self, cfg: DecoderConfig):
+        started = time.perf_counter()
         self.cfg = cfg
+        apply_threads(cfg.placement.threads)
         self.device = resolve_device(cfg.device)
         self.dtype = dtype_for(self.device, cfg.vae_dtype, cfg.vae_dtype_cpu)
         self.vae = load_vae(cfg.weights, self.dtype, self.device, cfg.weights_dir)
@@ -58,13 +68,25 @@ class Decoder:
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         self.metrics = StageMetrics("decoder")
         self.model = ModelLock(self.metrics.observe_wait)
+        for shape in cfg.warmup:
+            z = self.vae.config.z_dim
+            t, s = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+            self.decode_latents(torch.zeros(1, z, (shape.num_frames - 1) // t + 1, shape.height // s,
+                                            shape.width // s, device=self.device))
+        self.startup_s = time.perf_counter() - started
+        self.metrics.started(self.startup_s)
 
     @torch.no_grad()
     def decode_float(self, state: DenoiseState) -> np.ndarray:
         """-> float32 frames (F, H, W, 3) in [0, 1]."""
         if not state.done:
             raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
-        latents = unpack(state.latents, self.device).to(self.dtype)
+        return self.decode_latents(unpack(state.latents, self.device))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents (1, z, T, h, w) -> float32 frames (F, H, W, 3) in [0, 1]."""
+        latents = latents.to(self.device, self.dtype)
         with self.model:
             latents = latents * self.latents_std + self.latents_mean
             video = self.vae.decode(latents, return_dict=False)[0]
@@ -87,4 +109,4 @@ class Decoder:
         check_resident("decoder", self.vae)
 
     def info(self) -> dict:
-        return placement_info(self.device)
+        return {**placement_info(self.device), "startup_s": self.startup_s}

@@ -26,10 +26,17 @@ import torch
 from deployments.common.errors import LoraBusyError
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import Conditioning, DenoiseState, StepRecord
-from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import (
+    ModelLock,
+    apply_threads,
+    check_resident,
+    dtype_for,
+    placement_info,
+    resolve_device,
+)
 from deployments.common.transport import pack, unpack
 from deployments.config import ExpertConfig, SamplerConfig
-from deployments.models.wan.components import load_expert
+from deployments.models.wan.components import latent_shape, load_expert
 from deployments.models.wan.sampler import (
     expert_for_step,
     export_state,
@@ -39,6 +46,9 @@ from deployments.models.wan.sampler import (
 )
 
 log = logging.getLogger("avatar_serve.dit_expert")
+
+# The text context a request brings is padded to the encoder's max_sequence_length (512 for Wan).
+WARMUP_TEXT_LENGTH = 512
 
 
 @dataclass
@@ -76,7 +86,9 @@ def initial_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
 
 class DitExpert:
     def __init__(self, cfg: ExpertConfig, sampler: SamplerConfig):
+        started = time.perf_counter()
         self.cfg = cfg
+        apply_threads(cfg.placement.threads)
         self.role = cfg.role
         self.sampler_cfg = sampler
         self.device = resolve_device(cfg.device)
@@ -96,6 +108,24 @@ class DitExpert:
         self.model = ModelLock(self.metrics.observe_wait)
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         self._loras = None
+        for shape in cfg.warmup:
+            self.warm_up(shape.width, shape.height, shape.num_frames)
+        self.startup_s = time.perf_counter() - started
+        self.metrics.started(self.startup_s)
+
+    @torch.no_grad()
+    def warm_up(self, width: int, height: int, num_frames: int) -> None:
+        """One forward at a request's shape, so that compiling and autotuning happen now (at
+        start-up, before the replica reports ready), not in a user's first request."""
+        shape = latent_shape(width, height, num_frames)
+        config = self.transformer.config
+        x = torch.zeros(1, config.in_channels, *shape[2:], device=self.device, dtype=self.dtype)
+        context = torch.zeros(1, WARMUP_TEXT_LENGTH, config.text_dim, device=self.device, dtype=self.dtype)
+        with self.model:
+            self.transformer(hidden_states=x, timestep=torch.full((1,), 999.0, device=self.device),
+                             encoder_hidden_states=context, return_dict=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def start(self, cond: Conditioning) -> DenoiseState:
         """Initial state: seeded noise and a scheduler with its timesteps set."""
@@ -229,4 +259,5 @@ class DitExpert:
         check_resident(f"dit-{self.role}", self.transformer)
 
     def info(self) -> dict:
-        return {**placement_info(self.device), "role": self.role, "steps_run": self.steps_run}
+        return {**placement_info(self.device), "role": self.role, "steps_run": self.steps_run,
+                "startup_s": self.startup_s}

@@ -14,6 +14,7 @@ inside it at once would crash or, worse, mix their latents; other requests wait 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import PIL.Image
@@ -23,7 +24,14 @@ from diffusers.video_processor import VideoProcessor
 
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import Conditioning, VideoParams
-from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import (
+    ModelLock,
+    apply_threads,
+    check_resident,
+    dtype_for,
+    placement_info,
+    resolve_device,
+)
 from deployments.common.transport import pack, torch_dtype
 from deployments.config import EncoderConfig
 from deployments.models.wan.components import load_text_encoder, load_vae
@@ -54,7 +62,9 @@ def first_frame_mask(num_frames: int, latent_frames: int, h: int, w: int, tempor
 
 class Encoder:
     def __init__(self, cfg: EncoderConfig):
+        started = time.perf_counter()
         self.cfg = cfg
+        apply_threads(cfg.placement.threads)
         self.device = resolve_device(cfg.device)
         self.text_dtype = text_encoder_dtype(cfg, self.device)
         self.vae_dtype = torch_dtype(cfg.vae_dtype)
@@ -71,6 +81,13 @@ class Encoder:
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
         self.metrics = StageMetrics("encoder")
         self.model = ModelLock(self.metrics.observe_wait)
+        for shape in cfg.warmup:
+            self.encode(VideoParams(prompt="warm-up", width=shape.width, height=shape.height,
+                                    num_frames=shape.num_frames, seed=0, num_inference_steps=1,
+                                    guidance_scale=1.0, guidance_scale_2=1.0),
+                        np.zeros((shape.height, shape.width, 3), np.uint8))
+        self.startup_s = time.perf_counter() - started
+        self.metrics.started(self.startup_s)
 
     # ------------------------------------------------------------------ text
 
@@ -134,4 +151,4 @@ class Encoder:
         check_resident("encoder", self.text_encoder, self.vae)
 
     def info(self) -> dict:
-        return placement_info(self.device)
+        return {**placement_info(self.device), "startup_s": self.startup_s}

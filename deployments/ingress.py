@@ -15,6 +15,7 @@ deployments/api/jobs.py. One ingress replica owns them (keep `replicas: 1` for t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -74,6 +75,7 @@ class Ingress:
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes)
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
+        self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
 
     # ------------------------------------------------------------------ validation
 
@@ -284,6 +286,7 @@ class Ingress:
         """A talk turn: audio file bytes in, lip-synced fragmented MP4 out as it is made (an async
         generator; handle callers use `options(stream=True)`). Validation runs before the first
         piece, so its errors come before any byte."""
+        started = time.perf_counter()
         self._need_lipsync()
         avatar = self.records.avatar(avatar_id)
         if audio is None:
@@ -291,10 +294,23 @@ class Ingress:
         if avatar.status != "ready":
             raise ApiError(409, f"avatar {avatar_id} is {avatar.status}; speech needs it ready", "avatar_id",
                            type="conflict_error")
-        pcm = self.prepare_audio(audio)
-        stream = self.lipsync.options(stream=True).speak_fmp4.remote(avatar.lipsync_id, pcm, start_index=start_index)
+        pcm = await asyncio.to_thread(self.prepare_audio, audio)  # decoded off the event loop
+        self.metrics.observe_phase("audio_decode", time.perf_counter() - started)
+        if self.turns >= self.cfg.max_talk_turns:
+            # A live turn that waits is no use: say when to try again instead.
+            raise ApiError(429, f"{self.turns} talk turns are streaming, the most this deployment takes; "
+                                "retry shortly", None, type="rate_limit_error",
+                           headers={"Retry-After": str(self.cfg.serving.turn_retry_after_s)})
+        self.turns += 1
+        self.metrics.talk_turns(self.turns)
+        stream = None
         try:
+            stream = self.lipsync.options(stream=True).stream.remote(avatar.lipsync_id, pcm,
+                                                                     start_index=start_index)
             async for chunk in stream:
+                if started is not None:
+                    self.metrics.observe_phase("first_byte", time.perf_counter() - started)
+                    started = None
                 yield chunk
         except Exception as exc:
             if isinstance(unwrap(exc), AvatarNotFound):
@@ -302,7 +318,10 @@ class Ingress:
                                     "delete and create it again", "avatar_id", type="conflict_error") from None
             raise
         finally:
-            stream.cancel()  # the client left (or the turn ended): stop the stage's generator
+            self.turns -= 1
+            self.metrics.talk_turns(self.turns)
+            if stream is not None:
+                stream.cancel()  # the client left (or the turn ended): stop the stage's generator
 
     # ------------------------------------------------------------------ LoRA admin
 
@@ -335,6 +354,27 @@ class Ingress:
         loras = await self.list_loras()
         return ModelList(data=[ModelCard(id=self.cfg.name, description=self.cfg.description,
                                          loras={role: info["active"] for role, info in loras.items()})])
+
+    def stages(self) -> dict:
+        handles = {"encoder": self.encoder, "high": self.high, "low": self.low, "decoder": self.decoder}
+        if self.lipsync is not None:
+            handles["lipsync"] = self.lipsync
+        return handles
+
+    async def ready(self, timeout_s: float = 2.0) -> tuple[bool, dict]:
+        """Whether every stage has a replica that finished loading and warming up (a replica only
+        takes requests then) -> (ready, {stage: its start-up seconds, or "starting"})."""
+
+        async def probe(handle):
+            try:
+                info = await asyncio.wait_for(handle.info.remote(), timeout_s)
+            except Exception:  # noqa: BLE001 - not up yet (or gone): not ready
+                return "starting"
+            return round(float(info.get("startup_s", 0.0)), 3)
+
+        names, handles = zip(*self.stages().items())
+        states = dict(zip(names, await asyncio.gather(*[probe(h) for h in handles])))
+        return all(s != "starting" for s in states.values()), states
 
     def check_health(self) -> None:
         if not self.records.store.jobs_dir.is_dir():

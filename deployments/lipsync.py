@@ -22,7 +22,9 @@ graphs and the VAE are never entered twice at once; the avatar store has its own
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Iterator
 
 import numpy as np
@@ -31,7 +33,15 @@ import torch
 from deployments.common.errors import AvatarNotFound, MissingWeightsError
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import AvatarInfo, Frames
-from deployments.common.runtime import ModelLock, check_resident, dtype_for, placement_info, resolve_device
+from deployments.common.runtime import (
+    ModelLock,
+    apply_threads,
+    check_resident,
+    dtype_for,
+    in_threads,
+    placement_info,
+    resolve_device,
+)
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
@@ -58,6 +68,20 @@ from deployments.models.musetalk.features import (
     window_length,
 )
 
+log = logging.getLogger("avatar_serve.lipsync")
+
+
+class TurnClock:
+    """Seconds from the start of a talk turn to the first time each phase is reached."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        if phase not in self.marks:
+            self.marks[phase] = time.perf_counter() - self.started
+
 
 def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
     """Dtype policy: one compute dtype for whisper, UNet and VAE: `dtype` (fp16, as MuseTalk's
@@ -74,7 +98,9 @@ class LipSync:
     preparation is the only place that encodes; a cache hit adds none)."""
 
     def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None):
+        started = time.perf_counter()
         self.cfg = cfg
+        apply_threads(cfg.placement.threads)
         self.metrics = StageMetrics("lipsync")
         self.model = ModelLock(self.metrics.observe_wait)
         self.device = resolve_device(cfg.device)
@@ -100,6 +126,8 @@ class LipSync:
         self.compiled = False
         if self.device.type == "cuda":
             self._speed_settings(cfg)
+        self.startup_s = time.perf_counter() - started
+        self.metrics.started(self.startup_s)
 
     def _landmark_detector(self, cfg: LipSyncConfig) -> LandmarkFaceDetector:
         """S3FD face box + FAN 68 landmarks, combined by MuseTalk's rule (avatar.box_from_landmarks).
@@ -169,13 +197,14 @@ class LipSync:
             self.unet = torch.compile(self.unet, dynamic=False)
             self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False)
             self.compiled = True
-            # Compile at start-up (minutes), not in a user's first talk turn: one graph per batch
-            # size a turn uses.
-            window = window_length(self.fps) * HIDDEN_STATES
-            for size in sorted({cfg.first_batch_size, cfg.batch_size}):
-                latents = torch.zeros(size, 8, 32, 32)
-                self.generate_on_device(latents, torch.zeros(size, window, AUDIO_DIM))
-            torch.cuda.synchronize(self.device)
+        # Warm up at start-up (compiling takes minutes), not in a user's first talk turn: one pass
+        # per batch size a turn uses, and one whisper piece.
+        window = window_length(self.fps) * HIDDEN_STATES
+        for size in sorted({cfg.first_batch_size, cfg.batch_size}):
+            latents = torch.zeros(size, 8, 32, 32)
+            self.generate_on_device(latents, torch.zeros(size, window, AUDIO_DIM))
+        self.encode_audio_piece(np.zeros(SAMPLE_RATE, np.float32))
+        torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ models
 
@@ -305,7 +334,7 @@ class LipSync:
         return check_pcm(audio, self.cfg.max_audio_seconds, self.fps)
 
     def speak(self, avatar: str | PreparedAvatar, audio: np.ndarray, *, batch_size: int | None = None,
-              start_index: int = 0) -> Iterator[np.ndarray]:
+              start_index: int = 0, clock: "TurnClock | None" = None) -> Iterator[np.ndarray]:
         """Lip-sync `audio` (float32 PCM, 16 kHz mono) onto an avatar.
 
         Yields uint8 frame chunks (B, H, W, 3): with `batch_size` given, B = batch_size; by
@@ -313,8 +342,9 @@ class LipSync:
         last may be shorter);
         floor(seconds * fps) frames in all. Output frame i shows base frame
         cycle[(i + start_index) % 2M] of the retimed clip (pass the previous turn's frame count
-        to continue the cycle).
+        to continue the cycle). `clock` notes when the first features, batch and frames are done.
         """
+        clock = clock or TurnClock()
         avatar = self.get_avatar(avatar)
         pcm = self.check_audio(audio)
         if avatar.fps != self.fps:
@@ -327,8 +357,11 @@ class LipSync:
         def blended(sources, host, event) -> np.ndarray:
             if event is not None:
                 event.synchronize()
-            return np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
-                             for s, crop in zip(sources, host.numpy())])
+            clock.mark("first_batch")
+            frames = np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
+                               for s, crop in zip(sources, host.numpy())])
+            clock.mark("first_frames")
+            return frames
 
         pending = None  # the batch whose crops are on their way to the host
         # A smaller first batch brings the first chunk sooner; full batches after it.
@@ -337,9 +370,12 @@ class LipSync:
             indices = list(range(first, end))
             sources = [avatar.source_frame(i, start_index) for i in indices]
             windows = features.windows(indices)  # whisper runs here when the turn needs a new piece
+            clock.mark("features")
             with self.model:
                 self.frames_generated += len(sources)
                 host = self._to_host(self._generate(avatar.latents[sources], windows))
+                if self.cfg.simulate_batch_seconds:
+                    time.sleep(self.cfg.simulate_batch_seconds)
             previous, pending = pending, (sources, *host)
             if previous is not None:
                 yield blended(*previous)  # the GPU is already working on this batch meanwhile
@@ -353,12 +389,29 @@ class LipSync:
                    start_index: int = 0) -> Iterator[bytes]:
         """Lip-sync and mux: yields fragmented-MP4 bytes (H.264 + AAC of the same audio) as each
         fragment completes. Audio problems raise AudioError before the first byte."""
+        clock = TurnClock()
         avatar = self.get_avatar(avatar)
         pcm = self.check_audio(audio)
+        frames = self.speak(avatar, pcm, start_index=start_index, clock=clock)
         with self.metrics.timed("speak"):
-            yield from stream_fmp4(self.speak(avatar, pcm, start_index=start_index), pcm, fps=self.fps,
-                                   keyframe_interval=self.cfg.mp4_keyframe_interval,
-                                   crf=self.cfg.mp4_crf, audio_rate=self.cfg.aac_sample_rate)
+            for piece in stream_fmp4(frames, pcm, fps=self.fps, keyframe_interval=self.cfg.mp4_keyframe_interval,
+                                     crf=self.cfg.mp4_crf, preset=self.cfg.mp4_preset,
+                                     threads=self.cfg.placement.threads or 0, audio_rate=self.cfg.aac_sample_rate):
+                clock.mark("first_bytes")
+                yield piece
+        clock.mark("total")
+        for phase, seconds in clock.marks.items():
+            self.metrics.observe_phase(phase, seconds)
+        log.info("turn on %s: %d frames in %.2f s (%s)", avatar.avatar_id,
+                 frames_for_samples(pcm.shape[0], self.fps), clock.marks["total"],
+                 ", ".join(f"{k} {v:.3f} s" for k, v in clock.marks.items() if k != "total"))
+
+    async def stream(self, avatar: str, audio: np.ndarray | bytes, *, start_index: int = 0):
+        """`speak_fmp4` for handle callers (`options(stream=True)`): each piece is made in a worker
+        thread and the generator awaits between pieces, so a turn whose client has gone stops
+        at the next piece instead of running to its end."""
+        async for piece in in_threads(self.speak_fmp4(avatar, audio, start_index=start_index)):
+            yield piece
 
     def lipsync_mp4(self, avatar: str | AvatarInfo, audio: np.ndarray | bytes) -> bytes:
         """A whole lip-synced MP4 (fragmented: plays anywhere an MP4 does) for video jobs."""
@@ -377,4 +430,5 @@ class LipSync:
         check_resident("lipsync", self.whisper, self.unet, self.vae)
 
     def info(self) -> dict:
-        return placement_info(self.device)
+        return {**placement_info(self.device), "startup_s": self.startup_s, "compiled": self.compiled,
+                "frames_generated": self.frames_generated}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,10 +31,18 @@ FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_infe
 SLOW = {**FAST, "num_inference_steps": "40"}  # 40 x 0.1 s: past the 3 s deadline
 
 
+# Lip-sync autoscales between 1 and 2 replicas, two turns each, quickly (for the test).
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+               "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+
+
 def overrides(storage: Path) -> dict:
     stages = {s: {"placement": {"num_gpus": 1}} for s in ("encoder", "high", "low", "decoder", "lipsync")}
     for role in ("high", "low"):
         stages[role]["simulate_step_seconds"] = 0.1
+    stages["lipsync"]["placement"].update(autoscaling=AUTOSCALING, max_ongoing_requests=2)
+    stages["lipsync"]["avatar_cache_dir"] = str(storage / "avatars")  # shared by the replicas
+    stages["lipsync"]["simulate_batch_seconds"] = 0.3  # a batch of 8 frames: a busy GPU
     return {"stages": stages, "limits": {"max_steps": 40},
             "serving": {"storage_dir": str(storage), "job_timeout_s": 3.0, "max_running_jobs": 1,
                         "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
@@ -52,7 +61,7 @@ def cluster(tmp_path_factory):
     assert spec["import_path"] == "graph:app" and spec["name"] == APP
     spec["args"] = {**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))}
     http, dashboard, metrics = free_port(), free_port(), free_port()
-    ray.init(num_cpus=4, num_gpus=5, include_dashboard=True, dashboard_port=dashboard,
+    ray.init(address="local", num_cpus=4, num_gpus=6, include_dashboard=True, dashboard_port=dashboard,
              _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 500},
              log_to_driver=False)
     try:
@@ -79,6 +88,14 @@ def cluster(tmp_path_factory):
 def client(cluster):
     with httpx.Client(base_url=cluster["url"], headers=KEY, timeout=120) as c:
         yield c
+
+
+def alive_actors():
+    """This cluster's live actors (asked at its own address: another cluster may be running)."""
+    import ray
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
 
 
 def stage(name):
@@ -232,12 +249,10 @@ def test_dashboard_lists_every_stage_healthy(cluster):
 
 def test_dead_replica_fails_its_job_and_later_jobs_succeed(cluster, client):
     import ray
-    from ray.util.state import list_actors
 
     job = create(client, SLOW).json()
     first_step(client, job["id"])
-    victims = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-               if a.class_name.endswith("DitExpertHigh")]
+    victims = [a for a in alive_actors() if a.class_name.endswith("DitExpertHigh")]
     assert len(victims) == 1
     ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
     final = wait_final(client, job["id"])
@@ -280,15 +295,57 @@ def test_avatar_and_streamed_speech_over_http(client):
     assert client.delete(f"/v1/avatars/{avatar_id}").json()["deleted"] is True
 
 
+def lipsync_replicas() -> int:
+    from ray import serve
+
+    return serve.status().applications[APP].deployments["LipSync"].replica_states.get("RUNNING", 0)
+
+
+def test_lipsync_scales_out_under_turns_refuses_beyond_capacity_and_scales_back(client):
+    """Four 4 s turns at once on one lip-sync replica that takes two: Ray Serve adds the second
+    replica; a fifth turn meanwhile is refused at once (429 + Retry-After), never queued; after
+    the turns the stage shrinks back to one replica."""
+    r = client.post("/v1/avatars", data={"prompt": "a man talks", "size": "32x32", "num_frames": "5",
+                                         "num_inference_steps": "2"},
+                    files={"input_reference": ("p.png", IMAGE, "image/png")})
+    avatar = wait_ready(client, r.json()["id"])
+    assert avatar["status"] == "ready", avatar
+    avatar_id = avatar["id"]
+    assert lipsync_replicas() == 1
+    started = threading.Barrier(5)
+
+    def turn(_):
+        with client.stream("POST", f"/v1/avatars/{avatar_id}/speech",
+                           files={"audio": ("a.wav", wav_bytes(4.0), "audio/wav")}) as s:
+            started.wait(timeout=60)
+            return s.status_code, sum(len(c) for c in s.iter_raw())
+
+    with ThreadPoolExecutor(4) as pool:
+        turns = [pool.submit(turn, i) for i in range(4)]
+        started.wait(timeout=60)  # all four are streaming
+        extra = client.post(f"/v1/avatars/{avatar_id}/speech", files={"audio": ("a.wav", wav_bytes(1.0), "audio/wav")})
+        most, deadline = 1, time.monotonic() + 30
+        while not all(t.done() for t in turns) and time.monotonic() < deadline:
+            most = max(most, lipsync_replicas())
+            time.sleep(0.2)
+        results = [t.result(timeout=60) for t in turns]
+    assert extra.status_code == 429 and extra.headers["retry-after"] == "1", extra.text
+    assert all(status == 200 and size > 0 for status, size in results), results
+    assert most == 2
+    deadline = time.monotonic() + 60
+    while lipsync_replicas() != 1:
+        assert time.monotonic() < deadline, "lip-sync did not scale back to one replica"
+        time.sleep(0.5)
+
+
 def test_restarted_ingress_serves_old_results_and_fails_interrupted_jobs(cluster, client):
     import ray
-    from ray.util.state import list_actors
 
     done = create(client).json()
     assert wait_final(client, done["id"])["status"] == "completed"
     running = create(client, SLOW).json()
     first_step(client, running["id"])
-    ingress = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name.endswith("Ingress")]
+    ingress = [a for a in alive_actors() if a.class_name.endswith("Ingress")]
     assert len(ingress) == 1
     ray.kill(ray.get_actor(ingress[0].name, namespace="serve"), no_restart=True)
     # Serve starts a new ingress replica over the same storage directory.

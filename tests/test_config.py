@@ -132,3 +132,11 @@ def test_random_archs_fit_their_stage():
         load_profile("tiny", {"stages": {"lipsync": {"weights": {"kind": "random", "arch": "a14b"}}}})
     with pytest.raises(ValidationError, match="do not fit this stage"):
         load_profile("tiny", {"stages": {"high": {"weights": {"kind": "random", "arch": "full"}}}})
+
+
+def test_several_lipsync_replicas_need_a_shared_avatar_folder(tmp_path):
+    scaling = {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    with pytest.raises(ValidationError, match="avatar_cache_dir"):
+        load_profile("tiny", {"stages": {"lipsync": {"placement": scaling}}})
+    cfg = load_profile("tiny", {"stages": {"lipsync": {"placement": scaling, "avatar_cache_dir": str(tmp_path)}}})
+    assert cfg.max_talk_turns == 2 * cfg.stages.lipsync.placement.max_ongoing_requests

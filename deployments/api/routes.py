@@ -202,9 +202,17 @@ public = APIRouter()
 api = APIRouter()
 
 
-@public.get("/healthz")
+@public.get("/healthz", summary="Liveness: the ingress answers")
 async def healthz(ingress: IngressDep) -> dict[str, Any]:
     return {"status": "ok", "profile": ingress.cfg.name}
+
+
+@public.get("/readyz", summary="Readiness: 200 once every stage has loaded and warmed up, else 503",
+            responses={503: {"description": "stages still starting"}})
+async def readyz(ingress: IngressDep) -> JSONResponse:
+    ready, stages = await ingress.ready()
+    return JSONResponse({"status": "ready" if ready else "starting", "profile": ingress.cfg.name,
+                         "stages": stages}, status_code=200 if ready else 503)
 
 
 @api.get("/v1/models", response_model=ModelList)

@@ -10,6 +10,11 @@ classes only when it finds itself in a running Ray worker.
     avatar_serve_gpu_memory_bytes{stage}                gauge (where the stage has a GPU)
     avatar_serve_jobs_total{status}                     counter (jobs reaching a final status)
     avatar_serve_queue_depth / avatar_serve_jobs_running   gauges
+    avatar_serve_talk_turns                             gauge (talk turns streaming now)
+    avatar_serve_turn_phase_seconds{stage, phase}      histogram: where a talk turn's time goes
+        (ingress: audio_decode, first_byte; lipsync: features, first_batch, first_frames,
+        first_bytes, total -- each from the start of the turn in that stage)
+    avatar_serve_startup_seconds{stage}                 gauge (construction incl. warm-up)
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class StageMetrics:
         self.wait = _make("Histogram", "avatar_serve_stage_wait_seconds",
                           "Time a request waited for the stage's model (other requests were using it)",
                           ("stage",), boundaries=LATENCY_BUCKETS)
+        self.phase = _phase_histogram()
+        self.startup = _make("Gauge", "avatar_serve_startup_seconds",
+                             "Time the stage took to load and warm up", ("stage",))
 
     @contextmanager
     def timed(self, method: str):
@@ -75,6 +83,12 @@ class StageMetrics:
         finally:
             self.latency.observe(time.perf_counter() - started, tags={"stage": self.stage, "method": method})
             self._gpu_memory()
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.phase.observe(seconds, tags={"stage": self.stage, "phase": phase})
+
+    def started(self, seconds: float) -> None:
+        self.startup.set(seconds, tags={"stage": self.stage})
 
     def observe_wait(self, seconds: float) -> None:
         self.wait.observe(seconds, tags={"stage": self.stage})
@@ -88,11 +102,25 @@ class StageMetrics:
             self.gpu_memory.set(float(torch.cuda.memory_allocated()), tags={"stage": self.stage})
 
 
+def _phase_histogram():
+    return _make("Histogram", "avatar_serve_turn_phase_seconds",
+                 "Time from the start of a talk turn in a stage to each of its phases",
+                 ("stage", "phase"), boundaries=LATENCY_BUCKETS)
+
+
 class IngressMetrics:
     def __init__(self):
         self.jobs = _make("Counter", "avatar_serve_jobs_total", "Jobs by final status", ("status",))
         self.queue_depth = _make("Gauge", "avatar_serve_queue_depth", "Jobs waiting to run", ())
         self.running = _make("Gauge", "avatar_serve_jobs_running", "Jobs running", ())
+        self.turns = _make("Gauge", "avatar_serve_talk_turns", "Talk turns streaming now", ())
+        self.phase = _phase_histogram()
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.phase.observe(seconds, tags={"stage": "ingress", "phase": phase})
+
+    def talk_turns(self, n: int) -> None:
+        self.turns.set(n)
 
     def finished(self, status: str) -> None:
         self.jobs.inc(1, tags={"status": status})

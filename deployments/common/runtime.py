@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -58,6 +58,35 @@ class ModelLock:
     def _waited(self, started: float) -> None:
         if self._on_wait is not None:
             self._on_wait(time.perf_counter() - started)
+
+
+async def in_threads(items: Iterator):
+    """An async iterator over a sync iterator whose every `next()` runs in a worker thread: the
+    event loop stays free, and a consumer that stops (cancelled, client gone) closes the source
+    between items -- after the item being made, never in the middle of it."""
+    loop = asyncio.get_running_loop()
+    done = object()
+    try:
+        while True:
+            pending = loop.run_in_executor(None, next, items, done)
+            try:
+                item = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                await asyncio.wait([pending])  # let the item in progress finish first
+                raise
+            if item is done:
+                return
+            yield item
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+def apply_threads(threads: int | None) -> None:
+    """A stage's CPU thread count (`placement.threads`), when the profile sets one."""
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(setting: str) -> torch.device:

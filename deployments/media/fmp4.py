@@ -55,17 +55,19 @@ class FragmentedMP4Writer:
         audio: float32 (S,) mono PCM at `sample_rate`: the speech the frames are synced to.
         fps: video frame rate.
         keyframe_interval: frames between keyframes; a fragment is cut at each one.
+        preset, crf, threads: x264's speed preset, quality and thread count (0: automatic).
         audio_rate: AAC sample rate (48 kHz: 1024-sample frames of 21 ms).
     """
 
     def __init__(self, audio: np.ndarray, fps: int = 25, sample_rate: int = SAMPLE_RATE,
                  keyframe_interval: int = 12, crf: int = 20, audio_rate: int = 48000,
-                 audio_bitrate: int = 96000, preset: str = "veryfast"):
+                 audio_bitrate: int = 96000, preset: str = "veryfast", threads: int = 0):
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (S,), got {audio.shape}")
         self.audio, self.sample_rate, self.fps = audio, sample_rate, fps
         self.keyframe_interval, self.crf, self.preset = keyframe_interval, crf, preset
+        self.threads = threads  # x264 threads; 0: x264 decides from the cores it sees
         self.audio_rate, self.audio_bitrate = audio_rate, audio_bitrate
         self.frames_written = 0
         self._audio_pos = 0  # input samples already given to the AAC encoder
@@ -85,7 +87,7 @@ class FragmentedMP4Writer:
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"crf": str(self.crf), "preset": self.preset, "tune": "zerolatency",
                          "g": str(self.keyframe_interval),
-                         "keyint_min": str(self.keyframe_interval)}
+                         "keyint_min": str(self.keyframe_interval), "threads": str(self.threads)}
         audio = self._container.add_stream("aac", rate=self.audio_rate)
         audio.layout = "mono"
         audio.bit_rate = self.audio_bitrate

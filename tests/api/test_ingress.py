@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -85,3 +86,44 @@ def test_the_ingress_and_the_api_import_no_torch():
             "deployments.api.queue; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_ready_once_every_stage_answers(graph):
+    ready, stages = asyncio.run(graph.ingress.ready())
+    assert ready and set(stages) == {"encoder", "high", "low", "decoder", "lipsync"}
+    assert all(isinstance(s, float) for s in stages.values())
+
+
+def test_not_ready_while_a_stage_is_starting(tiny_cfg, monkeypatch):
+    graph = LocalGraph(tiny_cfg)
+
+    def still_loading():
+        time.sleep(1.0)
+        return {}
+
+    monkeypatch.setattr(graph.decoder.target, "info", still_loading)
+    ready, stages = asyncio.run(graph.ingress.ready(timeout_s=0.2))
+    assert not ready and stages["decoder"] == "starting" and stages["encoder"] != "starting"
+
+
+def test_talk_turns_beyond_capacity_get_429_with_retry_after(tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"serving": tiny_cfg.serving.model_copy(
+        update={"max_talk_turns": 1, "turn_retry_after_s": 2})})
+    graph = LocalGraph(cfg)
+
+    async def scenario():
+        avatar, _ = graph.ingress.create_avatar(REQUEST, png_bytes(get_dummy_image()))
+        while not graph.ingress.avatar(avatar.id).final:
+            await asyncio.sleep(0.02)
+        first = graph.ingress.speak(avatar.id, wav_bytes(2.0))
+        await anext(first)  # streaming: one turn in flight
+        with pytest.raises(ApiError) as refused:
+            await anext(graph.ingress.speak(avatar.id, wav_bytes(0.5)))
+        calls = graph.lipsync.calls["stream"]
+        await first.aclose()  # the first turn's client leaves
+        again = [piece async for piece in graph.ingress.speak(avatar.id, wav_bytes(0.5))]
+        return refused.value, calls, again
+
+    refused, calls, again = asyncio.run(scenario())
+    assert refused.status == 429 and refused.headers == {"Retry-After": "2"} and calls == 1
+    assert again and graph.ingress.turns == 0

@@ -150,15 +150,18 @@ def test_full_size_bases_hold_the_shared_settings():
     assert (d.width, d.height, d.num_frames, d.fps) == (832, 480, 81, 16)
     assert (lim.max_pixels, lim.max_frames, lim.max_audio_seconds) == (1280 * 720, 121, 120)
     stages = full.stages
-    # split placement: each GPU stage on its own card, the ingress on none
-    assert [getattr(stages, st).placement.num_gpus
-            for st in ("encoder", "high", "low", "decoder", "lipsync")] == [1] * 5
-    assert stages.ingress.placement.num_gpus == 0
+    # split placement: each Wan stage on its own card, lip-sync replicas halves of one, the ingress on none
+    assert [getattr(stages, st).placement.num_gpus for st in ("encoder", "high", "low", "decoder")] == [1] * 4
+    assert stages.lipsync.placement.num_gpus == 0.5 and stages.ingress.placement.num_gpus == 0
+    for st in ("encoder", "high", "low", "decoder"):  # warmed up at the default shape before ready
+        assert [(w.width, w.height, w.num_frames) for w in getattr(stages, st).warmup] == [(832, 480, 81)]
     lipsync = stages.lipsync
     assert (lipsync.weights.repo, lipsync.weights.unet, lipsync.weights.unet_config,
             lipsync.weights.vae, lipsync.weights.whisper) == (
         MUSETALK, "musetalkV15/unet.pth", "musetalkV15/musetalk.json", SD_VAE, WHISPER)
-    assert (lipsync.batch_size, lipsync.avatar_cache_dir, lipsync.compile) == (32, None, True)
+    assert (lipsync.batch_size, lipsync.compile, lipsync.placement.max_replicas) == (32, True, 2)
+    assert lipsync.avatar_cache_dir  # shared by its replicas
+    assert full.max_talk_turns == 16
     # The 4-step distilled recipe on top of it.
     s = base("_wan22-a14b-4step").sampler
     assert (s.scheduler, s.flow_shift, s.sigmas, s.num_inference_steps, s.high_steps,

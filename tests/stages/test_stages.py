@@ -145,3 +145,17 @@ def test_stages_report_health_and_placement(encoder):
     encoder.check_health()
     info = encoder.info()
     assert info["device"] == "cpu" and "cuda_visible_devices" in info
+
+
+def test_warm_up_shapes_run_before_the_stage_reports_ready():
+    from deployments.config import WarmupShape
+
+    shapes = [WarmupShape(width=32, height=16, num_frames=5)]
+    encoder = Encoder(EncoderConfig(device="cpu", warmup=shapes))
+    expert = DitExpert(ExpertConfig(role="high", device="cpu", warmup=shapes), SAMPLER)
+    decoder = Decoder(DecoderConfig(device="cpu", warmup=shapes))
+    for stage in (encoder, expert, decoder):
+        # each ran its model once under its lock during construction, and says how long start-up took
+        assert sum(len(v) for v in stage.metrics.wait.values.values()) == 1
+        assert stage.info()["startup_s"] > 0
+    assert expert.steps_run == 0  # a warm-up is not a denoise step of any request

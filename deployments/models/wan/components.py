@@ -52,6 +52,15 @@ A14B = {
 }
 ARCHS = {"tiny": TINY, "a14b": A14B}
 
+# The Wan VAE (2.1 and 2.2 I2V): latents are 16 channels, 4x fewer frames (the first one alone),
+# 8x smaller in space. Stages without the VAE use these to size their warm-up inputs.
+LATENT_CHANNELS, VAE_TEMPORAL, VAE_SPATIAL = 16, 4, 8
+
+
+def latent_shape(width: int, height: int, num_frames: int) -> tuple[int, int, int, int, int]:
+    """(1, 16, T, h, w) of a clip: T = (F - 1) / 4 + 1, h = H / 8, w = W / 8."""
+    return (1, LATENT_CHANNELS, (num_frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL)
+
 
 def tiny_tokenizer() -> T5Tokenizer:
     """A unigram tokenizer built in code: specials, letters, digits, a few words (< 64 ids).
