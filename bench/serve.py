@@ -117,6 +117,14 @@ async def timed(what: str, fn, *args) -> dict:
     return {"s": time.perf_counter() - t0, "status": 200, **result}
 
 
+def decoded_frames(mp4: bytes) -> int:
+    """Video frames in an MP4 (decoded with PyAV)."""
+    import av
+
+    with av.open(io.BytesIO(mp4)) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
 def latencies(runs: list[dict]) -> dict:
     ok = [r["s"] for r in runs if "error" not in r]
     return {"latency_s": spread(ok), "runs": len(runs), "failures": len(runs) - len(ok),
@@ -146,8 +154,14 @@ async def measure(args, video, create_avatar, turn) -> dict:
         return out
     frames = math.floor(args.turn_seconds * FPS)
     log("talk turns: a warm-up turn, then concurrent batches")
+    warmup = await timed("turn warm-up", turn, avatar_id, True)
     out["turns"] = {"turn_seconds": args.turn_seconds, "frames_per_turn": frames, "concurrency": {},
-                    "warmup": await timed("turn warm-up", turn, avatar_id)}
+                    "warmup": {k: v for k, v in warmup.items() if k != "data"}}
+    if "data" in warmup:  # the stream is a valid MP4 with every frame (whatever the encoder)
+        decoded = decoded_frames(warmup["data"])
+        out["turns"]["warmup"]["decoded_frames"] = decoded
+        if decoded != frames:
+            FAILURES.append(f"turn warm-up: the MP4 decodes to {decoded} frames, expected {frames}")
     for n in args.turn_concurrency:
         turns, walls, aggregates = [], [], []
         for _ in range(args.repeats):
@@ -190,12 +204,12 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
             raise RuntimeError(f"avatar {avatar.status}: {avatar.error}")
         return {"id": avatar.id}
 
-    async def turn(avatar_id):
-        t0, first, size = time.perf_counter(), None, 0
+    async def turn(avatar_id, keep=False):
+        t0, first, pieces = time.perf_counter(), None, []
         async for piece in ingress.speak(avatar_id, audio, 0):
             first = time.perf_counter() - t0 if first is None else first
-            size += len(piece)
-        return {"first_s": first, "bytes": size}
+            pieces.append(piece)
+        return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
     return out | await measure(args, video, create_avatar, turn)
 
@@ -226,19 +240,19 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes) -> 
                 raise RuntimeError(f"avatar {avatar['status']}: {avatar.get('error')}")
             return {"id": avatar["id"], "created": r.status_code == 201}
 
-        async def turn(avatar_id):
+        async def turn(avatar_id, keep=False):
             files = {"audio": ("speech.wav", audio, "audio/wav")}
-            t0, first, size = time.perf_counter(), None, 0  # from sending: the upload is small and local
+            t0, first, pieces = time.perf_counter(), None, []  # from sending: the upload is small and local
             async with client.stream("POST", f"/v1/avatars/{avatar_id}/speech", files=files) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise http_error(r)
                 async for piece in r.aiter_raw():
                     first = time.perf_counter() - t0 if first is None else first
-                    size += len(piece)
-            if not size:
+                    pieces.append(piece)
+            if not pieces:
                 raise RuntimeError("empty speech response")
-            return {"first_s": first, "bytes": size}
+            return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
         return await measure(args, video, create_avatar, turn)
 
@@ -252,10 +266,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(name: str) -> str:
-    """`ray` / `serve` next to this Python (the virtualenv's), else on PATH."""
+CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts"}
+
+
+def cli(name: str) -> list[str]:
+    """`ray` / `serve` as a command: the script next to this Python (the virtualenv's), else on
+    PATH, else this Python running the CLI's module (for packages installed without scripts)."""
     path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
+    if path.exists():
+        return [str(path)]
+    found = shutil.which(name)
+    return [found] if found else [sys.executable, "-m", CLI_MODULES[name]]
 
 
 def _own_session_dying_with_parent() -> None:
@@ -284,7 +305,7 @@ def preflight(args, env: dict) -> None:
 
 
 def start_ray(args, env: dict, ports: dict, log_file: Path) -> subprocess.Popen:
-    cmd = [cli("ray"), "start", "--head", "--block", f"--port={ports['gcs']}", f"--num-cpus={os.cpu_count()}",
+    cmd = [*cli("ray"), "start", "--head", "--block", f"--port={ports['gcs']}", f"--num-cpus={os.cpu_count()}",
            f"--metrics-export-port={ports['metrics']}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
            f"--dashboard-agent-listen-port={ports['agent']}", "--disable-usage-stats"]
@@ -448,7 +469,7 @@ def stop_ray(proc: subprocess.Popen | None, dashboard: str, env: dict, ray_stop:
     if proc is not None and proc.poll() is None:
         log("stopping: serve shutdown -y, then our Ray node")
         try:
-            subprocess.run([cli("serve"), "shutdown", "-y", "-a", dashboard], cwd=ROOT, env=env, timeout=120,
+            subprocess.run([*cli("serve"), "shutdown", "-y", "-a", dashboard], cwd=ROOT, env=env, timeout=120,
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=False)
         except subprocess.TimeoutExpired:
             log("serve shutdown timed out; stopping the node anyway")
@@ -459,7 +480,7 @@ def stop_ray(proc: subprocess.Popen | None, dashboard: str, env: dict, ray_stop:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     if ray_stop:
-        subprocess.run([cli("ray"), "stop", "--force"], env=env, timeout=120, check=False)
+        subprocess.run([*cli("ray"), "stop", "--force"], env=env, timeout=120, check=False)
     log("stopped")
 
 
@@ -521,6 +542,7 @@ def main() -> int:
     ap.add_argument("--turn-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-inprocess", action="store_true")
+    ap.add_argument("--skip-served", action="store_true", help="phase 1 alone (in process)")
     ap.add_argument("--skip-video", action="store_true")
     ap.add_argument("--skip-turns", action="store_true")
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds")
@@ -585,26 +607,27 @@ def main() -> int:
             except (IndexError, ValueError, KeyError):
                 report["failures"].append(f"in-process: exit {p.returncode}, no result (see above)")
 
-        log("phase 2: served")
-        t0 = time.perf_counter()
-        proc = start_ray(args, env, ports, tmp / "ray-start.log")
-        wait_dashboard(proc, dashboard, args.startup_timeout, tmp / "ray-start.log")
-        report["ray_start_s"] = time.perf_counter() - t0
-        log("$ serve deploy")
-        t0 = time.perf_counter()
-        deploy = subprocess.run([cli("serve"), "deploy", str(tmp / "serve_config.yaml"), "-a", dashboard],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-        if deploy.returncode:
-            raise BenchError(f"serve deploy failed ({deploy.returncode}):\n{deploy.stdout}{deploy.stderr}")
-        report["ready_by"] = wait_ready(base, dashboard, args.startup_timeout)
-        report["startup_s"] = time.perf_counter() - t0
-        log(f"ready {report['startup_s']:.1f} s after serve deploy (seen by {report['ready_by']})")
-        report["served"] = asyncio.run(served(args, base, request, image, audio))
-        report["failures"] += [f"served: {f}" for f in FAILURES]
-        log("reading the metrics")
-        report["stage_metrics"] = stage_metrics(f"http://127.0.0.1:{ports['metrics']}/metrics")
-        log("placement")
-        report["placement"] = placement(f"127.0.0.1:{ports['gcs']}", env)
+        if not args.skip_served:
+            log("phase 2: served")
+            t0 = time.perf_counter()
+            proc = start_ray(args, env, ports, tmp / "ray-start.log")
+            wait_dashboard(proc, dashboard, args.startup_timeout, tmp / "ray-start.log")
+            report["ray_start_s"] = time.perf_counter() - t0
+            log("$ serve deploy")
+            t0 = time.perf_counter()
+            deploy = subprocess.run([*cli("serve"), "deploy", str(tmp / "serve_config.yaml"), "-a", dashboard],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+            if deploy.returncode:
+                raise BenchError(f"serve deploy failed ({deploy.returncode}):\n{deploy.stdout}{deploy.stderr}")
+            report["ready_by"] = wait_ready(base, dashboard, args.startup_timeout)
+            report["startup_s"] = time.perf_counter() - t0
+            log(f"ready {report['startup_s']:.1f} s after serve deploy (seen by {report['ready_by']})")
+            report["served"] = asyncio.run(served(args, base, request, image, audio))
+            report["failures"] += [f"served: {f}" for f in FAILURES]
+            log("reading the metrics")
+            report["stage_metrics"] = stage_metrics(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            log("placement")
+            report["placement"] = placement(f"127.0.0.1:{ports['gcs']}", env)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

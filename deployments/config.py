@@ -299,6 +299,12 @@ class LipSyncConfig(StageBase):
     mp4_crf: int = Field(20, ge=0, le=51)
     # x264's speed preset for talk turns (with `zerolatency`: no B-frames, no look-ahead).
     mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
+    # "h264_nvenc": the GPU's own H.264 encoder (RGBA frames straight from the paste-back, no CPU
+    # colour conversion); "libx264" encodes on the CPU. Measured in bench/README.md.
+    mp4_codec: Literal["libx264", "h264_nvenc"] = "libx264"
+    # Where generated faces are pasted into the frames: "auto" = on the GPU when the stage has one
+    # (deployments/models/musetalk/paste.py), else on the CPU with PIL (avatar.blend_face).
+    paste_back: Literal["auto", "device", "host"] = "auto"
     aac_sample_rate: int = 48000
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -67,6 +68,7 @@ from deployments.models.musetalk.features import (
     positional_encoding,
     window_length,
 )
+from deployments.models.musetalk.paste import PasteBack
 
 log = logging.getLogger("avatar_serve.lipsync")
 
@@ -120,6 +122,7 @@ class LipSync:
             self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
                                                 seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
+        self._pastes: OrderedDict = OrderedDict()  # (avatar id, channels) -> PasteBack, under self.model
         self.vae_encodes = 0  # counted under self.model
         self.frames_generated = 0  # counted under self.model
         self.memory_format = torch.contiguous_format
@@ -323,6 +326,9 @@ class LipSync:
         return found
 
     def delete_avatar(self, avatar_id: str) -> bool:
+        with self.model:
+            for key in [k for k in self._pastes if k[0] == avatar_id]:
+                del self._pastes[key]
         return self.store.delete(avatar_id)
 
     # ------------------------------------------------------------------ talk turn
@@ -333,8 +339,21 @@ class LipSync:
             audio = decode_audio(bytes(audio), self.cfg.max_audio_seconds)
         return check_pcm(audio, self.cfg.max_audio_seconds, self.fps)
 
+    def _paste_back(self, avatar: PreparedAvatar, channels: int) -> PasteBack | None:
+        """The avatar's frames and blend weights on the device (cached, a few avatars), or None
+        when faces are pasted on the CPU. Called under self.model."""
+        mode = self.cfg.paste_back
+        if mode == "host" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        key = (avatar.avatar_id, channels)
+        paste = self._pastes.pop(key, None) or PasteBack(avatar, self.device, channels)
+        self._pastes[key] = paste  # most recently used last
+        while len(self._pastes) > self.cfg.max_avatars_in_memory:
+            self._pastes.popitem(last=False)
+        return paste
+
     def speak(self, avatar: str | PreparedAvatar, audio: np.ndarray, *, batch_size: int | None = None,
-              start_index: int = 0, clock: "TurnClock | None" = None) -> Iterator[np.ndarray]:
+              start_index: int = 0, clock: "TurnClock | None" = None, rgba: bool = False) -> Iterator[np.ndarray]:
         """Lip-sync `audio` (float32 PCM, 16 kHz mono) onto an avatar.
 
         Yields uint8 frame chunks (B, H, W, 3): with `batch_size` given, B = batch_size; by
@@ -343,6 +362,7 @@ class LipSync:
         floor(seconds * fps) frames in all. Output frame i shows base frame
         cycle[(i + start_index) % 2M] of the retimed clip (pass the previous turn's frame count
         to continue the cycle). `clock` notes when the first features, batch and frames are done.
+        `rgba`: (B, H, W, 4) frames with an opaque alpha channel, for encoders that take RGBA.
         """
         clock = clock or TurnClock()
         avatar = self.get_avatar(avatar)
@@ -354,12 +374,21 @@ class LipSync:
         batch_size = batch_size or self.cfg.batch_size
         features = self.audio_features(pcm)
 
+        channels = 4 if rgba else 3
+        with self.model:
+            paste = self._paste_back(avatar, channels)
+
         def blended(sources, host, event) -> np.ndarray:
             if event is not None:
                 event.synchronize()
             clock.mark("first_batch")
-            frames = np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
-                               for s, crop in zip(sources, host.numpy())])
+            if paste is not None:  # pasted on the device already
+                frames = host.numpy()
+            else:
+                frames = np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
+                                   for s, crop in zip(sources, host.numpy())])
+                if rgba:
+                    frames = np.concatenate([frames, np.full_like(frames[..., :1], 255)], axis=-1)
             clock.mark("first_frames")
             return frames
 
@@ -373,7 +402,8 @@ class LipSync:
             clock.mark("features")
             with self.model:
                 self.frames_generated += len(sources)
-                host = self._to_host(self._generate(avatar.latents[sources], windows))
+                crops = self._generate(avatar.latents[sources], windows)
+                host = self._to_host(crops if paste is None else paste(sources, crops))
                 if self.cfg.simulate_batch_seconds:
                     time.sleep(self.cfg.simulate_batch_seconds)
             previous, pending = pending, (sources, *host)
@@ -392,10 +422,11 @@ class LipSync:
         clock = TurnClock()
         avatar = self.get_avatar(avatar)
         pcm = self.check_audio(audio)
-        frames = self.speak(avatar, pcm, start_index=start_index, clock=clock)
+        nvenc = self.cfg.mp4_codec == "h264_nvenc"
+        frames = self.speak(avatar, pcm, start_index=start_index, clock=clock, rgba=nvenc)
         with self.metrics.timed("speak"):
             for piece in stream_fmp4(frames, pcm, fps=self.fps, keyframe_interval=self.cfg.mp4_keyframe_interval,
-                                     crf=self.cfg.mp4_crf, preset=self.cfg.mp4_preset,
+                                     crf=self.cfg.mp4_crf, preset=self.cfg.mp4_preset, codec=self.cfg.mp4_codec,
                                      threads=self.cfg.placement.threads or 0, audio_rate=self.cfg.aac_sample_rate):
                 clock.mark("first_bytes")
                 yield piece

@@ -24,6 +24,7 @@ from deployments.media.audio import SAMPLE_RATE
 # list FFmpeg shifts every timestamp but the first video frame's by 21 ms to keep them
 # non-negative. The header still leaves with the first fragment, before the last frame is made.
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+delay_moov"
+VIDEO_CODECS = ("libx264", "h264_nvenc")
 
 
 class _Sink:
@@ -56,18 +57,24 @@ class FragmentedMP4Writer:
         fps: video frame rate.
         keyframe_interval: frames between keyframes; a fragment is cut at each one.
         preset, crf, threads: x264's speed preset, quality and thread count (0: automatic).
+        codec: "libx264" (CPU), or "h264_nvenc" (the GPU's video encoder; needs an NVIDIA GPU and
+            an FFmpeg built with NVENC, as PyAV's wheels are; takes RGBA frames as they are).
         audio_rate: AAC sample rate (48 kHz: 1024-sample frames of 21 ms).
     """
 
     def __init__(self, audio: np.ndarray, fps: int = 25, sample_rate: int = SAMPLE_RATE,
                  keyframe_interval: int = 12, crf: int = 20, audio_rate: int = 48000,
-                 audio_bitrate: int = 96000, preset: str = "veryfast", threads: int = 0):
+                 audio_bitrate: int = 96000, preset: str = "veryfast", threads: int = 0,
+                 codec: str = "libx264"):
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (S,), got {audio.shape}")
         self.audio, self.sample_rate, self.fps = audio, sample_rate, fps
         self.keyframe_interval, self.crf, self.preset = keyframe_interval, crf, preset
         self.threads = threads  # x264 threads; 0: x264 decides from the cores it sees
+        if codec not in VIDEO_CODECS:
+            raise ValueError(f"video codec {codec!r}: expected one of {', '.join(VIDEO_CODECS)}")
+        self.codec = codec
         self.audio_rate, self.audio_bitrate = audio_rate, audio_bitrate
         self.frames_written = 0
         self._audio_pos = 0  # input samples already given to the AAC encoder
@@ -78,16 +85,23 @@ class FragmentedMP4Writer:
 
     # ------------------------------------------------------------------ setup
 
-    def _open(self, height: int, width: int) -> None:
+    def _open(self, height: int, width: int, channels: int) -> None:
         if height % 2 or width % 2:
             raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
         self._container = av.open(self._sink, mode="w", format="mp4",
                                   options={"movflags": MOVFLAGS})
-        video = self._container.add_stream("libx264", rate=self.fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": str(self.crf), "preset": self.preset, "tune": "zerolatency",
-                         "g": str(self.keyframe_interval),
-                         "keyint_min": str(self.keyframe_interval), "threads": str(self.threads)}
+        video = self._container.add_stream(self.codec, rate=self.fps)
+        video.width, video.height = width, height
+        keyframes = {"g": str(self.keyframe_interval), "keyint_min": str(self.keyframe_interval)}
+        if self.codec == "h264_nvenc":
+            # NVENC converts RGBA to 4:2:0 itself; low-latency tuning, no B-frames, constant QP.
+            video.pix_fmt = "rgba" if channels == 4 else "yuv420p"
+            video.options = {"preset": "p2", "tune": "ull", "zerolatency": "1", "delay": "0", "bf": "0",
+                             "rc": "constqp", "qp": str(self.crf + 3), **keyframes}
+        else:
+            video.pix_fmt = "yuv420p"
+            video.options = {"crf": str(self.crf), "preset": self.preset, "tune": "zerolatency",
+                             "threads": str(self.threads), **keyframes}
         audio = self._container.add_stream("aac", rate=self.audio_rate)
         audio.layout = "mono"
         audio.bit_rate = self.audio_bitrate
@@ -111,21 +125,22 @@ class FragmentedMP4Writer:
                 self._container.mux(packet)
 
     def write(self, frames: np.ndarray) -> bytes:
-        """uint8 frames (B, H, W, 3) or one (H, W, 3) -> the MP4 bytes completed so far (may be
-        empty until a fragment is done)."""
+        """uint8 frames (B, H, W, 3) RGB or (B, H, W, 4) RGBA, or one (H, W, C) -> the MP4 bytes
+        completed so far (may be empty until a fragment is done)."""
         if self._closed:
             raise RuntimeError("writer is closed")
         frames = np.asarray(frames)
         if frames.ndim == 3:
             frames = frames[None]
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"expected uint8 frames (B, H, W, 3), got {frames.dtype} {frames.shape}")
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (3, 4):
+            raise ValueError(f"expected uint8 frames (B, H, W, 3 or 4), got {frames.dtype} {frames.shape}")
         if self._container is None:
-            self._open(frames.shape[1], frames.shape[2])
+            self._open(frames.shape[1], frames.shape[2], frames.shape[3])
         elif frames.shape[1:3] != self._size:
             raise ValueError(f"frame size changed from {self._size} to {frames.shape[1:3]}")
         for frame in frames:
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame),
+                                            format="rgba" if frame.shape[-1] == 4 else "rgb24")
             vf.pts = self.frames_written
             self.frames_written += 1
             for packet in self._video.encode(vf):

@@ -51,3 +51,16 @@ def test_stream_fmp4_yields_only_non_empty_pieces_and_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         FragmentedMP4Writer(audio).write(np.zeros((1, 31, 32, 3), np.uint8))
 
+
+
+def test_rgba_frames_are_encoded_like_rgb():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (13, 32, 48, 3), dtype=np.uint8)
+    rgba = np.concatenate([frames, np.full_like(frames[..., :1], 255)], axis=-1)
+    audio = np.zeros(16000, np.float32)
+    plain = b"".join(stream_fmp4([frames], audio, fps=25))
+    alpha = b"".join(stream_fmp4([rgba], audio, fps=25))
+    a, b = decode_mp4_tracks(plain)[0], decode_mp4_tracks(alpha)[0]
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="video codec"):
+        stream_fmp4([frames], audio, codec="mpeg2").__next__()

@@ -264,3 +264,32 @@ def test_retime_16_to_25_fps_picks_nearest_frame():
     assert list(retime_indices(5, 25, 25)) == [0, 1, 2, 3, 4]
     assert list(retime_indices(6, 50, 25)) == [0, 2, 4]
 
+
+
+def test_paste_back_on_a_device_matches_pil_blending():
+    """The GPU paste-back (torch, run here on the CPU) gives PIL's blend within a few levels, and
+    leaves every pixel outside the face box exactly as it was."""
+    from deployments.models.musetalk.paste import PasteBack
+
+    rng = np.random.default_rng(0)
+    n = 3
+    frames = rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8)
+    boxes = np.array([BOX, (10, 4, 70, 60), (30, 20, 62, 44)], dtype=np.int64)  # shrink and grow
+    masks = np.stack([lower_face_mask()] * n)
+    avatar = PreparedAvatar(avatar_id="a", frames=frames, source_index=np.arange(n), boxes=boxes,
+                            crops=np.zeros((n, 256, 256, 3), np.uint8), latents=np.zeros((n, 8, 32, 32), np.float32),
+                            masks=masks)
+    crops = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)
+    sources = [2, 0, 1, 2]
+    pasted = PasteBack(avatar, "cpu")(sources, torch.from_numpy(crops[sources])).numpy()
+    rgba = PasteBack(avatar, "cpu", channels=4)(sources, torch.from_numpy(crops[sources])).numpy()
+    for row, s in enumerate(sources):
+        expected = blend_face(frames[s], crops[s], boxes[s], masks[s])
+        diff = np.abs(pasted[row].astype(int) - expected.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+        x1, y1, x2, y2 = boxes[s]
+        outside = np.ones((H, W), bool)
+        outside[y1:y2, x1:x2] = False
+        np.testing.assert_array_equal(pasted[row][outside], frames[s][outside])
+        np.testing.assert_array_equal(rgba[row, ..., :3], pasted[row])
+        assert (rgba[row, ..., 3] == 255).all()

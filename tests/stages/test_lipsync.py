@@ -303,3 +303,19 @@ def test_landmarks_detector_is_built_from_s3fd_and_fan(tmp_path):
     assert np.all(avatar.boxes >= 0) and np.all(avatar.boxes[:, 2] <= w) and np.all(avatar.boxes[:, 3] <= h)
     with pytest.raises(ValueError, match="s3fd"):
         LipSync._landmark_detector(stage, LipSyncConfig(weights=MuseTalkWeights(), face_detector="landmarks"))
+
+
+def test_paste_back_on_the_device_gives_the_host_frames(stage, avatar, cache_dir):
+    """`paste_back: device` (what a GPU stage does) against PIL on the host: the same turn within
+    two levels; RGBA frames (for NVENC) carry the same colours and an opaque alpha."""
+    audio = get_dummy_inputs()["audio"]
+    host = np.concatenate(list(stage.speak(avatar, audio)))
+    cfg = stage.cfg.model_copy(update={"paste_back": "device"})
+    on_device = LipSync(cfg)
+    device = np.concatenate(list(on_device.speak(avatar, audio)))
+    rgba = np.concatenate(list(on_device.speak(avatar, audio, rgba=True)))
+    assert device.shape == host.shape and rgba.shape == (*host.shape[:3], 4)
+    assert np.abs(device.astype(int) - host.astype(int)).max() <= 2
+    np.testing.assert_array_equal(rgba[..., :3], device)
+    assert (rgba[..., 3] == 255).all()
+    assert on_device.delete_avatar(avatar.avatar_id) and not on_device._pastes
