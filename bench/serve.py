@@ -154,7 +154,10 @@ async def measure(args, video, create_avatar, turn) -> dict:
         return out
     frames = math.floor(args.turn_seconds * FPS)
     log("talk turns: a warm-up turn, then concurrent batches")
-    warmup = await timed("turn warm-up", turn, avatar_id, True)
+    # Warm-up turns at once, as many as --warmup-turns, so that each lip-sync replica has served
+    # (loaded the avatar from the shared folder, put its frames on the GPU) before the timed ones.
+    warmups = await asyncio.gather(*(timed("turn warm-up", turn, avatar_id, i == 0) for i in range(args.warmup_turns)))
+    warmup = warmups[0]
     out["turns"] = {"turn_seconds": args.turn_seconds, "frames_per_turn": frames, "concurrency": {},
                     "warmup": {k: v for k, v in warmup.items() if k != "data"}}
     if "data" in warmup:  # the stream is a valid MP4 with every frame (whatever the encoder)
@@ -541,6 +544,7 @@ def main() -> int:
     ap.add_argument("--turn-concurrency", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--turn-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-turns", type=int, default=2, help="concurrent warm-up turns (one per lip-sync replica)")
     ap.add_argument("--skip-inprocess", action="store_true")
     ap.add_argument("--skip-served", action="store_true", help="phase 1 alone (in process)")
     ap.add_argument("--skip-video", action="store_true")
