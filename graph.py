@@ -15,13 +15,14 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.api.routes import with_http
-from deployments.config import GraphConfig, Placement, load_profile
+from deployments.config import GraphConfig, Placement
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.lipsync import LipSync
 from deployments.models.download import check_weights_present
+from deployments.profiles import load_profile
 
 
 class GraphArgs(BaseModel):

@@ -187,8 +187,8 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     """Phase 1 (in a subprocess): every stage in this process, `LocalGraph`, through its ingress."""
     import torch
 
-    from deployments.config import load_profile
     from deployments.local import LocalGraph
+    from deployments.profiles import load_profile
 
     out = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__}

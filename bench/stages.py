@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import WanImageToVideoPipeline  # noqa: E402
 
-from deployments.config import load_profile  # noqa: E402
 from deployments.local import LocalGraph  # noqa: E402
 from deployments.media.video import encode_mp4  # noqa: E402
 from deployments.models.wan.sampler import make_scheduler  # noqa: E402
+from deployments.profiles import load_profile  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

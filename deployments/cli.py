@@ -68,8 +68,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from deployments.common.errors import MissingWeightsError
-    from deployments.config import load_profile
     from deployments.models import download as dl
+    from deployments.profiles import load_profile
 
     cfg = load_profile(args.profile, {"weights_dir": args.dir} if args.dir else None)
     if args.dry_run:

@@ -1,6 +1,6 @@
 """Configuration: one root `GraphConfig` holding one sub-config per stage and the serving settings.
 
-A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up; every stage
+A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up (deployments/profiles.py); every stage
 receives its own sub-config as a constructor argument and never reads files or the environment.
 
 The defaults below are one coherent set: the embedded `tiny` profile (random tiny models on the
@@ -11,15 +11,9 @@ with `extends: NAME`; names starting with `_` are bases, not servable themselves
 
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -424,7 +418,7 @@ class GraphConfig(_Strict):
     # Where `avatar-serve download` put the files (a huggingface_hub cache folder); None: the
     # default Hugging Face cache. Serving reads from here and never downloads.
     weights_dir: str | None = None
-    # A placement preset (PLACEMENTS, in deployments/config.py) applied under the stages' own
+    # A placement preset (PLACEMENTS, in deployments/profiles.py) applied under the stages' own
     # placement settings; None: each stage's placement as written (tiny: all on CPUs).
     placement: Literal["per-stage", "four-gpu", "two-gpu", "single-gpu"] | None = None
     stages: Stages = Stages()
@@ -440,109 +434,4 @@ class GraphConfig(_Strict):
         return self.serving.max_talk_turns or placement.max_replicas * placement.max_ongoing_requests
 
 
-# ---------------------------------------------------------------- loading
-
-
 MODEL_STAGES = ("encoder", "high", "low", "decoder", "lipsync")
-
-# Placement presets: the GPU share of each stage's replica, so the same weights run on 1, 2, 4 or
-# 5+ GPUs without editing. Ray packs fractional shares onto GPUs; a share above 0.5 keeps two
-# replicas off one GPU, which is how the experts are kept apart. Lip-sync shares leave room for
-# its second replica (autoscaling) next to the first. A profile picks one with `placement: NAME`;
-# a stage's own `placement.num_gpus` in the profile still wins.
-PLACEMENTS: dict[str, dict[str, float]] = {
-    # five GPUs: one per Wan stage, the lip-sync replicas sharing the fifth
-    "per-stage": {"encoder": 1, "high": 1, "low": 1, "decoder": 1, "lipsync": 0.5},
-    # four GPUs: each expert alone; the encoder; decoder and lip-sync together
-    "four-gpu": {"encoder": 1, "high": 1, "low": 1, "decoder": 0.5, "lipsync": 0.25},
-    # two GPUs: the experts never share one; encoder, decoder and lip-sync fill the rest
-    "two-gpu": {"encoder": 0.2, "high": 0.6, "low": 0.6, "decoder": 0.2, "lipsync": 0.1},
-    # one GPU for everything (an H200 holds both fp8 or bf16 experts, the encoder and MuseTalk)
-    "single-gpu": {"encoder": 0.2, "high": 0.25, "low": 0.25, "decoder": 0.1, "lipsync": 0.1},
-}
-
-
-def deep_merge(base: dict, overrides: dict) -> dict:
-    """Return `base` with `overrides` merged in, recursing into nested mappings. A mapping whose
-    `kind` differs from the base's (another weights source) replaces it whole."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        old = out.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and value.get("kind", old.get("kind")) == old.get("kind"):
-            out[key] = deep_merge(old, value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def profile_names() -> list[str]:
-    """The servable profiles in `configs/` (bases, named `_...`, are not)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def profile_path(profile: str, relative_to: Path = CONFIG_DIR) -> Path:
-    """A profile is a name in `configs/` (`tiny`) or a path to a YAML file."""
-    path = Path(profile)
-    if path.suffix in (".yaml", ".yml"):
-        path = path if path.is_absolute() or path.exists() else relative_to / path
-        if path.exists():
-            return path
-    candidate = CONFIG_DIR / f"{profile}.yaml"
-    if not candidate.exists():
-        raise ValueError(f"unknown profile {profile!r}; known profiles: {', '.join(profile_names())}")
-    return candidate
-
-
-def read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A profile's YAML with its `extends:` chain merged in (the base first, then this file)."""
-    path = path.resolve()
-    if path in seen:
-        raise ValueError(f"profile {path.name}: 'extends' goes in a circle ({' -> '.join(p.name for p in seen)})")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"profile {path.name}: expected a mapping at the top")
-    base = raw.pop("extends", None)
-    if base is None:
-        return raw
-    return deep_merge(read_profile(profile_path(base, path.parent), (*seen, path)), raw)
-
-
-def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None) -> GraphConfig:
-    path = profile_path(profile)
-    if path.stem.startswith("_"):
-        raise ValueError(f"{path.stem!r} is a base for other profiles ('extends: {path.stem}'), not a "
-                         f"profile to serve; known profiles: {', '.join(profile_names())}")
-    raw = read_profile(path)
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    return validate_profile(raw)
-
-
-def validate_profile(raw: dict) -> GraphConfig:
-    """A profile's merged YAML -> GraphConfig: the roles follow the expert slots, `weights_dir`
-    and the audio limit reach the stages, API keys from the environment are added."""
-    raw = copy.deepcopy(raw)
-    preset = raw.get("placement")
-    if preset is not None:
-        if preset not in PLACEMENTS:
-            raise ValueError(f"placement {preset!r} is not a preset; choose one of {', '.join(PLACEMENTS)}")
-        shares = {stage: {"placement": {"num_gpus": share}} for stage, share in PLACEMENTS[preset].items()}
-        raw["stages"] = deep_merge(shares, raw.get("stages") or {})
-    stages = raw.setdefault("stages", {})
-    # The role of each expert follows from its slot; a profile need not repeat it.
-    for role in ("high", "low"):
-        stages.setdefault(role, {}).setdefault("role", role)
-    for name in MODEL_STAGES:
-        stages.setdefault(name, {}).setdefault("weights_dir", raw.get("weights_dir"))
-    # The audio limit is stated once, in `limits`; the lip-sync stage gets it for its own check.
-    if "max_audio_seconds" in stages["lipsync"]:
-        raise ValueError("set the audio length limit as limits.max_audio_seconds (the ingress and the "
-                         "lip-sync stage both apply it), not stages.lipsync.max_audio_seconds")
-    stages["lipsync"]["max_audio_seconds"] = raw.get("limits", {}).get(
-        "max_audio_seconds", Limits.model_fields["max_audio_seconds"].default)
-    serving = raw.setdefault("serving", {})
-    env_name = serving.get("api_keys_env", ServingConfig.model_fields["api_keys_env"].default)
-    if env_name and os.environ.get(env_name):
-        keys = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
-        serving["api_keys"] = list(serving.get("api_keys") or []) + keys
-    return GraphConfig.model_validate(raw)

@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a new local ray.init() tur
 
 import pytest
 
-from deployments.config import load_profile
+from deployments.profiles import load_profile
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.config import SamplerConfig, load_profile
+from deployments.config import SamplerConfig
+from deployments.profiles import load_profile
 
 
 def test_tiny_profile_is_cpu_friendly_and_complete(tiny_cfg):
@@ -71,7 +72,8 @@ def test_one_ingress_replica_owns_the_job_store():
 
 def test_code_defaults_are_the_tiny_profile(tiny_cfg):
     """The embedded default is the code's defaults: tiny.yaml holds only its name."""
-    from deployments.config import CONFIG_DIR, GraphConfig
+    from deployments.config import GraphConfig
+    from deployments.profiles import CONFIG_DIR
 
     assert set(yaml.safe_load((CONFIG_DIR / "tiny.yaml").read_text())) == {"name", "description"}
     defaults = GraphConfig(name="x")

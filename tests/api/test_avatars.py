@@ -8,9 +8,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import load_profile
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
+from deployments.profiles import load_profile
 from helpers import durations, get_dummy_image, png_bytes, wait_ready, wav_bytes
 
 IMAGE = png_bytes(get_dummy_image())

@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 
 from deployments import cli
 from deployments.api.client import AvatarClient, ClientError
-from deployments.config import load_profile
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
+from deployments.profiles import load_profile
 from helpers import get_dummy_image, png_bytes
 
 

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from deployments.api.jobs import Job, JobStore
 from deployments.api.protocol import frames_for_seconds
 from deployments.api.routes import build_app
-from deployments.config import load_profile
 from deployments.ingress import Ingress
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
+from deployments.profiles import load_profile
 from helpers import get_dummy_image, png_bytes, wait_final
 
 IMAGE = png_bytes(get_dummy_image())

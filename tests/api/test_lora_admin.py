@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import load_profile
 from deployments.local import LocalGraph
+from deployments.profiles import load_profile
 from helpers import get_dummy_image, lora_pairs, write_diffusers_lora
 
 REQUEST = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "num_inference_steps": 2, "seed": 4}

@@ -9,9 +9,9 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.config import load_profile
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
+from deployments.profiles import load_profile
 from helpers import get_dummy_image, png_bytes
 
 IMAGE = png_bytes(get_dummy_image())

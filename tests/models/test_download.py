@@ -19,17 +19,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import (
-    CONFIG_DIR,
-    GraphConfig,
-    MuseTalkWeights,
-    load_profile,
-    profile_names,
-    read_profile,
-    validate_profile,
-)
+from deployments.config import GraphConfig, MuseTalkWeights
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
+from deployments.profiles import CONFIG_DIR, load_profile, profile_names, read_profile, validate_profile
 
 LISTINGS = Path(__file__).parent.parent / "data" / "repo_listings"
 
