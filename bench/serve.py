@@ -200,7 +200,7 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
         return {"bytes": len((await ingress.generate({**request, "seed": seed}, image, "mp4")).mp4)}
 
     async def create_avatar():
-        avatar, _ = ingress.create_avatar({**request, "seed": AVATAR_SEED}, image)
+        avatar, _ = await ingress.create_avatar({**request, "seed": AVATAR_SEED}, image)
         while (avatar := ingress.avatar(avatar.id)).status in ("queued", "in_progress"):
             await asyncio.sleep(0.05)
         if avatar.status != "ready":

@@ -379,9 +379,16 @@ class Limits(_Strict):
     max_steps: int = 20
     max_prompt_chars: int = 2000
     max_image_bytes: int = 10 * 1024 * 1024
+    # Input images with more pixels are refused from their header; None: 64 x max_pixels. Larger
+    # images than twice the largest clip are shrunk on decode.
+    max_image_pixels: int | None = Field(None, ge=4)
     max_audio_bytes: int = 50 * 1024 * 1024
     # Speech (a talk turn's, or a video job's audio) longer than this is refused while decoding.
     max_audio_seconds: float = Field(30.0, gt=0)
+
+    @property
+    def image_pixels(self) -> int:
+        return self.max_image_pixels or 64 * self.max_pixels
 
 
 class ServingConfig(_Strict):
@@ -400,6 +407,9 @@ class ServingConfig(_Strict):
     # can take, its (maximum) replicas x max_ongoing_requests.
     max_talk_turns: int | None = Field(None, ge=1)
     turn_retry_after_s: int = Field(1, ge=1)
+    # A request body (upload) must arrive within this, or the request gets 408: a client that
+    # trickles its body cannot hold the ingress.
+    body_timeout_s: float = Field(30.0, gt=0)
     # Job records and finished MP4s, written atomically; None: a temporary folder (lost on restart).
     storage_dir: str | None = None
     # Finished results are deleted after this age, and oldest-first beyond this total size.

@@ -53,6 +53,32 @@ from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio
 
 log = logging.getLogger("avatar_serve.ingress")
 
+# How a synchronous request whose job did not complete answers: (HTTP status, error type).
+FAILED_JOB = {"timeout": (504, "timeout_error"), "stage_unavailable": (503, "service_unavailable"),
+              "cancelled": (503, "service_unavailable")}
+
+
+def job_failed(job: Job) -> ApiError:
+    code = job.error.code if job.error else job.status
+    status, kind = FAILED_JOB.get(code, (500, "server_error"))
+    message = job.error.message if job.error else f"the request was {job.status}"
+    return ApiError(status, message, None, type=kind)
+
+
+def check_face_box(box, params: VideoParams) -> None:
+    """A face box must lie inside the generated clip and be big enough to hold a face."""
+    if box is None:
+        return
+    x1, y1, x2, y2 = box
+    if x2 > params.width or y2 > params.height:
+        raise ApiError(422, f"face_box {x1},{y1},{x2},{y2} is outside the {params.width}x{params.height} clip",
+                       "face_box")
+    if min(x2 - x1, y2 - y1) < MIN_FACE_BOX:
+        raise ApiError(422, f"face_box: at least {MIN_FACE_BOX} pixels wide and high", "face_box")
+
+
+MIN_FACE_BOX = 8  # pixels; MuseTalk resizes the box to a 256x256 crop
+
 
 @dataclass(frozen=True)
 class VideoResult:
@@ -92,7 +118,9 @@ class Ingress:
                                 f"{self.cfg.name!r}", "model")
         params = resolve(request, self.cfg, job_id=job_id or new_job_id())
         if isinstance(image, (bytes, bytearray)):
-            pixels = decode_image(bytes(image), self.cfg.limits.max_image_bytes)
+            limits = self.cfg.limits
+            pixels = decode_image(bytes(image), limits.max_image_bytes, limits.image_pixels,
+                                  fit=(2 * limits.max_width, 2 * limits.max_height))
         else:
             pixels = np.asarray(image)
             if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
@@ -165,24 +193,49 @@ class Ingress:
             return VideoResult(params=params, frames=frames.frames)
         return VideoResult(params=params, mp4=await self.decoder.decode_mp4.remote(state))
 
+    async def _validated(self, request: VideoRequest | dict, image: bytes | np.ndarray,
+                         audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, np.ndarray | None]:
+        """`prepare` and `prepare_audio` in a worker thread: decoding an upload never holds up the
+        event loop (other requests, /healthz)."""
+        params, pixels = await asyncio.to_thread(self.prepare, request, image)
+        return params, pixels, await asyncio.to_thread(self.prepare_audio, audio)
+
+    def _job(self, params: VideoParams, has_audio: bool) -> Job:
+        return Job(id=params.job_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
+                   size=f"{params.width}x{params.height}", seconds=f"{params.num_frames / params.fps:g}",
+                   num_frames=params.num_frames, fps=params.fps, seed=params.seed,
+                   num_inference_steps=params.num_inference_steps, has_audio=has_audio)
+
     async def generate(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                        output: Literal["mp4", "frames"] = "mp4", audio: bytes | None = None) -> VideoResult:
-        """Synchronous generation for DeploymentHandle callers:
-        `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced."""
-        params, pixels = self.prepare(request, image)
-        return await self.run(params, pixels, output, audio=self.prepare_audio(audio))
+        """Synchronous generation for DeploymentHandle callers and POST /v1/videos/sync:
+        `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced.
+        It waits in the same queue as jobs (429 when full, the same deadline), unlisted."""
+        params, pixels, pcm = await self._validated(request, image, audio)
+        self.queue.admit()
+        job, result = self._job(params, pcm is not None), {}
+
+        async def work(progress: Progress) -> None:
+            result["video"] = await self.run(params, pixels, output, progress, audio=pcm)
+
+        task = self.queue.start(job, work, lambda record: None, total_steps=params.num_inference_steps)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:  # the caller left: so does its job
+            self.queue.cancel(job.id)
+            raise
+        if job.status != "completed":
+            raise job_failed(job)
+        return result["video"]
 
     # ------------------------------------------------------------------ video jobs
 
-    def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray, audio: bytes | None = None) -> Job:
+    async def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray,
+                     audio: bytes | None = None) -> Job:
         """Validate and queue a video job; raises ApiError (429 when the queue is full)."""
-        params, pixels = self.prepare(request, image)
-        pcm = self.prepare_audio(audio)
+        params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
-        job = Job(id=params.job_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
-                  size=f"{params.width}x{params.height}", seconds=f"{params.num_frames / params.fps:g}",
-                  num_frames=params.num_frames, fps=params.fps, seed=params.seed,
-                  num_inference_steps=params.num_inference_steps, has_audio=pcm is not None)
+        job = self._job(params, pcm is not None)
 
         async def work(progress: Progress) -> None:
             result = await self.run(params, pixels, "mp4", progress, audio=pcm)
@@ -234,7 +287,7 @@ class Ingress:
                                   "profile": profile}, sort_keys=True).encode())
         return "avatar_" + digest.hexdigest()[:32]
 
-    def create_avatar(self, request: AvatarRequest | dict, image: bytes) -> tuple[Avatar, bool]:
+    async def create_avatar(self, request: AvatarRequest | dict, image: bytes) -> tuple[Avatar, bool]:
         """Queue the base clip + lip-sync preparation; the same inputs give the same avatar.
         -> (avatar, created)."""
         self._need_lipsync()
@@ -243,7 +296,8 @@ class Ingress:
                 request = AvatarRequest.model_validate(request)
             except ValidationError as exc:
                 raise invalid(exc) from None
-        params, pixels = self.prepare(request.video(), image)
+        params, pixels, _ = await self._validated(request.video(), image)
+        check_face_box(request.face_box, params)
         key = self.avatar_key(image, params, request.face_box, self.cfg.name)
         existing = self.records.avatars.get(key)
         if existing is not None and existing.status not in ("failed", "cancelled"):

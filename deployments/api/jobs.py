@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -37,15 +38,31 @@ class AvatarRecord(Avatar):
 
 
 def failure(exc: BaseException) -> JobError:
-    """A stage failure as the client sees it: a reason, no stack trace (that goes to the log)."""
+    """A stage failure as the client sees it: which stage, and its reason in words -- no stack
+    trace, no Ray internals (those go to the log with the job id)."""
     if isinstance(exc, TimeoutError):
         return JobError(code="timeout", message="the job ran past its deadline and was stopped")
     cause = unwrap(exc)
     name = type(cause).__name__
+    stage = failed_stage(exc)
+    where = f"the {stage} stage" if stage else "a stage"
     if _replica_gone(exc):
-        return JobError(code="stage_unavailable", message=f"a stage replica died while running this job ({name})")
-    text = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ""
-    return JobError(code="stage_error", message=f"{name}: {text}" if text else name)
+        return JobError(code="stage_unavailable", message=f"{where} died while running this job ({name})")
+    text = ANSI.sub("", str(cause)).strip()
+    text = text.splitlines()[0][:300] if text else ""
+    return JobError(code="stage_error", message=f"{where} failed: {name}: {text}" if text else f"{where} failed: {name}")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Ray names a replica's process "ray::ServeReplica:<app>:<deployment>"; an error raised there keeps
+# it (`proctitle`), also when it reaches the ingress through a later stage's call.
+_PROCTITLE = re.compile(r"ServeReplica:[^:]+:([A-Za-z0-9_]+)")
+
+
+def failed_stage(exc: BaseException) -> str | None:
+    """The deployment (Encoder, DitExpertHigh, ...) where a failure was raised, when Ray says."""
+    match = _PROCTITLE.search(str(getattr(exc, "proctitle", "") or ""))
+    return match.group(1) if match else None
 
 
 # Ray's exceptions for a replica that died or cannot be reached (RayActorError covers

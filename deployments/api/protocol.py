@@ -109,7 +109,7 @@ class AvatarRequest(VideoRequest):
         try:
             parts = value.split(",") if isinstance(value, str) else list(value)
             box = [int(float(v)) for v in parts]
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # "abc", None, "inf"
             box = []
         if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3] or min(box) < 0:
             raise ValueError("x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
@@ -294,8 +294,12 @@ def resolve(req: VideoRequest, cfg, job_id: str = "") -> VideoParams:
                        guidance_scale_2=g2, fps=fps, job_id=job_id)
 
 
-def decode_image(data: bytes, max_bytes: int, param: str = "input_reference") -> np.ndarray:
-    """Upload bytes -> uint8 RGB (H, W, 3), or ApiError (413 too large, 400 not an image)."""
+def decode_image(data: bytes, max_bytes: int, max_pixels: int = 64_000_000,
+                 fit: tuple[int, int] | None = None, param: str = "input_reference") -> np.ndarray:
+    """Upload bytes -> uint8 RGB (H, W, 3), or ApiError (413 too large, 400 not an image, 422 more
+    than `max_pixels`). The size is checked from the header, before any pixel is decoded; an image
+    larger than `fit` (width, height) is decoded reduced where the format allows (JPEG) and shrunk
+    to fit, keeping its aspect: what is kept per queued job stays small."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -304,10 +308,19 @@ def decode_image(data: bytes, max_bytes: int, param: str = "input_reference") ->
         raise ApiError(413, f"the image is {len(data)} bytes; the limit is {max_bytes}", param)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # from the header
+            if width < 2 or height < 2:
+                raise ApiError(400, f"image size {width}x{height} is not usable", param)
+            if width * height > max_pixels:
+                raise ApiError(422, f"the image is {width}x{height} pixels; this deployment takes at most "
+                                    f"{max_pixels} pixels", param)
+            if fit is not None:
+                img.draft("RGB", fit)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers fit
             img.load()
-            if img.width < 2 or img.height < 2 or img.width * img.height > 64_000_000:
-                raise ApiError(400, f"image size {img.width}x{img.height} is not usable", param)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            rgb = img.convert("RGB")
+            if fit is not None and (rgb.width > fit[0] or rgb.height > fit[1]):
+                rgb.thumbnail(fit, Image.Resampling.LANCZOS)
+            return np.asarray(rgb, dtype=np.uint8)
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -88,14 +88,17 @@ class JobQueue:
             raise ApiError(429, f"the job queue is full ({self.capacity} jobs); retry later", None,
                            type="rate_limit_error", headers={"Retry-After": str(self.retry_after_s)})
 
-    def start(self, record: Queued, work: Work, save: Callable[[Queued], None], total_steps: int = 1) -> None:
+    def start(self, record: Queued, work: Work, save: Callable[[Queued], None],
+              total_steps: int = 1) -> asyncio.Task:
         """Queue `record` and run `work(progress)` when it reaches a free slot. `save` writes the
-        record after each change of status. Call `admit()` first."""
+        record after each change of status. Call `admit()` first. -> the task, done when the
+        record is final."""
         events = self.events[record.id] = JobEvents()
         self.waiting.append(record)
         self._update()
-        self._tasks[record.id] = asyncio.ensure_future(
+        task = self._tasks[record.id] = asyncio.ensure_future(
             self._run(record, work, save, Progress(record, events, total_steps)))
+        return task
 
     def cancel(self, record_id: str) -> bool:
         """Stop a queued or running record (a running one stops at the stage's next step; its end

@@ -12,10 +12,13 @@ anything else is a 500 without a stack trace (the log has it). All use one envel
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
+import json
 import logging
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -36,7 +39,14 @@ from deployments.api.protocol import (
     error_body,
     validation_param,
 )
-from deployments.common.errors import AudioError, LoraBusyError, LoraError, MissingWeightsError, unwrap
+from deployments.common.errors import (
+    AudioError,
+    LoraBusyError,
+    LoraError,
+    LoraNotFound,
+    MissingWeightsError,
+    unwrap,
+)
 
 log = logging.getLogger("avatar_serve.http")
 
@@ -45,10 +55,13 @@ log = logging.getLogger("avatar_serve.http")
 ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     AudioError: (400, "invalid_request_error", "audio"),
     LoraBusyError: (409, "conflict_error", None),
+    LoraNotFound: (404, "not_found_error", "name"),
     LoraError: (422, "invalid_request_error", None),
     MissingWeightsError: (422, "invalid_request_error", "path"),
 }
 MP4 = {200: {"content": {"video/mp4": {}}}}
+FORM_OVERHEAD = 1 << 20  # bytes a form or JSON body may carry beyond its files (fields, framing)
+START_INDEX = re.compile(r"[0-9]{1,9}")
 
 
 # ------------------------------------------------------------------ the app
@@ -110,7 +123,7 @@ async def api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 async def stage_error(_: Request, exc: Exception) -> JSONResponse:
     cause = unwrap(exc)
-    status, kind, param = next(ERRORS[k] for k in type(exc).__mro__ if k in ERRORS)
+    status, kind, param = next(ERRORS[k] for k in type(exc).__mro__ if k in ERRORS)  # most specific first
     return JSONResponse(error_body(kind, str(cause), param), status_code=status)
 
 
@@ -133,17 +146,39 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 # ------------------------------------------------------------------ uploads
 
 
-async def read_form(request: Request, file_fields: dict[str, int]) -> tuple[dict, dict[str, bytes]]:
+async def read_body(request: Request, limit: int, timeout_s: float, param: str | None = None) -> bytes:
+    """The request body, refused with 413 once it passes `limit` bytes (at once when its declared
+    length does) and with 408 when it has not arrived within `timeout_s` (a client that trickles
+    its body does not hold a slot of the ingress for long)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}", param)
+    data = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"the body is over the limit of {limit} bytes", param)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", param,
+                       type="timeout_error") from None
+    return bytes(data)
+
+
+async def read_form(request: Request, file_fields: dict[str, int], timeout_s: float) -> tuple[dict, dict[str, bytes]]:
     """A multipart form or a JSON body -> (text fields, {file field: bytes}).
 
-    `file_fields` maps each file field to its size limit; a file is read up to one byte past it,
-    enough to refuse it (413) without reading it all. In JSON, files are base64 strings (or data:
-    URLs)."""
+    `file_fields` maps each file field to its size limit; the whole body may be their sum plus
+    room for base64 and the form's framing, and must arrive within `timeout_s`; a file over its
+    own limit is refused (413) by the caller's validation. In JSON, files are base64 strings (or
+    data: URLs)."""
     files: dict[str, bytes] = {}
+    body = await read_body(request, sum(file_fields.values()) * 4 // 3 + FORM_OVERHEAD, timeout_s)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "the body is not valid JSON", None) from None
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object", None)
@@ -159,6 +194,7 @@ async def read_form(request: Request, file_fields: dict[str, int]) -> tuple[dict
             except (binascii.Error, ValueError):
                 raise ApiError(400, f"{name}: not valid base64", name) from None
         return body, files
+    request._body = body  # Starlette parses a body already read (Request.stream gives _body)
     try:
         form = await request.form()
     except Exception as exc:  # malformed multipart
@@ -180,20 +216,10 @@ async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes
     """The fields of a video (or avatar) request, its image and its optional audio."""
     limits = ingress.cfg.limits
     fields, files = await read_form(request, {"input_reference": limits.max_image_bytes,
-                                              "audio": limits.max_audio_bytes})
+                                              "audio": limits.max_audio_bytes}, ingress.cfg.serving.body_timeout_s)
     if "input_reference" not in files:
         raise ApiError(422, "input_reference: an image file is required", "input_reference")
     return fields, files["input_reference"], files.get("audio")
-
-
-async def read_limited(request: Request, limit: int) -> bytes:
-    """A raw request body, refused with 413 once it passes `limit` bytes."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"the body is over the limit of {limit} bytes", "audio")
-    return bytes(data)
 
 
 # ------------------------------------------------------------------ routes
@@ -202,7 +228,7 @@ public = APIRouter()
 api = APIRouter()
 
 
-@public.get("/healthz", summary="Liveness: the ingress answers")
+@public.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the ingress answers")
 async def healthz(ingress: IngressDep) -> dict[str, Any]:
     return {"status": "ok", "profile": ingress.cfg.name}
 
@@ -223,7 +249,7 @@ async def list_models(ingress: IngressDep):
 @api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)")
 async def create_video(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
-    return ingress.submit(fields, image, audio)
+    return await ingress.submit(fields, image, audio)
 
 
 @api.post("/v1/videos/sync", response_class=Response, responses=MP4,
@@ -273,7 +299,7 @@ async def create_avatar(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
     if audio is not None:
         raise ApiError(422, "audio: avatars take no audio; send it to /v1/avatars/{id}/speech", "audio")
-    avatar, created = ingress.create_avatar(fields, image)
+    avatar, created = await ingress.create_avatar(fields, image)
     return JSONResponse(avatar.model_dump(), status_code=201 if created else 200)
 
 
@@ -291,14 +317,14 @@ async def delete_avatar(avatar_id: str, ingress: IngressDep):
           summary="Audio in (multipart `audio`, or a raw audio body), lip-synced fragmented MP4 streamed out")
 async def create_speech(avatar_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
     ingress.avatar(avatar_id)  # 404 before reading the body
-    limit = ingress.cfg.limits.max_audio_bytes
+    limit, timeout_s = ingress.cfg.limits.max_audio_bytes, ingress.cfg.serving.body_timeout_s
     if request.headers.get("content-type", "").startswith(("audio/", "application/octet-stream", "video/")):
-        audio, fields = await read_limited(request, limit), {}
+        audio, fields = await read_body(request, limit, timeout_s, "audio"), {}
     else:
-        fields, files = await read_form(request, {"audio": limit})
+        fields, files = await read_form(request, {"audio": limit}, timeout_s)
         audio = files.get("audio")
-    start = fields.get("start_index", "0")
-    if not str(start).isdigit():
+    start = str(fields.get("start_index", "0"))
+    if not START_INDEX.fullmatch(start):  # (str.isdigit accepts "²", which int() refuses)
         raise ApiError(422, "start_index: a non-negative integer", "start_index")
     chunks = ingress.speak(avatar_id, audio, int(start))
     first = await anext(chunks)  # validation and the first fragment: errors here are HTTP errors

@@ -28,6 +28,10 @@ class LoraError(ValueError):
     """A LoRA that cannot be applied here: bad target, keys that match nothing, a bad file."""
 
 
+class LoraNotFound(LoraError):
+    """No LoRA of that name is loaded on the expert."""
+
+
 class LoraBusyError(RuntimeError):
     """A LoRA change was asked for while the expert is denoising (it would change a running job)."""
 

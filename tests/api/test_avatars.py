@@ -130,11 +130,11 @@ def test_deleting_a_queued_avatar_leaves_the_queue_working(tmp_path):
     request = {k: v for k, v in AVATAR.items()}
 
     async def scenario():
-        first, _ = ingress.create_avatar({**request, "num_inference_steps": "10"}, IMAGE)
-        queued, _ = ingress.create_avatar({**request, "seed": "5"}, IMAGE)
+        first, _ = await ingress.create_avatar({**request, "num_inference_steps": "10"}, IMAGE)
+        queued, _ = await ingress.create_avatar({**request, "seed": "5"}, IMAGE)
         assert queued.status == "queued" and queued.id in [r.id for r in ingress.queue.waiting]
         await ingress.delete_avatar(queued.id)
-        job = ingress.submit({"prompt": "x", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}, IMAGE)
+        job = await ingress.submit({"prompt": "x", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}, IMAGE)
         while not (job.final and ingress.records.avatars[first.id].final):
             await asyncio.sleep(0.05)
         return first, job, queued

@@ -57,9 +57,9 @@ def test_lip_synced_frames_come_from_the_stage_without_an_mp4_round_trip(graph):
 
 def test_typed_answers_for_jobs_and_avatars(graph):
     async def scenario():
-        job = graph.ingress.submit(REQUEST, png_bytes(get_dummy_image()))
+        job = await graph.ingress.submit(REQUEST, png_bytes(get_dummy_image()))
         listed = graph.ingress.list_jobs()
-        avatar, created = graph.ingress.create_avatar({**REQUEST, "face_box": "2,2,14,14"},
+        avatar, created = await graph.ingress.create_avatar({**REQUEST, "face_box": "2,2,14,14"},
                                                       png_bytes(get_dummy_image()))
         while not (graph.ingress.job(job.id).final and graph.ingress.avatar(avatar.id).final):
             await asyncio.sleep(0.05)
@@ -112,7 +112,7 @@ def test_talk_turns_beyond_capacity_get_429_with_retry_after(tiny_cfg):
     graph = LocalGraph(cfg)
 
     async def scenario():
-        avatar, _ = graph.ingress.create_avatar(REQUEST, png_bytes(get_dummy_image()))
+        avatar, _ = await graph.ingress.create_avatar(REQUEST, png_bytes(get_dummy_image()))
         while not graph.ingress.avatar(avatar.id).final:
             await asyncio.sleep(0.02)
         first = graph.ingress.speak(avatar.id, wav_bytes(2.0))

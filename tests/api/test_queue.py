@@ -161,5 +161,21 @@ def test_a_failure_reads_as_its_reason_and_an_avatar_ends_ready():
 
     bad, avatar = run(scenario())
     assert bad.status == "failed" and bad.error.code == "stage_error"
-    assert bad.error.message == "ValueError: the encoder says no"
+    assert bad.error.message == "a stage failed: ValueError: the encoder says no"
     assert avatar.status == "ready" and avatar.progress == 100
+
+
+def test_failures_name_their_stage_and_carry_no_ray_internals():
+    from deployments.api.jobs import failure
+
+    class RayTaskError(ValueError):  # what Ray raises in the caller: the stage's class + Ray's fields
+        def __init__(self, cause, proctitle):
+            super().__init__("\x1b[36mray::ServeReplica:avatar-serve:Encoder()\x1b[39m (pid=4, ip=10.0.0.1, "
+                             "actor_id=abc, repr=<Encoder at 0x7f>)\nTraceback ...")
+            self.cause, self.proctitle = cause, proctitle
+
+    err = failure(RayTaskError(ValueError("\x1b[31mimage too small\x1b[0m\nmore"), "ray::ServeReplica:avatar-serve:Encoder"))
+    assert err.code == "stage_error" and err.message == "the Encoder stage failed: ValueError: image too small"
+    plain = failure(RuntimeError("out of memory"))
+    assert plain.message == "a stage failed: RuntimeError: out of memory"
+    assert failure(TimeoutError()).code == "timeout"

@@ -67,7 +67,7 @@ def test_whole_requests_at_once_equal_requests_alone(graph):
 
 def test_talk_turns_at_once_equal_turns_alone(graph):
     async def prepare():
-        avatar, _ = graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
+        avatar, _ = await graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
         while not graph.ingress.avatar(avatar.id).final:
             await asyncio.sleep(0.02)
         return avatar.id

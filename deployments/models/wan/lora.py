@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deployments.common.errors import LoraError
+from deployments.common.errors import LoraError, LoraNotFound
 
 VALID_TARGETS = ("high", "low", "both")
 _PREFIX = "transformer"
@@ -164,7 +164,7 @@ class LoraManager:
         """Delete LoRA `name`; the others keep their state. With none left, peft's wrapper
         modules are removed too (`unload_lora`), so the model is the base model again."""
         if name not in self._loaded:
-            raise LoraError(f"LoRA {name!r} is not loaded on the {self.role} expert")
+            raise LoraNotFound(f"LoRA {name!r} is not loaded on the {self.role} expert")
         self.transformer.delete_adapters(name)
         del self._loaded[name]
         self._active.pop(name, None)
