@@ -420,6 +420,14 @@ class ServingConfig(_Strict):
     # when the profile is loaded.
     api_keys: list[str] = Field(default_factory=list)
     api_keys_env: str | None = "AVATAR_SERVE_API_KEYS"
+    # The admin routes (/v1/admin/...) need one of these keys (or, with no key of either kind
+    # configured, nothing: a development setup); API keys do not grant them. Also from the
+    # environment variable `admin_keys_env`.
+    admin_keys: list[str] = Field(default_factory=list)
+    admin_keys_env: str | None = "AVATAR_SERVE_ADMIN_KEYS"
+    # LoRA files are loaded only from inside these folders (symlinks resolved first); a relative
+    # path is taken inside the first. Empty: LoRA loading is off.
+    lora_dirs: list[str] = Field(default_factory=list)
 
 
 class GraphConfig(_Strict):

@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -391,8 +392,20 @@ class Ingress:
             raise unwrap(exc) from None
         return {r["role"]: r for r in results}
 
+    def lora_path(self, path: str) -> str:
+        """A LoRA path confined to `serving.lora_dirs` (symlinks resolved first; a relative path is
+        taken inside the first folder), or 422 -- the same answer whether such a file exists or not."""
+        folders = [os.path.realpath(d) for d in self.cfg.serving.lora_dirs]
+        if not folders:
+            raise ApiError(422, "path: LoRA loading is off here (no serving.lora_dirs configured)", "path")
+        resolved = os.path.realpath(os.path.join(folders[0], path))
+        if not any(os.path.commonpath([resolved, folder]) == folder for folder in folders):
+            raise ApiError(422, "path: LoRA files are loaded only from the configured LoRA folders", "path")
+        return resolved
+
     async def load_lora(self, req: LoraRequest) -> dict:
-        return await self._on_experts(req.target, lambda h: h.load_lora.remote(req.name, req.path, req.strength,
+        path = self.lora_path(req.path)
+        return await self._on_experts(req.target, lambda h: h.load_lora.remote(req.name, path, req.strength,
                                                                                  req.target))
 
     async def activate_loras(self, req: LoraActivate) -> dict:

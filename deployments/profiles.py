@@ -116,8 +116,9 @@ def validate_profile(raw: dict) -> GraphConfig:
     stages["lipsync"]["max_audio_seconds"] = raw.get("limits", {}).get(
         "max_audio_seconds", Limits.model_fields["max_audio_seconds"].default)
     serving = raw.setdefault("serving", {})
-    env_name = serving.get("api_keys_env", ServingConfig.model_fields["api_keys_env"].default)
-    if env_name and os.environ.get(env_name):
-        keys = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
-        serving["api_keys"] = list(serving.get("api_keys") or []) + keys
+    for field in ("api_keys", "admin_keys"):  # keys from the environment, read once here
+        env_name = serving.get(f"{field}_env", ServingConfig.model_fields[f"{field}_env"].default)
+        if env_name and os.environ.get(env_name):
+            keys = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
+            serving[field] = list(serving.get(field) or []) + keys
     return GraphConfig.model_validate(raw)

@@ -23,8 +23,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from deployments.api.jobs import sse
 from deployments.api.protocol import (
@@ -69,17 +71,20 @@ START_INDEX = re.compile(r"[0-9]{1,9}")
 
 def build_app(ingress) -> FastAPI:
     """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
-    app = FastAPI(title="avatar-serve", version="0.1.0",
+    # The docs and the OpenAPI schema are routes of `api` below: they follow the API's auth.
+    app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Talking-avatar video: Wan2.2 I2V + MuseTalk stages on Ray Serve.")
     app.state.ingress = ingress
     app.add_exception_handler(ApiError, api_error)
     for kind in ERRORS:
         app.add_exception_handler(kind, stage_error)
     app.add_exception_handler(RequestValidationError, request_invalid)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(public)
     app.include_router(api, dependencies=[Depends(require_key)])
+    app.include_router(admin, dependencies=[Depends(require_admin)])
     return app
 
 
@@ -102,16 +107,38 @@ def get_ingress(request: Request):
 IngressDep = Annotated[Any, Depends(get_ingress)]
 
 
-def require_key(request: Request, ingress: IngressDep) -> None:
-    """Bearer API keys: when the profile has any, every route but /healthz needs one."""
-    keys = ingress.cfg.serving.api_keys
-    if not keys:
-        return
+def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not token or not any(hmac.compare_digest(token, k) for k in keys):
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
+def matches(token: str, keys: list[str]) -> bool:
+    return bool(token) and any(hmac.compare_digest(token, k) for k in keys)
+
+
+def require_key(request: Request, ingress: IngressDep) -> None:
+    """Bearer API keys: when the profile has any, every route but /healthz and /readyz needs one
+    (an admin key works too)."""
+    serving = ingress.cfg.serving
+    if serving.api_keys and not matches(bearer(request), serving.api_keys + serving.admin_keys):
         raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", None,
                        type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request, ingress: IngressDep) -> None:
+    """The admin routes need an admin key; an API key alone gets 403. With no key of either kind
+    configured (development), they are open like everything else."""
+    serving = ingress.cfg.serving
+    if not (serving.admin_keys or serving.api_keys):
+        return
+    token = bearer(request)
+    if matches(token, serving.admin_keys):
+        return
+    if matches(token, serving.api_keys):
+        raise ApiError(403, "the admin routes need an admin key (serving.admin_keys); API keys do not "
+                            "grant them", None, type="permission_error")
+    raise ApiError(401, "an admin key is required (Authorization: Bearer <admin key>)", None,
+                   type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
 
 # ------------------------------------------------------------------ errors
@@ -136,6 +163,12 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = {404: "not_found_error", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))
+
+
+async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """The client left before its request was read: nothing to answer, nothing went wrong here."""
+    log.info("client left during %s %s", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -226,6 +259,22 @@ async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes
 
 public = APIRouter()
 api = APIRouter()
+admin = APIRouter(prefix="/v1/admin")
+
+
+@api.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@api.get("/docs", include_in_schema=False)
+async def docs() -> Response:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="avatar-serve")
+
+
+@api.get("/redoc", include_in_schema=False)
+async def redoc() -> Response:
+    return get_redoc_html(openapi_url="/openapi.json", title="avatar-serve")
 
 
 @public.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the ingress answers")
@@ -337,21 +386,21 @@ async def create_speech(avatar_id: str, request: Request, ingress: IngressDep) -
     return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-cache"})
 
 
-@api.get("/v1/admin/loras")
+@admin.get("/loras")
 async def list_loras(ingress: IngressDep) -> dict:
     return await ingress.list_loras()
 
 
-@api.post("/v1/admin/loras", summary="Load a LoRA onto the high, low or both experts")
+@admin.post("/loras", summary="Load a LoRA onto the high, low or both experts")
 async def load_lora(req: LoraRequest, ingress: IngressDep) -> dict:
     return await ingress.load_lora(req)
 
 
-@api.post("/v1/admin/loras/activate")
+@admin.post("/loras/activate")
 async def activate_loras(req: LoraActivate, ingress: IngressDep) -> dict:
     return await ingress.activate_loras(req)
 
 
-@api.delete("/v1/admin/loras/{name}")
+@admin.delete("/loras/{name}")
 async def remove_lora(name: str, ingress: IngressDep, target: Literal["high", "low", "both"] = "both") -> dict:
     return await ingress.remove_lora(name, target)

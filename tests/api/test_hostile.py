@@ -209,3 +209,35 @@ def test_head_healthz_and_deleting_an_unknown_lora(client):
     assert client.head("/healthz").status_code == 200
     r = client.delete("/v1/admin/loras/never-loaded")
     assert r.status_code == 404 and r.json()["error"]["param"] == "name", r.text
+
+
+def test_the_same_request_twice_gives_byte_identical_mp4s(client):
+    data = {**VIDEO, "seed": "11"}
+    first = client.post("/v1/videos/sync", data=data, files=FILES)
+    second = client.post("/v1/videos/sync", data=data, files=FILES)
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+
+
+def test_docs_follow_the_api_auth(tmp_path):
+    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "api_keys": ["k"]}}))
+    with TestClient(graph.app()) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer k"}).status_code == 200, path
+        assert "/v1/videos" in c.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()["paths"]
+
+
+def test_a_client_that_leaves_mid_body_is_no_error(server, caplog):
+    host, port = server.split(":")
+    with caplog.at_level("INFO", logger="avatar_serve.http"):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while not any("client left" in r.message for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert any("client left" in r.message for r in caplog.records)
+    assert not any(r.levelname == "ERROR" for r in caplog.records), [r.message for r in caplog.records]
+    assert httpx.get(f"http://{server}/healthz").status_code == 200

@@ -17,8 +17,8 @@ REQUEST = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "num_infe
 
 
 @pytest.fixture()
-def graph():
-    return LocalGraph(load_profile("tiny"))
+def graph(tmp_path):
+    return LocalGraph(load_profile("tiny", {"serving": {"lora_dirs": [str(tmp_path)]}}))
 
 
 def frames(graph):
@@ -72,3 +72,51 @@ def test_lora_matching_nothing_is_refused_and_expert_keeps_working(graph, tmp_pa
         assert r.status_code == 422
         assert c.get("/v1/admin/loras").json()["high"]["loaded"] == []
     np.testing.assert_array_equal(frames(graph), base)
+
+
+def test_lora_paths_are_confined_and_every_bad_file_is_a_422(tmp_path):
+    """A path outside the LoRA folders is refused the same way whether it exists or not (symlinks
+    are resolved first); files that are not LoRAs -- text, garbage, a pickle (never unpickled) --
+    get the same 422 envelope; nothing reaches an expert's model."""
+    import pickle
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "passwd.safetensors").symlink_to("/etc/passwd")
+    (folder / "garbage.safetensors").write_bytes(b"\x00garbage" * 100)
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "evil.pt").write_bytes(pickle.dumps(Boom()))
+    graph = LocalGraph(load_profile("tiny", {"serving": {"lora_dirs": [str(folder)]}}))
+    with TestClient(graph.app()) as c:
+        outside = [c.post("/v1/admin/loras", json={"name": "x", "path": p, "target": "high"})
+                   for p in ("/etc/passwd", "/nonexistent/x.safetensors", "../../etc/passwd", "passwd.safetensors")]
+        assert {r.status_code for r in outside} == {422}
+        assert len({r.json()["error"]["message"] for r in outside}) == 1  # exists or not: one answer
+        assert all(r.json()["error"]["param"] == "path" for r in outside)
+        inside = [c.post("/v1/admin/loras", json={"name": "x", "path": p, "target": "high"})
+                  for p in ("garbage.safetensors", "evil.pt", "missing.safetensors")]
+        assert [r.status_code for r in inside] == [422, 422, 422], [r.text for r in inside]
+        assert all(set(r.json()["error"]) == {"type", "message", "param"} for r in inside)
+        assert c.get("/v1/admin/loras").json()["high"]["loaded"] == []
+    assert not marker.exists()
+
+
+def test_admin_routes_need_an_admin_key_not_an_api_key(tmp_path):
+    graph = LocalGraph(load_profile("tiny", {"serving": {"api_keys": ["user"], "admin_keys": ["root"],
+                                                         "lora_dirs": [str(tmp_path)]}}))
+    user, root = {"Authorization": "Bearer user"}, {"Authorization": "Bearer root"}
+    with TestClient(graph.app()) as c:
+        assert c.get("/v1/admin/loras").status_code == 401
+        r = c.get("/v1/admin/loras", headers=user)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        assert c.get("/v1/admin/loras", headers=root).status_code == 200
+        assert c.get("/v1/models", headers=user).status_code == 200
+    only_api = LocalGraph(load_profile("tiny", {"serving": {"api_keys": ["user"]}}))
+    with TestClient(only_api.app()) as c:
+        r = c.get("/v1/admin/loras", headers=user)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"

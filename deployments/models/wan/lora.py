@@ -47,8 +47,8 @@ def read_lora(path: str | Path | dict) -> dict[str, torch.Tensor]:
         raise MissingWeightsError(f"LoRA file {source}")
     try:
         state_dict = WanLoraLoaderMixin.lora_state_dict(source)
-    except (ValueError, KeyError, IndexError, RuntimeError) as exc:
-        raise LoraError(f"cannot read LoRA {path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any file that is not a LoRA (text, a pickle, garbage)
+        raise LoraError(f"{path} is not a readable LoRA file ({type(exc).__name__})") from None
     if not state_dict:
         raise LoraError(f"LoRA {path} holds no tensors")
     if not any(k.startswith(_PREFIX + ".") for k in state_dict):
