@@ -1,5 +1,6 @@
-# make demo : create .venv, install, run one request through the graph on the tiny profile
-#             (real Ray Serve, HTTP), write out/demo.mp4, shut down.
+# make demo : create .venv, install, run the tiny profile's graph (real Ray Serve, HTTP): a video
+#             job from a generated portrait (out/demo.mp4), then an avatar from it and a lip-synced
+#             talk turn from generated speech-like audio (out/demo-talk.mp4); shut down.
 # make test : create/reuse .venv, install with test extras, run the tests.
 PYTHON ?= python3
 VENV   := .venv
@@ -15,9 +16,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# Test-only: the reference the FAN and S3FD ports are compared with. --no-deps: the tests load
+	# only its torch modules, so neither its OpenCV / numba / scipy / scikit-image (~180 MB) nor a
+	# different torch come in (tests/models/test_face_alignment_reference.py).
+	$(BIN)/python -m pip install -q --no-deps "face-alignment==1.5.0"
 	touch $@
 
 demo: $(VENV)/.installed

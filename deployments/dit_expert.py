@@ -129,7 +129,7 @@ class DitExpert:
 
     def start(self, cond: Conditioning) -> DenoiseState:
         """Initial state: seeded noise and a scheduler with its timesteps set."""
-        scheduler = make_scheduler(self.sampler_cfg)
+        scheduler = make_scheduler(self.sampler_cfg, cond.params.width, cond.params.height)
         set_timesteps(scheduler, self.sampler_cfg, cond.params.num_inference_steps, self.device)
         latents = initial_noise(cond.latent_shape, cond.params.seed, self.device)
         return DenoiseState(params=cond.params, latents=pack(latents), sampler=export_state(scheduler),

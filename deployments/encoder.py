@@ -60,6 +60,20 @@ def first_frame_mask(num_frames: int, latent_frames: int, h: int, w: int, tempor
     return mask.view(1, latent_frames, temporal, h, w).transpose(1, 2)
 
 
+def centre_crop(image_w: int, image_h: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The centre box (x1, y1, x2, y2) of an image_w x image_h image with the aspect of a width x
+    height clip (None: the aspects already agree to 1/1000)."""
+    if abs(image_w * height - image_h * width) <= 1e-3 * image_w * height:
+        return None
+    if image_w * height > image_h * width:  # the image is wider: trim left and right
+        w = max(1, round(image_h * width / height))
+        x1 = (image_w - w) // 2
+        return x1, 0, x1 + w, image_h
+    h = max(1, round(image_w * height / width))
+    y1 = (image_h - h) // 2
+    return 0, y1, image_w, y1 + h
+
+
 class Encoder:
     def __init__(self, cfg: EncoderConfig):
         started = time.perf_counter()
@@ -107,11 +121,13 @@ class Encoder:
     # ------------------------------------------------------------------ image
 
     def preprocess(self, image: np.ndarray | PIL.Image.Image, width: int, height: int) -> torch.Tensor:
-        """uint8 (H, W, 3) or PIL -> (1, 3, height, width) fp32 in [-1, 1], resized."""
+        """uint8 (H, W, 3) or PIL -> (1, 3, height, width) fp32 in [-1, 1]: centre-cropped to the
+        clip's aspect, then resized, never stretched (Wan keeps the image's aspect too)."""
         if isinstance(image, np.ndarray):
             image = PIL.Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-        return self.video_processor.preprocess(image, height=height, width=width).to(
-            self.device, dtype=torch.float32)
+        return self.video_processor.preprocess(
+            image, height=height, width=width, crops_coords=centre_crop(image.width, image.height, width, height)
+        ).to(self.device, dtype=torch.float32)
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray | PIL.Image.Image, width: int, height: int,
@@ -139,7 +155,9 @@ class Encoder:
         """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
         with self.metrics.timed("encode"), self.model:
             context = self.encode_text(params.prompt)
-            negative = self.encode_text(params.negative_prompt) if params.needs_negative else None
+            # Wan2.2's image2video.py: an empty negative prompt means the model's default one.
+            negative_prompt = params.negative_prompt or self.cfg.default_negative_prompt
+            negative = self.encode_text(negative_prompt) if params.needs_negative else None
             condition = self.encode_image(image, params.width, params.height, params.num_frames)
             cond = Conditioning(params=params, prompt_embeds=pack(context),
                                 negative_prompt_embeds=None if negative is None else pack(negative),

@@ -46,7 +46,7 @@ from deployments.common.runtime import (
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
-from deployments.models.faces.face_parsing import face_parsing_mask, load_face_parser, parse_faces
+from deployments.models.faces.face_parsing import load_face_parser, parse_faces, parsing_region
 from deployments.models.hub import resolve_file
 from deployments.models.musetalk.avatar import (
     AvatarStore,
@@ -59,6 +59,12 @@ from deployments.models.musetalk.avatar import (
     lower_face_mask,
     masked_for_unet,
     prepare_avatar,
+)
+from deployments.models.musetalk.blend_mask import (
+    expanded_crop_box,
+    jaw_blend_mask,
+    parser_inputs,
+    to_crop_coordinates,
 )
 from deployments.models.musetalk.components import SEED_OFFSET, load_models
 from deployments.models.musetalk.features import (
@@ -179,12 +185,21 @@ class LipSync:
             return resolve_file(weights.repo, weights.face_parser, cfg.weights_dir)
         raise ValueError("blend_mask 'face_parsing' needs weights.face_parser (the BiSeNet file)")
 
-    def face_parsing_masks(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 crops (N, 256, 256, 3) -> MuseTalk face-parsing blend masks uint8 (N, 256, 256)."""
-        with self.model:
-            class_map = parse_faces(self.face_parser, crops, batch_size=self.cfg.batch_size)
-        return face_parsing_mask(class_map, upper_ratio=self.cfg.blend_upper_ratio,
-                                 size=crops.shape[1])
+    def face_parsing_masks(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """uint8 frames (N, H, W, 3) + face boxes (N, 4) -> MuseTalk v1.5's blend masks, uint8
+        (N, 256, 256) in crop coordinates (deployments/models/musetalk/blend_mask.py): the parser
+        reads the 1.5x square crop around each box; its jaw region, cut to the box, cleared above
+        the crop's centre and blurred, weighs the generated face."""
+        crop_boxes = [expanded_crop_box(box) for box in boxes]
+        masks = []
+        for i in range(0, len(frames), self.cfg.batch_size):
+            inputs = parser_inputs(frames[i:i + self.cfg.batch_size], crop_boxes[i:i + self.cfg.batch_size])
+            with self.model:
+                class_map = parse_faces(self.face_parser, inputs, batch_size=self.cfg.batch_size)
+            for region, box, crop_box in zip(parsing_region(class_map, "jaw"), boxes[i:], crop_boxes[i:]):
+                masks.append(to_crop_coordinates(jaw_blend_mask(region, box, crop_box,
+                                                                self.cfg.blend_upper_ratio)))
+        return np.stack(masks)
 
     def _speed_settings(self, cfg: LipSyncConfig) -> None:
         """GPU-only settings from the config (each measured in bench/README.md)."""

@@ -15,7 +15,7 @@ from diffusers import WanImageToVideoPipeline
 from deployments.config import DecoderConfig, EncoderConfig, ExpertConfig, SamplerConfig
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
-from deployments.encoder import Encoder
+from deployments.encoder import Encoder, centre_crop
 from deployments.models.wan.components import get_dummy_components
 from deployments.models.wan.sampler import make_scheduler
 from helpers import get_dummy_image, get_dummy_params
@@ -61,7 +61,12 @@ def run_pipeline(sampler: SamplerConfig, params, image):
         scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sampler.sigmas, device=device)
     pipe = WanImageToVideoPipeline(**get_dummy_components(0), scheduler=scheduler, boundary_ratio=0.9)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(image=PIL.Image.fromarray(image), prompt=params.prompt,
+    # diffusers' pipeline stretches the image to the clip; our encoder centre-crops it to the
+    # clip's aspect first (never a stretch): give the pipeline that same crop.
+    picture = PIL.Image.fromarray(image)
+    picture = picture.crop(centre_crop(picture.width, picture.height, params.width, params.height) or
+                           (0, 0, picture.width, picture.height))
+    out = pipe(image=picture, prompt=params.prompt,
                negative_prompt=params.negative_prompt, height=params.height, width=params.width,
                num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
                guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,

@@ -1,9 +1,12 @@
-"""MuseTalk's face-parsing blend mask (deployments/face_parsing.py) and its wiring into the LipSync
-stage (`blend_mask: face_parsing`). Offline, CPU, random weights."""
+"""MuseTalk's face parser (deployments/models/faces/face_parsing.py), v1.5's jaw blend mask
+(deployments/models/musetalk/blend_mask.py) against formulas written from MuseTalk's published
+code, and their wiring into the LipSync stage (`blend_mask: face_parsing`). Offline, CPU, random
+weights."""
 
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -11,14 +14,25 @@ import deployments.lipsync as lipsync_module
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
 from deployments.models.faces.face_parsing import (
-    MUSETALK_CLASSES,
     NUM_CLASSES,
     BiSeNet,
-    face_parsing_mask,
+    cheek_bands,
+    ellipse_kernel,
+    jaw_kernel,
     load_face_parser,
     parse_faces,
+    parsing_region,
 )
-from deployments.models.musetalk.avatar import lower_face_mask
+from deployments.models.musetalk.avatar import box_mask, lower_face_mask
+from deployments.models.musetalk.blend_mask import (
+    crop_padded,
+    expanded_crop_box,
+    gaussian_blur,
+    gaussian_kernel,
+    jaw_blend_mask,
+    parser_inputs,
+    to_crop_coordinates,
+)
 
 H, W = 64, 96
 BOX = (24, 8, 72, 56)
@@ -113,39 +127,170 @@ def test_parse_faces_returns_a_class_map_per_crop(parser):
         parse_faces(parser, crops.astype(np.float32))
 
 
-def test_mask_is_uint8_lower_face_and_zero_on_border_and_upper_part(parser):
-    crops = np.random.default_rng(2).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
-    for class_map in (parse_faces(parser, crops, size=128),
-                      np.ones((2, 256, 256), dtype=np.uint8)):  # all skin
-        mask = face_parsing_mask(class_map)
-        assert mask.dtype == np.uint8 and mask.shape == (2, 256, 256)
-        assert not mask[:, :128].any()  # upper half (upper_ratio 0.5)
-        assert not mask[:, -1].any() and not mask[:, :, 0].any() and not mask[:, :, -1].any()
-    # All skin: 255 well inside the lower face, falling smoothly to the border.
-    assert mask[:, 192, 128].min() == 255
-    assert 0 < mask[0, 192, 5] < 255
-    # A class map of another size is resized to the 256x256 crop.
-    assert face_parsing_mask(np.ones((1, 64, 64), dtype=np.uint8)).shape == (1, 256, 256)
+# ------------------------------------------------------------------ v1.5's jaw mask, from the formulas
+# The expectations below are written from MuseTalk's published code (TMElyralab/MuseTalk, read at
+# commit 0a89dec): musetalk/utils/face_parsing/__init__.py (FaceParsing.__init__: cone kernel,
+# cv2.getStructuringElement(MORPH_ELLIPSE, (35, 3)), _create_cheek_mask; __call__ mode "jaw"),
+# musetalk/utils/blending.py (get_crop_box, get_image_prepare_material with expand 1.5,
+# upper_boundary_ratio 0.5, blur kernel int(0.1 * side // 2 * 2) + 1, cv2.GaussianBlur sigma 0),
+# scripts/realtime_inference.py (v1.5: mode "jaw", cheek widths 90). The morphology and the blur
+# are re-derived here with plain numpy, one kernel offset at a time, as OpenCV defines them.
 
 
-def test_mask_keeps_exactly_the_chosen_classes_in_the_lower_face():
-    g = np.random.default_rng(3)
-    class_map = g.integers(0, NUM_CLASSES, (2, 256, 256)).astype(np.uint8)
-    # Without the blur the mask is exactly the kept classes below the boundary, off the border.
-    sharp = face_parsing_mask(class_map, blur=0.0)
-    expected = np.isin(class_map, MUSETALK_CLASSES)
-    expected[:, :128] = False
-    expected[:, -1], expected[:, :, 0], expected[:, :, -1] = False, False, False
-    np.testing.assert_array_equal(sharp, expected.astype(np.uint8) * 255)
-    assert MUSETALK_CLASSES == (1, 11, 12, 13)  # skin, mouth, upper lip, lower lip (not nose)
-    # Left half skin, right half nose: with the blur, skin is kept and nose is not.
-    halves = np.full((1, 256, 256), 10, dtype=np.uint8)
-    halves[:, :, :128] = 1
-    mask = face_parsing_mask(halves)
-    assert mask[0, 200, 60] == 255 and mask[0, 200, 200] == 0
-    assert mask[0, 200, 200:].max() == 0 and mask[0, 200, 1:100].min() > 0
-    flipped = face_parsing_mask(halves, keep=(10,))
-    assert flipped[0, 200, 60] == 0 and flipped[0, 200, 200] == 255
+def _shift(image: np.ndarray, dy: int, dx: int, fill: bool) -> np.ndarray:
+    """out[y, x] = image[y + dy, x + dx], `fill` outside."""
+    h, w = image.shape
+    out = np.full_like(image, fill)
+    ys, yd = slice(max(dy, 0), h + min(dy, 0)), slice(max(-dy, 0), h + min(-dy, 0))
+    xs, xd = slice(max(dx, 0), w + min(dx, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+    out[yd, xd] = image[ys, xs]
+    return out
+
+
+def _cv_morph(image: np.ndarray, kernel: np.ndarray, erode: bool) -> np.ndarray:
+    """cv2.dilate / cv2.erode of a bool image: max / min of src(y + i - ay, x + j - ax) over the
+    kernel's ones, anchor at the centre; the border counts as 0 for dilate, 1 for erode."""
+    ay, ax = kernel.shape[0] // 2, kernel.shape[1] // 2
+    shifted = [_shift(image, i - ay, j - ax, erode) for i, j in np.argwhere(kernel)]
+    return np.logical_and.reduce(shifted) if erode else np.logical_or.reduce(shifted)
+
+
+def _musetalk_jaw(parsing: np.ndarray, cheek_width: int = 90) -> np.ndarray:
+    """FaceParsing(left_cheek_width=90, right_cheek_width=90)(image, mode="jaw") on a class map."""
+    kernel = np.zeros((33, 33), bool)
+    for row in range(10, 21):  # cone: rows cone_height // 2 .. cone_height - 1, width 2 * (row - 10) + 1
+        kernel[row, 16 - (row - 10):16 + (row - 10) + 1] = True
+    kernel[21:, 6:27] = True  # tail: the cone's last row (21 wide) repeated for 12 rows
+    ellipse = np.zeros((3, 35), bool)
+    ellipse[1, :] = True
+    ellipse[0, 17] = ellipse[2, 17] = True  # r = 1, c = 17: dx = 0 on the outer rows
+    cheeks = np.zeros((512, 512), bool)
+    cheeks[:, :256 - cheek_width + 1] = True  # cv2.rectangle (0, 0)-(166, 512), filled
+    cheeks[:, 256 + cheek_width:] = True  # (346, 0)-(512, 512)
+    dilated = _cv_morph(parsing == 1, kernel, erode=False)
+    eroded = _cv_morph(_cv_morph(dilated, ellipse, erode=True), ellipse, erode=True)
+    face = (eroded & cheeks) | (dilated & ~cheeks)
+    return (face & (parsing != 10)) | np.isin(parsing, [11, 12, 13])
+
+
+def _cv_gaussian_blur(image: np.ndarray, k: int) -> np.ndarray:
+    """cv2.GaussianBlur(image, (k, k), 0) in float64: getGaussianKernel's fixed 3/5/7-tap kernels,
+    else sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8; BORDER_REFLECT_101 (numpy's 'reflect')."""
+    fixed = {3: [1, 2, 1], 5: [1, 4, 6, 4, 1], 7: [2, 7, 14, 18, 14, 7, 2]}  # /4, /16, /64 (OpenCV table)
+    if k in fixed:
+        g = np.array(fixed[k], float) / sum(fixed[k])
+    else:
+        sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+        g = np.exp(-((np.arange(k) - (k - 1) / 2) ** 2) / (2 * sigma ** 2))
+        g /= g.sum()
+    r = k // 2
+    x = np.pad(image.astype(float), r, mode="reflect")
+    x = np.apply_along_axis(lambda row: np.convolve(row, g, mode="valid"), 1, x)
+    x = np.apply_along_axis(lambda col: np.convolve(col, g, mode="valid"), 0, x)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _musetalk_prepare_material(region512: np.ndarray, box) -> tuple[np.ndarray, list]:
+    """get_image_prepare_material(..., upper_boundary_ratio=0.5, expand=1.5) from the parser's
+    512x512 region on: (mask over the crop box, crop box)."""
+    x, y, x1, y1 = box
+    x_c, y_c = (x + x1) // 2, (y + y1) // 2
+    s = int(max(x1 - x, y1 - y) // 2 * 1.5)
+    x_s, y_s = x_c - s, y_c - s
+    side = 2 * s
+    seg = np.asarray(PIL.Image.fromarray(region512.astype(np.uint8) * 255).resize((side, side)))
+    mask = np.zeros((side, side), np.uint8)
+    mask[y - y_s:y1 - y_s, x - x_s:x1 - x_s] = seg[y - y_s:y1 - y_s, x - x_s:x1 - x_s]
+    mask[:int(side * 0.5)] = 0
+    return _cv_gaussian_blur(mask, int(0.1 * side // 2 * 2) + 1), [x_s, y_s, x_c + s, y_c + s]
+
+
+def _synthetic_face(size: int = 512) -> np.ndarray:
+    """A class map with a face: skin oval, nose, mouth and lips, neck, hair, background."""
+    yy, xx = np.mgrid[:size, :size] / size
+    parsing = np.zeros((size, size), np.uint8)
+    parsing[(yy > 0.72) & (abs(xx - 0.5) < 0.12)] = 14  # neck
+    parsing[((xx - 0.5) / 0.34) ** 2 + ((yy - 0.47) / 0.4) ** 2 < 1] = 1  # skin
+    parsing[(yy < 0.2) & (parsing == 1)] = 17  # hair
+    parsing[(abs(xx - 0.5) < 0.05) & (yy > 0.4) & (yy < 0.58)] = 10  # nose
+    parsing[(abs(xx - 0.5) < 0.1) & (abs(yy - 0.66) < 0.015)] = 12  # upper lip
+    parsing[(abs(xx - 0.5) < 0.1) & (abs(yy - 0.69) < 0.015)] = 13  # lower lip
+    parsing[(abs(xx - 0.5) < 0.07) & (abs(yy - 0.675) < 0.006)] = 11  # mouth
+    return parsing
+
+
+def test_jaw_kernels_and_cheek_bands_follow_musetalk():
+    kernel = jaw_kernel()
+    assert kernel.shape == (33, 33) and kernel.sum() == 121 + 12 * 21
+    assert not kernel[:10].any()
+    assert np.flatnonzero(kernel[10]).tolist() == [16]
+    assert np.flatnonzero(kernel[20]).tolist() == list(range(6, 27))
+    assert (kernel[21:] == kernel[20]).all()
+    ellipse = ellipse_kernel(35, 3)
+    assert ellipse[1].all() and np.flatnonzero(ellipse[0]).tolist() == [17] == np.flatnonzero(ellipse[2]).tolist()
+    np.testing.assert_array_equal(ellipse_kernel(5, 5), [[0, 0, 1, 0, 0], [1] * 5, [1] * 5, [1] * 5,
+                                                        [0, 0, 1, 0, 0]])  # cv2's well-known 5x5
+    bands = cheek_bands(512)
+    assert np.flatnonzero(~bands).tolist() == list(range(167, 346))
+
+
+def test_parsing_region_matches_musetalks_face_parsing_modes():
+    parsing = _synthetic_face()
+    both = np.stack([parsing, np.fliplr(parsing).copy()])
+    jaw = parsing_region(both, "jaw")
+    for got, class_map in zip(jaw, both):
+        np.testing.assert_array_equal(got, _musetalk_jaw(class_map))
+    np.testing.assert_array_equal(parsing_region(both, "raw"), np.isin(both, [1, 11, 12, 13]))
+    np.testing.assert_array_equal(parsing_region(both, "neck"), np.isin(both, [1, 11, 12, 13, 14]))
+    region = jaw[0]
+    assert not region[parsing == 10].any()  # the nose is cut out
+    assert region[np.isin(parsing, [11, 12, 13])].all()  # mouth and lips are in
+    # The dilation adds pixels next to the skin between the cheek bands; the erosion takes skin
+    # away inside the bands.
+    skin = parsing == 1
+    assert (region & ~skin & ~np.isin(parsing, [11, 12, 13]))[:, 200:312].any()
+    assert (skin & ~region)[:, :167].any()
+    with pytest.raises(ValueError):
+        parsing_region(both, "cheeks")
+
+
+@pytest.mark.parametrize("box", [(24, 8, 72, 56), (100, 60, 260, 260), (5, 0, 95, 70), (40, 30, 61, 47)])
+def test_jaw_blend_mask_matches_musetalks_prepare_material(box):
+    parsing = _synthetic_face()
+    region = _musetalk_jaw(parsing)
+    expected, crop_box = _musetalk_prepare_material(region, box)
+    assert list(expanded_crop_box(box)) == crop_box
+    x1, y1, x2, y2 = box
+    x_s, y_s = crop_box[:2]
+    got = jaw_blend_mask(parsing_region(parsing[None], "jaw")[0], box, tuple(crop_box))
+    assert got.shape == (y2 - y1, x2 - x1) and got.dtype == np.uint8
+    want = expected[y1 - y_s:y2 - y_s, x1 - x_s:x2 - x_s]
+    # OpenCV blurs uint8 in fixed point: within one level of the float result.
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert want.max() > 200  # a real mask, not an empty one
+    # Outside the face box the reference blends the frame with itself: the box part is all of it.
+    # Zero above the crop's centre, beyond the blur's reach.
+    k = int(0.1 * (crop_box[2] - x_s) // 2 * 2) + 1
+    centre = (crop_box[3] - y_s) // 2 + y_s - y1  # the crop's centre row, in box rows
+    assert not got[:max(centre - k // 2, 0)].any()
+
+
+def test_gaussian_blur_is_opencvs_for_small_and_large_kernels():
+    image = np.random.default_rng(4).integers(0, 256, (40, 50)).astype(np.uint8)
+    for k in (1, 3, 5, 7, 9, 25):
+        np.testing.assert_allclose(gaussian_blur(image, k), _cv_gaussian_blur(image, k), atol=1)
+    assert gaussian_kernel(9).sum().item() == pytest.approx(1.0)
+
+
+def test_crop_box_reaches_outside_the_frame_with_zeros():
+    frame = np.full((64, 96, 3), 200, np.uint8)
+    crop_box = expanded_crop_box((24, 8, 72, 56))  # w = h = 48: s = 36 around (48, 32)
+    assert crop_box == (12, -4, 84, 68)
+    crop = crop_padded(frame, crop_box)
+    assert crop.shape == (72, 72, 3)
+    assert not crop[:4].any() and not crop[-4:].any() and (crop[4:-4] == 200).all()
+    inputs = parser_inputs(frame[None], [crop_box])
+    assert inputs.shape == (1, 512, 512, 3) and inputs.dtype == np.uint8
 
 
 def _frames(seed=0, n=4):
@@ -168,12 +313,21 @@ def test_config_fields():
         LipSyncConfig(blend_mask="something")
 
 
-def test_stage_masks_come_from_the_parser(parsing_stage):
+def _v15_masks(class_maps: np.ndarray, boxes) -> np.ndarray:
+    """What the stage stores for these 512x512 class maps: each box's jaw mask in crop coordinates."""
+    regions = parsing_region(class_maps, "jaw")
+    return np.stack([to_crop_coordinates(jaw_blend_mask(r, b, expanded_crop_box(b))) for r, b in zip(regions, boxes)])
+
+
+def test_stage_masks_are_musetalk_v15_jaw_masks(parsing_stage):
     assert parsing_stage.face_parser is not None
-    avatar = parsing_stage.prepare_avatar(_frames(), 16, face_box=BOX)
+    frames = _frames()
+    avatar = parsing_stage.prepare_avatar(frames, 16, face_box=BOX)
     assert avatar.masks.dtype == np.uint8 and avatar.masks.shape == (4, 256, 256)
-    expected = face_parsing_mask(parse_faces(parsing_stage.face_parser, avatar.crops))
-    np.testing.assert_array_equal(avatar.masks, expected)
+    # The parser reads the 1.5x square crop around the box (zero where it leaves the frame).
+    inputs = parser_inputs(frames, [expanded_crop_box(BOX)] * 4)
+    np.testing.assert_array_equal(avatar.masks, _v15_masks(parse_faces(parsing_stage.face_parser, inputs),
+                                                           [BOX] * 4))
     # The setting is part of the avatar's content hash.
     assert parsing_stage.settings()["blend_mask"] == "face_parsing"
     feathered = LipSync.__new__(LipSync)
@@ -185,10 +339,7 @@ def test_stage_masks_come_from_the_parser(parsing_stage):
 
 def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, monkeypatch):
     frames = _frames(seed=5)
-    class_map = np.zeros((4, 256, 256), dtype=np.uint8)
-    class_map[:, 120:, 40:216] = 1  # skin
-    class_map[:, 170:200, 90:170] = 12  # upper lip
-    class_map[:, 150:230, 0:30] = 10  # nose class: not kept
+    class_map = np.stack([_synthetic_face()] * 4)
     calls = []
 
     def fake_parse(model, crops, **kwargs):
@@ -197,11 +348,16 @@ def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, 
 
     monkeypatch.setattr(lipsync_module, "parse_faces", fake_parse)
     avatar = parsing_stage.prepare_avatar(frames, 16, face_box=BOX)
-    assert calls == [(4, 256, 256, 3)]
-    np.testing.assert_array_equal(avatar.masks, face_parsing_mask(class_map))
+    assert calls == [(4, 512, 512, 3)]
+    np.testing.assert_array_equal(avatar.masks, _v15_masks(class_map, [BOX] * 4))
     default = lower_face_mask(parsing_stage.cfg.blend_upper_ratio, parsing_stage.cfg.blend_feather)
     assert not np.array_equal(avatar.masks[0], default)
-    assert avatar.masks[0, 185, 128] == 255 and avatar.masks[0, 190, 10] == 0
+    # Stored in crop coordinates, read back over the box within a few levels of MuseTalk's weights.
+    expected, crop_box = _musetalk_prepare_material(_musetalk_jaw(class_map[0]), BOX)
+    x1, y1, x2, y2 = BOX
+    want = expected[y1 - crop_box[1]:y2 - crop_box[1], x1 - crop_box[0]:x2 - crop_box[0]]
+    stored = np.rint(box_mask(avatar.masks[0], BOX) * 255).astype(int)
+    assert np.abs(stored - want).max() <= 12 and np.abs(stored - want).mean() < 1.5  # measured 11, 1.15
     # Prepared again: from the cache, the parser is not called again.
     assert parsing_stage.prepare_avatar(frames, 16, face_box=BOX).avatar_id == avatar.avatar_id
     assert len(calls) == 1
@@ -210,18 +366,39 @@ def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, 
     chunks = list(parsing_stage.speak(avatar, pcm, batch_size=4))
     out = np.concatenate(chunks)
     assert out.shape[1:] == (H, W, 3) and out.shape[0] == 6
-    x1, y1, x2, y2 = BOX
     inside = np.zeros((H, W), dtype=bool)
     inside[y1:y2, x1:x2] = True
+    # Above the crop's centre row (frame row 32), less the blur's 3 rows and a row of resampling.
+    untouched = 32 - 3 - 1
     changed = False
     for i, frame in enumerate(out):
         base = avatar.frames[avatar.source_frame(i)]
         np.testing.assert_array_equal(frame[~inside], base[~inside])
-        # The upper half of the box (mask 0 there) is untouched too.
-        np.testing.assert_array_equal(frame[y1:y1 + (y2 - y1) // 2 - 1, x1:x2],
-                                      base[y1:y1 + (y2 - y1) // 2 - 1, x1:x2])
+        np.testing.assert_array_equal(frame[y1:untouched, x1:x2], base[y1:untouched, x1:x2])
         changed |= not np.array_equal(frame[inside], base[inside])
     assert changed
+
+
+def test_device_paste_back_uses_the_same_v15_masks_as_the_cpu_blend():
+    """The GPU path (paste.PasteBack, run here on the CPU) blends with the avatar's jaw masks as
+    avatar.blend_face does, within the few levels its resampling differs by."""
+    from deployments.models.musetalk.avatar import PreparedAvatar, blend_face
+    from deployments.models.musetalk.paste import PasteBack
+
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 256, (2, H, W, 3), dtype=np.uint8)
+    boxes = np.array([BOX, (10, 4, 70, 60)], dtype=np.int64)
+    masks = _v15_masks(np.stack([_synthetic_face()] * 2), boxes)
+    avatar = PreparedAvatar(avatar_id="v15", frames=frames, source_index=np.arange(2), boxes=boxes,
+                            crops=np.zeros((2, 256, 256, 3), np.uint8),
+                            latents=np.zeros((2, 8, 32, 32), np.float32), masks=masks)
+    crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    pasted = PasteBack(avatar, "cpu")([0, 1], torch.from_numpy(crops)).numpy()
+    for s in (0, 1):
+        expected = blend_face(frames[s], crops[s], boxes[s], masks[s])
+        diff = np.abs(pasted[s].astype(int) - expected.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.1
+        assert not np.array_equal(expected, frames[s])
 
 
 def test_parser_file_is_resolved_from_the_musetalk_weights(tmp_path):

@@ -3,6 +3,8 @@ a regression shows up at the first stage that fails."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -14,7 +16,7 @@ from deployments.common.transport import pack, unpack
 from deployments.config import DecoderConfig, EncoderConfig, ExpertConfig, SamplerConfig
 from deployments.decoder import Decoder, to_uint8
 from deployments.dit_expert import DitExpert, initial_noise
-from deployments.encoder import Encoder
+from deployments.encoder import Encoder, centre_crop
 from deployments.models.wan.components import get_dummy_components
 from deployments.models.wan.sampler import export_state, make_scheduler, set_timesteps
 from helpers import get_dummy_image, get_dummy_params
@@ -53,9 +55,23 @@ def test_1_text_encode_matches_pipeline(pipe, encoder):
     assert context[0, 20:].abs().sum() == 0 and context[0, 0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("image_w,image_h,width,height", [
+    (24, 20, 32, 16), (480, 832, 832, 480), (1920, 1080, 480, 832), (1000, 1000, 832, 480), (640, 480, 64, 48),
+    (3000, 100, 16, 256), (7, 5, 16, 16)])
+def test_the_encoder_crops_to_the_clip_aspect_and_never_stretches(image_w, image_h, width, height):
+    box = centre_crop(image_w, image_h, width, height)
+    x1, y1, x2, y2 = box or (0, 0, image_w, image_h)
+    assert 0 <= x1 < x2 <= image_w and 0 <= y1 < y2 <= image_h
+    assert abs((x2 - x1) / (y2 - y1) / (width / height) - 1) <= 0.01 or min(x2 - x1, y2 - y1) < 50  # rounding of tiny crops
+    assert (x1 + x2) / 2 == pytest.approx(image_w / 2, abs=1) and (y1 + y2) / 2 == pytest.approx(image_h / 2, abs=1)
+    assert (x2 - x1 == image_w) or (y2 - y1 == image_h)  # only the excess side is trimmed
+
+
 def test_2_image_encode_matches_pipeline(pipe, encoder):
-    image = get_dummy_image()
-    pixels = pipe.video_processor.preprocess(PIL.Image.fromarray(image), height=16, width=32)
+    image = get_dummy_image()  # 24x20: the encoder centre-crops it to 2:1 (24x12), never stretches
+    picture = PIL.Image.fromarray(image).crop((0, 4, 24, 16))
+    assert centre_crop(24, 20, 32, 16) == (0, 4, 24, 16)
+    pixels = pipe.video_processor.preprocess(picture, height=16, width=32)
     _, ref_condition = pipe.prepare_latents(pixels.to(torch.float32), 1, 16, 16, 32, 9, torch.float32,
                                             "cpu", torch.Generator().manual_seed(0))
     condition = encoder.encode_image(image, width=32, height=16, num_frames=9)
@@ -73,6 +89,30 @@ def test_encode_payload_is_numpy_with_shapes(encoder):
     assert cond.latent_shape == (1, 16, 3, 2, 4)
     no_cfg = encoder.encode(get_dummy_params(guidance_scale=1.0, guidance_scale_2=1.0), get_dummy_image())
     assert no_cfg.negative_prompt_embeds is None
+
+
+def test_empty_negative_prompt_means_the_profiles_default(encoder, monkeypatch):
+    """Wan2.2's image2video.py: `if n_prompt == "": n_prompt = self.sample_neg_prompt`. The tiny
+    profile's default is "" (the empty prompt is encoded); the full-size profiles set Wan's."""
+    image = get_dummy_image()
+    plain = encoder.encode(get_dummy_params(negative_prompt=""), image)
+    assert torch.equal(unpack(plain.negative_prompt_embeds), encoder.encode_text(""))
+    monkeypatch.setattr(encoder, "cfg", encoder.cfg.model_copy(update={"default_negative_prompt": "smudged"}))
+    cond = encoder.encode(get_dummy_params(negative_prompt=""), image)
+    assert torch.equal(unpack(cond.negative_prompt_embeds), encoder.encode_text("smudged"))
+    assert cond.params.negative_prompt == ""  # the request as given; the default is the encoder's
+    own = encoder.encode(get_dummy_params(negative_prompt="dog"), image)
+    assert torch.equal(unpack(own.negative_prompt_embeds), encoder.encode_text("dog"))
+
+
+def test_the_high_expert_shifts_by_the_clips_size(encoder):
+    sampler = SAMPLER.model_copy(update={"flow_shift_720p": 5.0})
+    expert = DitExpert(ExpertConfig(role="high"), sampler)
+    small = expert.start(encoder.encode(get_dummy_params(width=32, height=16), get_dummy_image()))
+    assert small.sampler.config["flow_shift"] == 3.0
+    cond = encoder.encode(get_dummy_params(width=32, height=16), get_dummy_image())
+    big = replace(cond, params=replace(cond.params, width=1280, height=720))  # only the size is read
+    assert expert.start(big).sampler.config["flow_shift"] == 5.0
 
 
 def _reference_step(pipe, transformer, cond, latents, scheduler, index, guidance):

@@ -10,9 +10,10 @@ uses the main head alone (as MuseTalk, which reads `net(img)[0]`).
 
     crops uint8 (B, H, W, 3) -> resized to 512x512, ImageNet mean/std -> BiSeNet
         -> logits (B, 19, 512, 512) -> resized to (H, W) -> argmax -> class map uint8 (B, H, W)
-    class map -> keep MuseTalk's classes (skin 1, mouth 11, upper lip 12, lower lip 13)
-        -> lower part of the crop only -> Gaussian blur (kernel 0.1 of the size, as MuseTalk)
-        -> uint8 mask (B, 256, 256), 0 on the crop border and above `upper_ratio`
+    class map (512x512) -> MuseTalk's FaceParsing modes (`parsing_region`): "raw" (skin, mouth,
+        lips), "neck" (+ neck) or v1.5's "jaw" (skin dilated with a cone-shaped kernel, eroded
+        sideways in the cheek bands, nose removed, mouth and lips added) -> bool region
+    The region becomes a blend mask in deployments/models/musetalk/blend_mask.py.
 
 Class ids (CelebAMask-HQ order used by the checkpoint): 0 background, 1 skin, 2 l_brow, 3 r_brow,
 4 l_eye, 5 r_eye, 6 eye_g, 7 l_ear, 8 r_ear, 9 ear_r, 10 nose, 11 mouth, 12 u_lip, 13 l_lip,
@@ -22,7 +23,6 @@ Class ids (CelebAMask-HQ order used by the checkpoint): 0 background, 1 skin, 2 
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,14 +34,21 @@ PARSE_SIZE = 512
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# MuseTalk musetalk/utils/face_parsing/__init__.py, FaceParsing.__call__: the default mode keeps
-# [1, 11, 12, 13] (skin, mouth, upper lip, lower lip; the nose, 10, is NOT kept); mode "neck" adds
-# 14 (neck). Mode "jaw" (skin dilated with a cone kernel, cheeks eroded, nose removed) is not
-# reproduced here.
-MUSETALK_CLASSES = (1, 11, 12, 13)
-MUSETALK_NECK_CLASSES = (1, 11, 12, 13, 14)
-# MuseTalk blending.py: blur_kernel_size = int(0.1 * size // 2 * 2) + 1.
-BLUR_FRACTION = 0.1
+# MuseTalk musetalk/utils/face_parsing/__init__.py, FaceParsing.__call__ (facts, not code): mode
+# "raw" keeps [1, 11, 12, 13] (skin, mouth, upper lip, lower lip; not the nose, 10), "neck" adds 14;
+# "jaw" (v1.5) takes skin (1), dilates it with a cone kernel (cone 21 rows, tail 12, 33x33), erodes
+# the result twice with a 35x3 ellipse where it lies in the cheek bands (x <= 256 - left or
+# x >= 256 + right at 512 wide), drops the nose (10) and adds mouth and lips (11, 12, 13).
+SKIN, NOSE = 1, 10
+MOUTH_AND_LIPS = (11, 12, 13)
+RAW_CLASSES = (SKIN, *MOUTH_AND_LIPS)
+NECK_CLASSES = (*RAW_CLASSES, 14)
+JAW_CONE_HEIGHT, JAW_TAIL_HEIGHT = 21, 12
+CHEEK_KERNEL = (35, 3)  # (width, height) of the ellipse
+CHEEK_EROSIONS = 2
+# v1.5's scripts (scripts/inference.py, realtime_inference.py, app.py) pass --left_cheek_width /
+# --right_cheek_width 90 (FaceParsing's own default is 80).
+CHEEK_WIDTH = 90
 
 
 # ------------------------------------------------------------------ the network
@@ -246,43 +253,75 @@ def parse_faces(model: nn.Module, crops: np.ndarray, size: int = PARSE_SIZE,
     return np.concatenate(out) if out else np.zeros((0, h, w), dtype=np.uint8)
 
 
-def _gaussian_kernel(ksize: int) -> torch.Tensor:
-    """OpenCV's 1-D Gaussian for sigma=0: sigma = 0.3 * ((ksize - 1) / 2 - 1) + 0.8."""
-    sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
-    x = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
-    k = torch.exp(-x * x / (2 * sigma * sigma))
-    return (k / k.sum()).float()
+def jaw_kernel(cone_height: int = JAW_CONE_HEIGHT, tail_height: int = JAW_TAIL_HEIGHT) -> np.ndarray:
+    """MuseTalk's "jaw" dilation kernel, uint8 (n, n) with n = cone + tail: empty above the
+    centre row of the cone; cone row r (from cone // 2 on) is 2 * (r - cone // 2) + 1 wide around
+    the centre column; the tail rows repeat the cone's last row. Anchored at (n // 2, n // 2), it
+    spreads a region up to 16 rows upward 21 columns wide and up to 6 rows downward on a
+    narrowing tip (OpenCV's dilate reads src(y + i - 16, x + j - 16) for each kernel one)."""
+    n = cone_height + tail_height
+    kernel = np.zeros((n, n), dtype=np.uint8)
+    c = n // 2
+    for row in range(cone_height // 2, cone_height):
+        half = row - cone_height // 2
+        kernel[row, c - half:c + half + 1] = 1
+    base = int(kernel[cone_height - 1].sum()) if cone_height > 0 else 1
+    kernel[cone_height:, max(0, c - base // 2):min(n, c + base // 2 + 1)] = 1
+    return kernel
 
 
-def face_parsing_mask(class_map: np.ndarray, keep: Sequence[int] = MUSETALK_CLASSES,
-                      upper_ratio: float = 0.5, blur: float = BLUR_FRACTION,
-                      size: int = 256) -> np.ndarray:
-    """Class map uint8 (B, H, W) in crop coordinates -> blend mask uint8 (B, size, size).
+def ellipse_kernel(width: int, height: int) -> np.ndarray:
+    """OpenCV's MORPH_ELLIPSE structuring element of (width, height), uint8 (height, width): row i
+    spans c - dx .. c + dx with r = height // 2, c = width // 2, dy = i - r and
+    dx = round(c * sqrt((r^2 - dy^2) / r^2)) (0 when r is 0)."""
+    kernel = np.zeros((height, width), dtype=np.uint8)
+    r, c = height // 2, width // 2
+    inv_r2 = 1.0 / (r * r) if r else 0.0
+    for i in range(height):
+        dy = i - r
+        if abs(dy) <= r:
+            dx = round(c * float(np.sqrt((r * r - dy * dy) * inv_r2)))
+            kernel[i, max(c - dx, 0):min(c + dx + 1, width)] = 1
+    return kernel
 
-    255 where the class is one of `keep`, only from `upper_ratio` of the height down (MuseTalk's
-    `upper_boundary_ratio`), blurred with a Gaussian of kernel int(blur * size // 2 * 2) + 1 (as
-    MuseTalk's blending). MuseTalk blurs in a crop 1.2x the face box, so its mask fades out
-    outside the box; here the mask lives in the box itself, so the kept region is first shrunk by
-    the blur radius on every side and the blur's tails are cleared above `upper_ratio` and on the
-    outermost pixels: the mask is 0 on the crop border and nothing outside the box can change.
-    """
+
+def _morph(region: torch.Tensor, kernel: np.ndarray, erode: bool) -> torch.Tensor:
+    """Binary dilation / erosion of bool (B, H, W) with a structuring element anchored at its
+    centre, as OpenCV: outside the image counts as 0 for dilation and 1 for erosion."""
+    k = torch.from_numpy(kernel.astype(np.float32))[None, None]
+    kh, kw = kernel.shape
+    x = F.pad(region.float()[:, None], (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2),
+              value=1.0 if erode else 0.0)
+    hits = F.conv2d(x, k)[:, 0]
+    return hits >= float(kernel.sum()) - 0.5 if erode else hits > 0.5
+
+
+def cheek_bands(width: int, left: int = CHEEK_WIDTH, right: int = CHEEK_WIDTH) -> np.ndarray:
+    """bool (width,): the columns MuseTalk's cheek mask covers, x <= c - left or x >= c + right
+    with c = width // 2 (OpenCV's filled rectangles include both corners)."""
+    x = np.arange(width)
+    c = width // 2
+    return (x <= c - left) | (x >= c + right)
+
+
+def parsing_region(class_map: np.ndarray, mode: str = "jaw", left_cheek_width: int = CHEEK_WIDTH,
+                   right_cheek_width: int = CHEEK_WIDTH) -> np.ndarray:
+    """Class map uint8 (B, H, W) -> bool (B, H, W): the pixels MuseTalk's FaceParsing marks 255
+    in `mode` ("raw", "neck" or "jaw"). Kernel and cheek sizes are in pixels of the 512x512 parse."""
     class_map = np.asarray(class_map)
     if class_map.ndim != 3:
         raise ValueError(f"expected a class map (B, H, W), got {class_map.shape}")
-    keep_map = torch.from_numpy(np.isin(class_map, list(keep)).astype(np.float32))[:, None]
-    if keep_map.shape[2:] != (size, size):
-        keep_map = F.interpolate(keep_map, (size, size), mode="nearest")
-    ksize = int(blur * size // 2 * 2) + 1
-    r = ksize // 2
-    top = int(round(upper_ratio * size))
-    region = torch.zeros(size, size)
-    region[top + r:size - r, r:size - r] = 1.0
-    mask = keep_map * region
-    if r > 0:
-        k = _gaussian_kernel(ksize)
-        mask = F.conv2d(F.pad(mask, (r, r, 0, 0)), k.view(1, 1, 1, ksize))
-        mask = F.conv2d(F.pad(mask, (0, 0, r, r)), k.view(1, 1, ksize, 1))
-    mask = (mask[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy().copy()
-    mask[:, :max(top, 1)] = 0
-    mask[:, -1:], mask[:, :, :1], mask[:, :, -1:] = 0, 0, 0
-    return mask
+    if mode == "raw":
+        return np.isin(class_map, RAW_CLASSES)
+    if mode == "neck":
+        return np.isin(class_map, NECK_CLASSES)
+    if mode != "jaw":
+        raise ValueError(f"unknown face parsing mode {mode!r}")
+    skin = torch.from_numpy(class_map == SKIN)
+    dilated = _morph(skin, jaw_kernel(), erode=False)
+    eroded = dilated
+    for _ in range(CHEEK_EROSIONS):
+        eroded = _morph(eroded, ellipse_kernel(*CHEEK_KERNEL), erode=True)
+    cheeks = torch.from_numpy(cheek_bands(class_map.shape[2], left_cheek_width, right_cheek_width))
+    face = torch.where(cheeks, eroded, dilated).numpy()
+    return (face & (class_map != NOSE)) | np.isin(class_map, MOUTH_AND_LIPS)

@@ -14,9 +14,10 @@ Module and parameter names follow the published, non-TorchScript checkpoint
         -> per-heatmap argmax, +0.25 px toward the higher neighbour on each axis, +0.5 (pixel
            centre) -> heatmap coordinates -> back to image pixels with the same center / scale
 
-Facts (not code) from 1adrianb/face-alignment: `face_alignment/models.py` (ConvBlock, HourGlass,
-FAN), `face_alignment/utils.py` (`transform`, `crop`, `get_preds_fromhm` / `_get_preds_fromhm`,
-`transform_np`), `face_alignment/api.py` (`get_landmarks_from_image`: center, 0.12 shift,
+Facts (not code) from 1adrianb/face-alignment: `face_alignment/models.py` (`models/fan.py` in
+1.5: ConvBlock, HourGlass, FAN, average pooling in the stem and the hourglasses; compared with
+the package in tests/models/test_face_alignment_reference.py), `face_alignment/utils.py`
+(`transform`, `crop`, `get_preds_fromhm` / `_get_preds_fromhm`, `transform_np`), `face_alignment/api.py` (`get_landmarks_from_image`: center, 0.12 shift,
 scale = (x2 - x1 + y2 - y1) / reference_scale, 195 for the default SFD detector).
 """
 
@@ -78,7 +79,8 @@ class ConvBlock(nn.Module):
 
 class HourGlass(nn.Module):
     """Recursive hourglass. Level L (depth .. 1) owns `b1_L` (skip branch at full resolution),
-    `b2_L` (after 2x2 max pool), then either level L-1 or, at L == 1, `b2_plus_1`, and `b3_L`,
+    `b2_L` (after a 2x2 average pool, as face_alignment: the published weights were trained
+    with average, not max, pooling), then either level L-1 or, at L == 1, `b2_plus_1`, and `b3_L`,
     whose output is upsampled 2x (nearest) and added to the skip branch."""
 
     def __init__(self, depth: int = HOURGLASS_DEPTH, features: int = FEATURES):
@@ -97,7 +99,7 @@ class HourGlass(nn.Module):
 
     def _run(self, level: int, x: torch.Tensor) -> torch.Tensor:
         up = self._modules[f"b1_{level}"](x)
-        low = self._modules[f"b2_{level}"](F.max_pool2d(x, 2, stride=2))
+        low = self._modules[f"b2_{level}"](F.avg_pool2d(x, 2, stride=2))
         if level > 1:
             low = self._run(level - 1, low)
         else:
@@ -137,7 +139,7 @@ class FAN(nn.Module):
 
     def forward(self, x: torch.Tensor, all_stacks: bool = False):
         x = F.relu(self.bn1(self.conv1(x)))
-        x = F.max_pool2d(self.conv2(x), 2)
+        x = F.avg_pool2d(self.conv2(x), 2, stride=2)  # (B, 128, H/4, W/4); average, as face_alignment
         x = self.conv4(self.conv3(x))
         previous = x
         outputs = []

@@ -5,7 +5,8 @@ computed once, cached on disk by content hash, and reused by every talk turn.
       -> retimed to 25 fps by nearest frame: source_index (M,) into the N frames
       -> per source frame: face box (x1, y1, x2, y2) -> crop resized to 256x256
       -> VAE latents of [crop with its lower half masked | whole crop] -> (8, 32, 32)
-      -> blend mask (256, 256) uint8 in crop coordinates
+      -> blend mask (256, 256) uint8 in crop coordinates: MuseTalk v1.5's jaw mask when a face
+         parser is configured (blend_mask.py), else the feathered lower-face rectangle
 
 This module is model-free: the caller passes the VAE encode as a function, so the cache, the
 boxes and the blending are tested without models. The cycle, the retiming and the window
@@ -33,7 +34,8 @@ from deployments.models.musetalk.features import VIDEO_FPS, base_frame_index, re
 
 CROP_SIZE = 256
 # Bump when what is stored (or how it is computed) changes: old cache entries stop matching.
-CACHE_FORMAT = 1
+# 2: face-parsing masks are MuseTalk v1.5's jaw masks on the 1.5x crop.
+CACHE_FORMAT = 2
 
 Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), pixels, x2/y2 exclusive
 
@@ -160,12 +162,13 @@ def crop_face(frame: np.ndarray, box: Sequence[int], size: int = CROP_SIZE) -> n
 
 def lower_face_mask(upper_ratio: float = 0.5, feather: float = 0.08,
                     size: int = CROP_SIZE) -> np.ndarray:
-    """Default blend mask in crop coordinates: uint8 (size, size), 255 on the lower face.
+    """The fallback blend mask, used when no face parser is configured (`blend_mask: feathered`),
+    in crop coordinates: uint8 (size, size), 255 on the lower face.
 
     The rectangle from `upper_ratio` of the height down to the bottom is shrunk by the feather
     width on every side and blurred with sigma = feather / 3, so the mask is 255 well inside,
     falls smoothly and is 0 at the crop border (the pasted face meets the base frame without a
-    seam). A face-parsing mask can replace it per frame.
+    seam). MuseTalk itself always parses the face (blend_mask.py, which replaces this per frame).
     """
     f = int(round(feather * size))
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -351,17 +354,20 @@ LatentEncoder = Callable[[np.ndarray], np.ndarray]
 """uint8 crops (B, 256, 256, 3) -> float32 (B, 8, 32, 32) [masked | reference] latents."""
 
 
+MaskFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""uint8 frames (N, H, W, 3) + int64 face boxes (N, 4) -> uint8 blend masks (N, 256, 256)."""
+
+
 def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, store: AvatarStore,
                    settings: dict, detector: FaceDetector | None, face_box=None,
-                   extra_margin: int = 0,
-                   mask: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+                   extra_margin: int = 0, mask: np.ndarray | MaskFunction | None = None,
                    fps: int = VIDEO_FPS) -> PreparedAvatar:
     """Base clip -> PreparedAvatar, from the store when these inputs were prepared before.
 
     frames: uint8 (N, H, W, 3) at `src_fps`; `settings` names the models and options for the
     content hash; `face_box` overrides the detector (one box, or one per frame). `mask` is one
-    uint8 (256, 256) mask for every frame, or a function of the crops (N, 256, 256, 3) -> masks
-    (N, 256, 256) (a face parser; `settings` must then name it, and its `name` joins the hash).
+    uint8 (256, 256) mask for every frame, or a MaskFunction of the frames and their face boxes
+    (a face parser; `settings` must then name it, and its `name` joins the hash).
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -380,7 +386,7 @@ def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, st
     boxes = face_boxes(frames, detector, face_box, extra_margin)
     crops = np.stack([crop_face(f, b) for f, b in zip(frames, boxes)])
     if callable(mask):
-        masks = np.asarray(mask(crops))
+        masks = np.asarray(mask(frames, boxes))
         if masks.dtype != np.uint8 or masks.shape != crops.shape[:3]:
             raise ValueError(f"mask function returned {masks.dtype} {masks.shape}, expected uint8 {crops.shape[:3]}")
     else:

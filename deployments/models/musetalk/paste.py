@@ -7,6 +7,9 @@ the host (and the CPU is left to the H.264 encoder).
       -> frame region + alpha * (crop - region), alpha = the crop-space mask resized to the box
       -> uint8 frames (B, H, W, C) on the device; C = 3 (RGB) or 4 (RGBA, for encoders that take it)
 
+The masks are whatever the avatar was prepared with (MuseTalk v1.5's jaw masks with a face parser,
+blend_mask.py, else the feathered rectangle), computed once per source frame at preparation and
+resized to their boxes once per avatar here; each frame then costs one crop resize and one mix.
 It computes what `avatar.blend_face` computes with PIL on the CPU; the two differ by at most a few
 levels where PIL's 8-bit fixed-point resampling rounds differently (tests/models/test_musetalk.py).
 """
