@@ -144,6 +144,9 @@ class Placement(_Strict):
     # runs its model work one at a time while the rest wait (cancellable) or do CPU work.
     max_ongoing_requests: int = Field(4, ge=1)
     accelerator_type: str | None = None
+    # Ray custom resources a replica needs, e.g. {"experts": 1}: on a multi-node cluster, pins a
+    # stage to the nodes started with `ray start --resources '{"experts": 8}'` (README, Multi-node).
+    resources: dict[str, float] = Field(default_factory=dict)
     # Instead of a fixed `replicas` count (used for the lip-sync stage in the full profiles).
     autoscaling: Autoscaling | None = None
 
@@ -195,6 +198,10 @@ class EncoderConfig(StageBase):
     text_encoder_dtype_cpu: DType = "float32"
     vae_dtype: DType = "float32"
     max_sequence_length: int = Field(512, ge=1)
+    # What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's
+    # image2video.py replaces "" with its `sample_neg_prompt` (wan/configs/shared_config.py), which
+    # the full-size profiles set here; "" (the tiny profile) encodes the empty prompt.
+    default_negative_prompt: str = Field("", max_length=20000)
 
 
 class ExpertConfig(StageBase):
@@ -267,13 +274,14 @@ class LipSyncConfig(StageBase):
     # MuseTalk v1.5 extends a detected face box this many pixels below the chin (clipped to the
     # frame); boxes the caller gives are used as they are.
     extra_margin: int = Field(10, ge=0)
-    # Default blend mask (in the 256x256 crop): the lower face from `blend_upper_ratio` of the box
-    # height down, its edges feathered over `blend_feather` of the crop size so it fades to zero
-    # at the box border.
+    # Fallback blend mask without a face parser (in the 256x256 crop): the lower face from
+    # `blend_upper_ratio` of the box height down, its edges feathered over `blend_feather` of the
+    # crop size so it fades to zero at the box border.
     blend_upper_ratio: float = Field(0.5, ge=0, lt=1)
     blend_feather: float = Field(0.08, ge=0, le=0.25)
-    # "face_parsing": MuseTalk's mask instead, per frame from a BiSeNet face parser on the crop
-    # (skin and lips below `blend_upper_ratio`, blurred; deployments/models/faces/face_parsing.py).
+    # "face_parsing": MuseTalk v1.5's mask instead, per frame from a BiSeNet face parser: its "jaw"
+    # region of the 1.5x square crop around the box, cut to the box, cleared above the crop's
+    # `blend_upper_ratio`, blurred (deployments/models/musetalk/blend_mask.py).
     blend_mask: Literal["feathered", "face_parsing"] = "feathered"
     # GPU speed settings (no effect on a CPU), measured in bench/README.md: channels-last
     # convolutions (+5% on an H100); cuDNN autotuning (faster for one stream, but it re-tunes in
@@ -331,6 +339,9 @@ class SamplerConfig(_Strict):
 
     scheduler: Literal["unipc", "euler"] = "unipc"
     flow_shift: float = Field(3.0, gt=0)
+    # Wan recommends a resolution-dependent shift for I2V: 3.0 at 480p, 5.0 at 720p. When set, this
+    # is the shift of clips nearer 720p's pixel count than 480p's (models/wan/sampler.flow_shift_for).
+    flow_shift_720p: float | None = Field(None, gt=0)
     num_inference_steps: int = Field(4, ge=1)
     # Explicit sigma schedule before the shift (distilled models: [1.0, 0.75, 0.5, 0.25]).
     # When set, the number of steps is fixed to its length.
@@ -410,7 +421,9 @@ class ServingConfig(_Strict):
     # A request body (upload) must arrive within this, or the request gets 408: a client that
     # trickles its body cannot hold the ingress.
     body_timeout_s: float = Field(30.0, gt=0)
-    # Job records and finished MP4s, written atomically; None: a temporary folder (lost on restart).
+    # Job records and finished MP4s, written atomically, so a restarted ingress still has them.
+    # None: `$AVATAR_SERVE_STORAGE/<profile>` (default ~/.cache/avatar-serve/<profile>), filled in
+    # when the profile is loaded.
     storage_dir: str | None = None
     # Finished results are deleted after this age, and oldest-first beyond this total size.
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)

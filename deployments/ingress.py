@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
@@ -81,6 +82,25 @@ def check_face_box(box, params: VideoParams) -> None:
 MIN_FACE_BOX = 8  # pixels; MuseTalk resizes the box to a 256x256 crop
 
 
+def dispatched(calls: list, response):
+    """Note a stage call made for a request (see `cancel_on_exit`) and hand it on."""
+    calls.append(response)
+    return response
+
+
+@asynccontextmanager
+async def cancel_on_exit():
+    """The stage calls dispatched for one request; when the request ends early (cancelled, past
+    its deadline, failed) the ones still running are cancelled too, not left to finish for nobody."""
+    calls: list = []
+    try:
+        yield calls
+    except BaseException:
+        for response in calls:
+            response.cancel()  # no-op for a call that has finished
+        raise
+
+
 @dataclass(frozen=True)
 class VideoResult:
     """What the Python API returns: MP4 bytes or uint8 frames (F, H, W, 3), and the parameters
@@ -98,7 +118,7 @@ class Ingress:
         self.cfg = cfg
         serving = cfg.serving
         self.metrics = IngressMetrics()
-        store = JobStore(serving.storage_dir or tempfile.mkdtemp(prefix="avatar-serve-jobs-"))
+        store = JobStore(serving.storage_dir or tempfile.mkdtemp(prefix="avatar-serve-jobs-"))  # (profiles fill it)
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes)
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
@@ -117,7 +137,6 @@ class Ingress:
         if request.model is not None and request.model != self.cfg.name:
             raise ApiError(422, f"model {request.model!r} is not served here; this deployment serves "
                                 f"{self.cfg.name!r}", "model")
-        params = resolve(request, self.cfg, job_id=job_id or new_job_id())
         if isinstance(image, (bytes, bytearray)):
             limits = self.cfg.limits
             pixels = decode_image(bytes(image), limits.max_image_bytes, limits.image_pixels,
@@ -126,6 +145,8 @@ class Ingress:
             pixels = np.asarray(image)
             if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
                 raise ApiError(422, "image must be uint8 (H, W, 3)", "input_reference")
+        params = resolve(request, self.cfg, job_id=job_id or new_job_id(),
+                         image_size=(pixels.shape[1], pixels.shape[0]))
         return params, pixels
 
     def prepare_audio(self, data: bytes | None, param: str = "audio") -> np.ndarray | None:
@@ -164,12 +185,12 @@ class Ingress:
             raise
         return state
 
-    async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress):
+    async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress, calls: list):
         """encode -> high -> low: the final DenoiseState."""
         log.info("job %s: %dx%d, %d frames, %d steps, seed %d", params.job_id, params.width,
                  params.height, params.num_frames, params.num_inference_steps, params.seed)
         progress.stage("encode")
-        cond = self.encoder.encode.remote(params, image)
+        cond = dispatched(calls, self.encoder.encode.remote(params, image))
         state = await self._denoise(self.high, cond, None, progress)
         state = await self._denoise(self.low, cond, state, progress)
         progress.stage("decode")
@@ -180,19 +201,21 @@ class Ingress:
         """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
         `audio` (16 kHz PCM), the decoded clip goes straight to the lip-sync stage instead."""
         progress = progress or NoProgress()
-        state = await self._denoised(params, image, progress)
-        if audio is not None:
-            clip = self.decoder.decode.remote(state)
-            progress.stage("lipsync")
-            info = self.lipsync.create_avatar_from.remote(clip)
+        async with cancel_on_exit() as calls:
+            state = await self._denoised(params, image, progress, calls)
+            if audio is not None:
+                clip = dispatched(calls, self.decoder.decode.remote(state))
+                progress.stage("lipsync")
+                info = dispatched(calls, self.lipsync.create_avatar_from.remote(clip))
+                if output == "frames":
+                    frames = await dispatched(calls, self.lipsync.lipsync_frames.remote(info, audio))
+                    return VideoResult(params=params, frames=frames.frames)
+                mp4 = await dispatched(calls, self.lipsync.lipsync_mp4.remote(info, audio))
+                return VideoResult(params=params, mp4=mp4)
             if output == "frames":
-                frames = await self.lipsync.lipsync_frames.remote(info, audio)
+                frames = await dispatched(calls, self.decoder.decode.remote(state))
                 return VideoResult(params=params, frames=frames.frames)
-            return VideoResult(params=params, mp4=await self.lipsync.lipsync_mp4.remote(info, audio))
-        if output == "frames":
-            frames = await self.decoder.decode.remote(state)
-            return VideoResult(params=params, frames=frames.frames)
-        return VideoResult(params=params, mp4=await self.decoder.decode_mp4.remote(state))
+            return VideoResult(params=params, mp4=await dispatched(calls, self.decoder.decode_mp4.remote(state)))
 
     async def _validated(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                          audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, np.ndarray | None]:
@@ -270,9 +293,10 @@ class Ingress:
         """The finished MP4's path on the ingress host (409 before completion, 404 when expired)."""
         return self.records.content_path(job_id)
 
-    def follow(self, job_id: str) -> AsyncIterator[dict]:
-        """A job's progress events, replayed from its start, until its final one."""
-        return self.queue.follow(self.records.job(job_id))
+    def follow(self, job_id: str, after: int = -1) -> AsyncIterator[dict]:
+        """A job's progress events, replayed from its start (or after event id `after`), until its
+        final one."""
+        return self.queue.follow(self.records.job(job_id), after)
 
     # ------------------------------------------------------------------ avatars
 
@@ -310,10 +334,11 @@ class Ingress:
                               seed=params.seed)
 
         async def work(progress: Progress) -> None:
-            state = await self._denoised(params, pixels, progress)
-            clip = self.decoder.decode.remote(state)  # frames go decoder -> lip-sync directly
-            progress.stage("lipsync")
-            info = await self.lipsync.create_avatar_from.remote(clip, request.face_box)
+            async with cancel_on_exit() as calls:
+                state = await self._denoised(params, pixels, progress, calls)
+                clip = dispatched(calls, self.decoder.decode.remote(state))  # decoder -> lip-sync directly
+                progress.stage("lipsync")
+                info = await dispatched(calls, self.lipsync.create_avatar_from.remote(clip, request.face_box))
             avatar.lipsync_id, avatar.fps, avatar.cycle_frames = info.avatar_id, info.fps, 2 * info.num_frames
             avatar.ready_at = int(time.time())
 

@@ -32,8 +32,9 @@ PLACEMENTS: dict[str, dict[str, float]] = {
     "four-gpu": {"encoder": 1, "high": 1, "low": 1, "decoder": 0.5, "lipsync": 0.25},
     # two GPUs: the experts never share one; encoder, decoder and lip-sync fill the rest
     "two-gpu": {"encoder": 0.2, "high": 0.6, "low": 0.6, "decoder": 0.2, "lipsync": 0.1},
-    # one GPU for everything (an H200 holds both fp8 or bf16 experts, the encoder and MuseTalk)
-    "single-gpu": {"encoder": 0.2, "high": 0.25, "low": 0.25, "decoder": 0.1, "lipsync": 0.1},
+    # one GPU for everything (an H200 holds both fp8 or bf16 experts, the encoder and MuseTalk);
+    # the shares leave room for two lip-sync replicas (0.15 + 2 x 0.25 + 0.1 + 2 x 0.1 = 0.95)
+    "single-gpu": {"encoder": 0.15, "high": 0.25, "low": 0.25, "decoder": 0.1, "lipsync": 0.1},
 }
 
 
@@ -116,6 +117,9 @@ def validate_profile(raw: dict) -> GraphConfig:
     stages["lipsync"]["max_audio_seconds"] = raw.get("limits", {}).get(
         "max_audio_seconds", Limits.model_fields["max_audio_seconds"].default)
     serving = raw.setdefault("serving", {})
+    if not serving.get("storage_dir"):  # persistent by default: jobs outlive an ingress restart
+        root = os.environ.get("AVATAR_SERVE_STORAGE") or os.path.join("~", ".cache", "avatar-serve")
+        serving["storage_dir"] = os.path.join(os.path.expanduser(root), str(raw.get("name", "profile")))
     for field in ("api_keys", "admin_keys"):  # keys from the environment, read once here
         env_name = serving.get(f"{field}_env", ServingConfig.model_fields[f"{field}_env"].default)
         if env_name and os.environ.get(env_name):

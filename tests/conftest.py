@@ -4,8 +4,11 @@ Shared helper functions live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a new local ray.init() turns on token auth
+# Jobs persist under $AVATAR_SERVE_STORAGE/<profile> by default: keep each test run's own.
+os.environ["AVATAR_SERVE_STORAGE"] = tempfile.mkdtemp(prefix="avatar-serve-tests-")
 
 import pytest
 

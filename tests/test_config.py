@@ -142,3 +142,9 @@ def test_several_lipsync_replicas_need_a_shared_avatar_folder(tmp_path):
         load_profile("tiny", {"stages": {"lipsync": {"placement": scaling}}})
     cfg = load_profile("tiny", {"stages": {"lipsync": {"placement": scaling, "avatar_cache_dir": str(tmp_path)}}})
     assert cfg.max_talk_turns == 2 * cfg.stages.lipsync.placement.max_ongoing_requests
+
+
+def test_jobs_persist_by_default_under_the_storage_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVATAR_SERVE_STORAGE", str(tmp_path))
+    assert load_profile("tiny").serving.storage_dir == str(tmp_path / "tiny")
+    assert load_profile("tiny", {"serving": {"storage_dir": "/x"}}).serving.storage_dir == "/x"

@@ -270,7 +270,8 @@ class JobEvents:
         self.closed = False
 
     def emit(self, event: str, **data: Any) -> None:
-        self.events.append({"event": event, **data})
+        """Append an event; `id` (its place, for SSE resume) and `at` (unix time) are added."""
+        self.events.append({"event": event, "id": len(self.events), "at": round(time.time(), 3), **data})
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -278,9 +279,9 @@ class JobEvents:
         self.closed = True
         self._changed.set()
 
-    async def follow(self):
-        """Yield events in order until the job's final event."""
-        i = 0
+    async def follow(self, after: int = -1):
+        """Yield events in order (those with an id above `after`) until the job's final event."""
+        i = after + 1
         while True:
             while i < len(self.events):
                 yield self.events[i]
@@ -291,5 +292,7 @@ class JobEvents:
 
 
 def sse(event: dict[str, Any]) -> str:
-    """One server-sent event."""
-    return f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+    """One server-sent event, with its id when it has one (a browser's EventSource sends the last
+    one back as `Last-Event-ID` when it reconnects)."""
+    head = f"id: {event['id']}\n" if "id" in event else ""
+    return f"{head}event: {event['event']}\ndata: {json.dumps(event)}\n\n"

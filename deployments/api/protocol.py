@@ -7,6 +7,7 @@ Every error a client sees is `{"error": {"type", "message", "param"}}` (`ErrorRe
 from __future__ import annotations
 
 import io
+import math
 import random
 import re
 from typing import ClassVar, Literal
@@ -72,7 +73,7 @@ class VideoRequest(BaseModel):
     """Fields of a video request (multipart form or JSON). Unset fields take the profile's
     defaults; bounds that depend on the profile (size, frames, steps) are checked in `resolve`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # "nan"/"inf" are not numbers here
 
     prompt: str = Field(min_length=1, max_length=20000)
     negative_prompt: str | None = Field(None, max_length=20000)
@@ -218,12 +219,45 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
+class ModelLimits(BaseModel):
+    """The profile's bounds on a request and the values a field left out gets: what a client
+    (the web page) needs to offer a valid form."""
+
+    max_width: int
+    max_height: int
+    max_pixels: int
+    size_multiple: int = 16
+    max_frames: int
+    max_steps: int
+    fixed_steps: bool = Field(description="the sampler is distilled to exactly default_num_inference_steps")
+    max_prompt_chars: int
+    max_image_bytes: int
+    max_audio_bytes: int
+    max_audio_seconds: float
+    default_size: str
+    default_num_frames: int
+    default_num_inference_steps: int
+    default_fps: int
+
+    @classmethod
+    def of(cls, cfg) -> "ModelLimits":
+        """From a GraphConfig (its `limits`, `defaults` and `sampler`)."""
+        lim, d, samp = cfg.limits, cfg.defaults, cfg.sampler
+        return cls(max_width=lim.max_width, max_height=lim.max_height, max_pixels=lim.max_pixels,
+                   max_frames=lim.max_frames, max_steps=lim.max_steps, fixed_steps=samp.fixed_steps,
+                   max_prompt_chars=lim.max_prompt_chars, max_image_bytes=lim.max_image_bytes,
+                   max_audio_bytes=lim.max_audio_bytes, max_audio_seconds=lim.max_audio_seconds,
+                   default_size=f"{d.width}x{d.height}", default_num_frames=d.num_frames,
+                   default_num_inference_steps=samp.num_inference_steps, default_fps=d.fps)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     owned_by: str = "avatar-serve"
     description: str = ""
     loras: dict[str, list] = Field(default_factory=dict, description="active LoRAs per expert role")
+    limits: ModelLimits | None = Field(None, description="request bounds and defaults of this profile")
 
 
 class ModelList(BaseModel):
@@ -247,8 +281,29 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
     return 4 * max(0, round((n - 1) / 4)) + 1
 
 
-def resolve(req: VideoRequest, cfg, job_id: str = "") -> VideoParams:
-    """VideoRequest + GraphConfig -> VideoParams, or ApiError naming the field.
+def size_for_image(image_w: int, image_h: int, cfg) -> tuple[int, int]:
+    """The clip size for an image sent without `size`: its aspect at the profile's default pixel
+    count, in multiples of 16 and inside the limits. Wan2.2's image2video.py rule (h = sqrt(area *
+    h/w), w = sqrt(area * w/h)) but rounded to the nearest multiple rather than down, which keeps
+    the aspect closer on small profiles; the encoder crops the small remainder."""
+    d, lim = cfg.defaults, cfg.limits
+    area, aspect = d.width * d.height, image_h / image_w
+    height, width = math.sqrt(area * aspect), math.sqrt(area / aspect)
+    scale = min(1.0, lim.max_width / width, lim.max_height / height)  # a very thin image
+    width, height = (max(16, min(limit, round(x * scale / 16) * 16))
+                     for x, limit in ((width, lim.max_width), (height, lim.max_height)))
+    while width * height > lim.max_pixels:  # rounding up may pass the pixel limit: step the longer side down
+        if width >= height:
+            width -= 16
+        else:
+            height -= 16
+    return width, height
+
+
+def resolve(req: VideoRequest, cfg, job_id: str = "", image_size: tuple[int, int] | None = None) -> VideoParams:
+    """VideoRequest + GraphConfig -> VideoParams, or ApiError naming the field. Without `size`,
+    the clip takes the image's aspect (`image_size`, width x height) at the profile's default
+    pixel count; with one, the encoder centre-crops the image to it: never a stretch.
 
     Nothing here touches a model: bad input is refused before any stage is called.
     """
@@ -258,7 +313,10 @@ def resolve(req: VideoRequest, cfg, job_id: str = "") -> VideoParams:
         raise ApiError(422, "prompt must not be empty", "prompt")
     if len(prompt) > lim.max_prompt_chars:
         raise ApiError(422, f"prompt is longer than {lim.max_prompt_chars} characters", "prompt")
-    width, height = parse_size(req.size) if req.size else (d.width, d.height)
+    if req.size:
+        width, height = parse_size(req.size)
+    else:
+        width, height = size_for_image(*image_size, cfg) if image_size else (d.width, d.height)
     if width % 16 or height % 16:
         raise ApiError(422, f"size {width}x{height}: width and height must be multiples of 16", "size")
     if not (16 <= width <= lim.max_width and 16 <= height <= lim.max_height):

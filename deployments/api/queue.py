@@ -96,6 +96,8 @@ class JobQueue:
         events = self.events[record.id] = JobEvents()
         self.waiting.append(record)
         self._update()
+        log.info("%s %s queued at position %d (%d running)", record.object, record.id,
+                 record.queue_position, self.running)
         task = self._tasks[record.id] = asyncio.ensure_future(
             self._run(record, work, save, Progress(record, events, total_steps)))
         return task
@@ -115,15 +117,16 @@ class JobQueue:
     def forget(self, record_id: str) -> None:
         self.events.pop(record_id, None)
 
-    async def follow(self, record: Queued):
-        """Progress events of a record (replayed from its start); for one that finished before this
-        ingress started, its final state only."""
+    async def follow(self, record: Queued, after: int = -1):
+        """Progress events of a record, replayed from its start (or from after event id `after`,
+        for a client that reconnects); for one that finished before this ingress started (an
+        interrupted one included), its final state only, so every stream ends with a final event."""
         events = self.events.get(record.id)
         if events is None:
             yield {"event": record.status, "status": record.status, "progress": record.progress,
                    **({"error": record.error.model_dump()} if record.error else {})}
             return
-        async for event in events.follow():
+        async for event in events.follow(after):
             yield event
 
     # -------------------------------------------------------------- running
@@ -146,7 +149,7 @@ class JobQueue:
     async def _slot(self, record: Queued, save):
         """Wait until `record` is first in line and a running slot is free, mark it in progress,
         run the body under the deadline, and always give the slot back."""
-        started = False
+        started, queued_at = False, time.monotonic()
         try:
             if self._wakeup is None:
                 self._wakeup = asyncio.Event()
@@ -158,6 +161,8 @@ class JobQueue:
             record.status, record.queue_position = "in_progress", None
             self._update()
             save(record)
+            log.info("%s %s started after %.2f s in the queue", record.object, record.id,
+                     time.monotonic() - queued_at)
             async with asyncio.timeout(self.timeout_s):
                 yield
         finally:
@@ -184,7 +189,8 @@ class JobQueue:
                 data["error"] = error.model_dump()
             events.emit(status, **data)
             events.close()
-        log.info("%s %s %s%s", record.object, record.id, status, f": {error.message}" if error else "")
+        log.info("%s %s %s after %d s%s", record.object, record.id, status, record.completed_at - record.created_at,
+                 f": {error.message}" if error else "")
 
     def _update(self) -> None:
         """Renumber the line (a "queued" event for each record whose place changed), refresh the

@@ -14,7 +14,7 @@ import pytest
 
 from deployments.api.jobs import AvatarRecord
 from deployments.api.protocol import ApiError, Avatar, Deleted, Job, VideoList
-from deployments.local import LocalGraph
+from deployments.local import LocalGraph, LocalResponse
 from helpers import get_dummy_image, png_bytes, wav_bytes
 
 REQUEST = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}
@@ -33,6 +33,25 @@ def test_python_api_returns_frames_and_fills_the_seed(graph):
     again = asyncio.run(graph.ingress.generate({**REQUEST, "seed": result.params.seed}, get_dummy_image(),
                                                output="frames"))
     np.testing.assert_array_equal(again.frames, result.frames)
+
+
+@pytest.mark.parametrize("image_wh,clip_wh", [((40, 80), (16, 48)), ((80, 40), (48, 16)), ((50, 50), (32, 32)),
+                                               ((480, 832), (32, 48)), ((1920, 1080), (48, 32))])
+def test_an_image_sent_without_size_keeps_its_aspect(graph, tiny_cfg, image_wh, clip_wh):
+    """Without `size`, the clip takes the image's aspect at the profile's default pixel count
+    (tiny: 32x32), multiples of 16; a portrait gives a portrait clip; the job reports the size."""
+    image = get_dummy_image(width=image_wh[0], height=image_wh[1])
+    request = {k: v for k, v in REQUEST.items() if k != "size"}
+    result = asyncio.run(graph.ingress.generate(request, image, output="frames"))
+    assert (result.params.width, result.params.height) == clip_wh
+    assert result.frames.shape == (5, clip_wh[1], clip_wh[0], 3)
+    assert (clip_wh[0] < clip_wh[1]) == (image_wh[0] < image_wh[1]) or image_wh[0] == image_wh[1]
+
+    async def job_size():
+        job = await graph.ingress.submit(request, png_bytes(image))
+        return job.size
+
+    assert asyncio.run(job_size()) == f"{clip_wh[0]}x{clip_wh[1]}"
 
 
 def test_python_api_validates_too(graph):
@@ -127,3 +146,39 @@ def test_talk_turns_beyond_capacity_get_429_with_retry_after(tiny_cfg):
     refused, calls, again = asyncio.run(scenario())
     assert refused.status == 429 and refused.headers == {"Retry-After": "2"} and calls == 1
     assert again and graph.ingress.turns == 0
+
+
+def test_cancelling_a_job_cancels_the_stage_calls_it_dispatched(tiny_cfg):
+    """A job cancelled while its encoder call runs: that call is cancelled too, not left to finish
+    for nobody (and its slot frees at once)."""
+    graph = LocalGraph(tiny_cfg)
+    cancelled = []
+
+    class Running(LocalResponse):  # an encoder call that never finishes by itself
+        def cancel(self):
+            cancelled.append(True)
+            super().cancel()
+
+    async def forever(*_):
+        await asyncio.Event().wait()
+
+    class Encoder:
+        class encode:  # noqa: N801 - mimics handle.encode.remote
+            @staticmethod
+            def remote(*args):
+                return Running(forever, args, {})
+
+    graph.ingress.encoder = Encoder()
+
+    async def scenario():
+        job = await graph.ingress.submit(REQUEST, png_bytes(get_dummy_image()))
+        while job.status != "in_progress":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        graph.ingress.cancel_or_delete(job.id)
+        while not job.final:
+            await asyncio.sleep(0.01)
+        return job
+
+    job = asyncio.run(scenario())
+    assert job.status == "cancelled" and cancelled == [True] and graph.ingress.queue.running == 0

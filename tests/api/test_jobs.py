@@ -45,6 +45,41 @@ def events(client, job_id, headers=None):
     return out
 
 
+def test_events_carry_ids_and_times_and_a_reconnect_resumes_after_the_last_id(tmp_path):
+    graph = make_graph(tmp_path)
+    with TestClient(graph.app()) as c:
+        job = create(c).json()
+        evs = events(c, job["id"])
+        assert [e["id"] for e in evs] == list(range(len(evs))) and evs[-1]["event"] == "completed"
+        assert all(a["at"] <= b["at"] for a, b in zip(evs, evs[1:]))
+        resumed = events(c, job["id"], {"Last-Event-ID": str(evs[2]["id"])})
+        assert resumed == evs[3:]
+        assert events(c, job["id"], {"Last-Event-ID": "junk"}) == evs  # an id we never sent: all of them
+        with c.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+            lines = list(r.iter_lines())
+        assert lines[0] == "retry: 2000" and f"id: {evs[-1]['id']}" in lines
+
+
+def test_a_quiet_event_stream_sends_keepalives_and_loses_no_event():
+    import asyncio
+
+    from deployments.api.routes import with_keepalive
+
+    async def slow():
+        await asyncio.sleep(0.25)
+        yield {"event": "step", "id": 0}
+        yield {"event": "completed", "id": 1}
+
+    async def collect():
+        return [line async for line in with_keepalive(slow(), 0.05)]
+
+    lines = asyncio.run(collect())
+    assert lines[0] == ": keep-alive\n\n" and lines.count(": keep-alive\n\n") >= 3
+    assert [line for line in lines if not line.startswith(":")] == [
+        'id: 0\nevent: step\ndata: {"event": "step", "id": 0}\n\n',
+        'id: 1\nevent: completed\ndata: {"event": "completed", "id": 1}\n\n']
+
+
 def test_job_lifecycle_events_content_list_delete(tmp_path):
     graph = make_graph(tmp_path)
     with TestClient(graph.app()) as c:

@@ -179,3 +179,24 @@ def test_failures_name_their_stage_and_carry_no_ray_internals():
     plain = failure(RuntimeError("out of memory"))
     assert plain.message == "a stage failed: RuntimeError: out of memory"
     assert failure(TimeoutError()).code == "timeout"
+
+
+def test_each_record_logs_queued_started_and_its_end(caplog):
+    async def scenario():
+        queue = JobQueue(1, 4, 3, 5.0)
+        ok, bad = job(1), job(2)
+
+        async def fails(progress):
+            raise ValueError("no such face")
+
+        queue.start(ok, lambda progress: asyncio.sleep(0.01), Saves())
+        queue.start(bad, fails, Saves())
+        await settle(ok, bad)
+
+    with caplog.at_level("INFO", logger="avatar_serve.queue"):
+        run(scenario())
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" ", 2)[2].split(" after")[0] for line in lines if "video_1" in line] == \
+        ["queued at position 1 (0 running)", "started", "completed"]
+    assert any(line.startswith("video video_2 failed after") and "no such face" in line for line in lines), lines
+    assert any("video video_2 queued at position 2" in line for line in lines), lines

@@ -32,6 +32,12 @@ GGUF = "QuantStack/Wan2.2-I2V-A14B-GGUF"
 MUSETALK = "TMElyralab/MuseTalk"
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 WHISPER = "openai/whisper-tiny"
+# Wan2.2 wan/configs/shared_config.py, `wan_shared_cfg.sample_neg_prompt` (Wan-Video/Wan2.2 at
+# 42bf4cf): what wan/image2video.py encodes when the negative prompt is "".
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 # ------------------------------------------------------------------ expected selections
 
@@ -137,8 +143,10 @@ def base(name: str) -> GraphConfig:
 def test_full_size_bases_hold_the_shared_settings():
     full = base("_wan22-a14b")
     s, d, lim = full.sampler, full.defaults, full.limits
-    # The original Wan2.2 I2V recipe.
-    assert (s.scheduler, s.flow_shift, s.num_inference_steps) == ("unipc", 5.0, 40)
+    # The original Wan2.2 I2V recipe, with Wan's defaults for CFG: the shift it advises for I2V
+    # (3.0 at 480p, 5.0 at 720p) and its default negative prompt for an empty one.
+    assert (s.scheduler, s.flow_shift, s.flow_shift_720p, s.num_inference_steps) == ("unipc", 3.0, 5.0, 40)
+    assert full.stages.encoder.default_negative_prompt == WAN_NEGATIVE_PROMPT
     assert (s.guidance_scale, s.guidance_scale_2, s.boundary_ratio, s.high_steps) == (3.5, 3.5, 0.9, None)
     assert (d.width, d.height, d.num_frames, d.fps) == (832, 480, 81, 16)
     assert (lim.max_pixels, lim.max_frames, lim.max_audio_seconds) == (1280 * 720, 121, 120)
@@ -159,6 +167,7 @@ def test_full_size_bases_hold_the_shared_settings():
     s = base("_wan22-a14b-4step").sampler
     assert (s.scheduler, s.flow_shift, s.sigmas, s.num_inference_steps, s.high_steps,
             s.guidance_scale, s.guidance_scale_2) == ("euler", 5.0, [1.0, 0.75, 0.5, 0.25], 4, 2, 1.0, 1.0)
+    assert s.flow_shift_720p is None  # the distilled schedule keeps shift 5 at every size
 
 
 @pytest.mark.parametrize("name,parent", [
@@ -167,6 +176,8 @@ def test_full_size_bases_hold_the_shared_settings():
     ("wan22-i2v-a14b-distill-fp8", "_wan22-a14b-4step"), ("random-a14b", "_wan22-a14b-4step")])
 def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
+    for serving in (cfg["serving"], shared["serving"]):  # each profile stores its jobs apart
+        assert serving.pop("storage_dir").endswith(serving is cfg["serving"] and name or parent)
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
     for stage, settings in cfg["stages"].items():
