@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 import wave
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -149,3 +151,40 @@ def wait_final(client, record_id: str, timeout: float = 90, headers=None, kind: 
 
 def wait_ready(client, avatar_id: str, timeout: float = 90, headers=None) -> dict:
     return wait_final(client, avatar_id, timeout, headers, kind="avatars")
+
+
+# ------------------------------------------------------------------ a served graph (cluster mode)
+
+
+@contextmanager
+def served_graph(overrides: dict, profile: str = "tiny", app_name: str = "avatar-serve", num_cpus: int = 4,
+                 timeout_s: float = 240, num_gpus: int = 0):
+    """The graph served by a fresh local Ray cluster of its own (no dashboard), `graph.app` with
+    `GraphArgs(profile, overrides)` run through Ray Serve as `serve run` does, over HTTP on a free
+    port, with `num_gpus` fake GPUs for placement. -> its base URL once `/readyz` answers 200; Serve and Ray are shut down afterwards."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from graph import GraphArgs, app
+
+    port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app(GraphArgs(profile=profile, overrides=overrides)), name=app_name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the served graph was not ready within {timeout_s} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -19,12 +19,14 @@ import hmac
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -36,6 +38,7 @@ from deployments.api.protocol import (
     Job,
     LoraActivate,
     LoraRequest,
+    ModelLimits,
     ModelList,
     VideoList,
     error_body,
@@ -64,6 +67,7 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
 MP4 = {200: {"content": {"video/mp4": {}}}}
 FORM_OVERHEAD = 1 << 20  # bytes a form or JSON body may carry beyond its files (fields, framing)
 START_INDEX = re.compile(r"[0-9]{1,9}")
+STATIC = Path(__file__).with_name("static")  # the web page: index.html, app.js, style.css
 
 
 # ------------------------------------------------------------------ the app
@@ -83,6 +87,7 @@ def build_app(ingress) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(public)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # public, like the page
     app.include_router(api, dependencies=[Depends(require_key)])
     app.include_router(admin, dependencies=[Depends(require_admin)])
     return app
@@ -277,7 +282,14 @@ async def redoc() -> Response:
     return get_redoc_html(openapi_url="/openapi.json", title="avatar-serve")
 
 
-@public.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the ingress answers")
+@public.get("/", include_in_schema=False)
+async def web_page() -> FileResponse:
+    """The web page (public: it asks for the API key itself and sends it with each call)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+@public.get("/healthz", summary="Liveness: the ingress answers")
+@public.head("/healthz", include_in_schema=False)  # for probes that send HEAD; one entry in the schema
 async def healthz(ingress: IngressDep) -> dict[str, Any]:
     return {"status": "ok", "profile": ingress.cfg.name}
 
@@ -292,7 +304,10 @@ async def readyz(ingress: IngressDep) -> JSONResponse:
 
 @api.get("/v1/models", response_model=ModelList)
 async def list_models(ingress: IngressDep):
-    return await ingress.models()
+    models = await ingress.models()
+    for card in models.data:  # the bounds a form needs (the web page reads them)
+        card.limits = card.limits or ModelLimits.of(ingress.cfg)
+    return models
 
 
 @api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)")
@@ -331,13 +346,43 @@ async def get_video_content(video_id: str, ingress: IngressDep):
     return FileResponse(ingress.content_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
 
 
-@api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events")
-async def get_video_events(video_id: str, ingress: IngressDep) -> StreamingResponse:
-    events = ingress.follow(video_id)  # 404 before the stream starts
+SSE_KEEPALIVE_S = 15.0  # a comment line this often on a quiet stream: proxies keep it, clients see it live
+
+
+async def with_keepalive(events, every_s: float):
+    """SSE lines for `events`, plus a comment line whenever none came for `every_s` (the pending
+    read is kept, not cancelled, so no event is lost)."""
+    events = aiter(events)
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield sse(event)
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        pending.cancel()
+
+
+@api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events",
+         description="Every event has an `id`; a client that reconnects with `Last-Event-ID` gets the "
+                     "events after it. Every stream ends with a final event (completed, failed or "
+                     "cancelled), also after the server restarted mid-job (failed: interrupted).")
+async def get_video_events(video_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
+    last = request.headers.get("last-event-id", "")
+    after = int(last) if last.isascii() and last.isdigit() and len(last) < 10 else -1
+    events = ingress.follow(video_id, after)  # 404 before the stream starts
 
     async def stream():
-        async for event in events:
-            yield sse(event)
+        yield "retry: 2000\n\n"  # EventSource reconnects after 2 s if the connection drops
+        async for line in with_keepalive(events, SSE_KEEPALIVE_S):
+            yield line
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
