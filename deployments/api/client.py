@@ -5,13 +5,23 @@
 
 Requests are built from the protocol's models (deployments/api/protocol.py), so a field the
 server would refuse for its type or bounds is refused here first, with the same message. It needs
-httpx and pydantic (no torch, no Ray).
+httpx and pydantic (no torch, no Ray): it speaks HTTP to the Serve proxy only, so Ray's token auth
+(RAY_AUTH_MODE) never applies to it; the server's API keys do (`api_key`).
+
+Every failure is a `ClientError` with a one-line message: an error answer (its status and
+`{"error": {"type", "message", "param"}}` envelope), or `ServerUnreachable` (status 0) when the
+server cannot be reached or does not answer in time. `seed=-1` means a random seed (as diffusers /
+ComfyUI send it): a video request leaves it to the server; an avatar, whose seed defaults to 0 so
+that the same inputs give the same avatar, gets one drawn here.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,14 +30,86 @@ from pydantic import ValidationError
 
 from deployments.api.protocol import AvatarRequest, VideoRequest, validation_param
 
+RANDOM_SEED = -1  # what diffusers / ComfyUI users send for "any seed"
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    """Text squeezed onto one line (an HTML error page from a proxy, a multi-line message)."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class ClientError(RuntimeError):
-    """An error answer from the server: HTTP status plus its error envelope."""
+    """An error answer from the server: HTTP status plus its error envelope. Its message is one
+    line: `HTTP 422 invalid_request_error: num_frames: ... (num_frames)`."""
 
     def __init__(self, status: int, error: dict):
         self.status, self.error = status, error
         param = f" ({error.get('param')})" if error.get("param") else ""
-        super().__init__(f"HTTP {status} {error.get('type', '')}: {error.get('message', '')}{param}")
+        super().__init__(_one_line(f"HTTP {status} {error.get('type', '')}: {error.get('message', '')}{param}",
+                                   600))
+
+
+class ServerUnreachable(ClientError):
+    """No answer: connection refused, unknown host, a timeout, or the connection dropped
+    (status 0, error type `connection_error`)."""
+
+    def __init__(self, url: str, exc: BaseException):
+        self.url, self.reason = url, transport_reason(exc)
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            message = f"cannot reach the server at {url}: {self.reason}"
+        elif isinstance(exc, httpx.TimeoutException):
+            message = f"the server at {url} did not answer in time: {self.reason}"
+        else:
+            message = f"lost the connection to the server at {url}: {self.reason}"
+        self.status, self.error = 0, {"type": "connection_error", "message": message, "param": None}
+        RuntimeError.__init__(self, message)
+
+
+def transport_reason(exc: BaseException) -> str:
+    """A short reason for an httpx transport error: 'connection refused', 'host not found', ..."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "timed out while connecting"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out waiting for an answer ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        low = text.lower()
+        if "refused" in low:
+            return "connection refused (is the server running on that port?)"
+        if any(s in low for s in ("name or service not known", "nodename nor servname", "name resolution",
+                                  "getaddrinfo", "no address associated", "errno -2", "errno -3",
+                                  "errno -5", "errno 8")):
+            return f"host not found ({_one_line(text, 120)})"
+        return _one_line(text, 200)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"the server closed the connection ({_one_line(text, 120)})"
+    return f"{type(exc).__name__}: {_one_line(text, 200)}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while `generate` followed a job: the job was cancelled on the server (`cancelled`
+    True) or could not be (False: it may still run; `job_id` names it)."""
+
+    def __init__(self, job_id: str, cancelled: bool):
+        super().__init__(job_id)
+        self.job_id, self.cancelled = job_id, cancelled
+
+
+def _error_envelope(r: httpx.Response) -> dict:
+    """The answer's `error` object; a body that is not our envelope (a proxy's HTML page,
+    FastAPI's `{"detail": ...}`) becomes one, on one line."""
+    try:
+        body = r.json()
+    except ValueError:
+        return {"type": "http_error", "message": _one_line(r.text) or r.reason_phrase}
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"type": "http_error", "message": _one_line(error)}
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return {"type": "http_error", "message": _one_line(detail if detail is not None else body)}
 
 
 def _image(file: str | Path | bytes) -> tuple[str, bytes]:
@@ -39,25 +121,41 @@ def _image(file: str | Path | bytes) -> tuple[str, bytes]:
 
 
 class AvatarClient:
+    """`timeout`: the longest wait for an answer (a sync request, the next progress event);
+    `connect_timeout`: for connecting, so an unreachable host fails in seconds."""
+
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 600.0, http: httpx.Client | None = None):
+                 timeout: float = 600.0, http: httpx.Client | None = None, connect_timeout: float = 10.0):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # `http` lets tests pass FastAPI's TestClient (an httpx.Client) instead of a network client.
-        self.http = http or httpx.Client(base_url=url, timeout=timeout)
+        self.http = http or httpx.Client(base_url=url, timeout=httpx.Timeout(
+            timeout, connect=min(timeout, connect_timeout)))
         self.http.headers.update(headers)
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Transport failures (refused, DNS, timeouts, a dropped connection) as ServerUnreachable."""
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(str(self.http.base_url).rstrip("/"), exc) from exc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self._reaching():
+            return self._check(self.http.request(method, path, **kwargs))
 
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
-            try:
-                error = r.json().get("error") or {}
-            except ValueError:
-                error = {"type": "http_error", "message": r.text[:300]}
-            raise ClientError(r.status_code, error)
+            raise ClientError(r.status_code, _error_envelope(r))
         return r
 
     @staticmethod
     def _form(model: type[VideoRequest], prompt: str, fields: dict[str, Any]) -> dict[str, str]:
-        """The request's form fields, validated by the protocol model (ClientError 422 if not)."""
+        """The request's form fields, validated by the protocol model (ClientError 422 if not).
+        `seed=-1`: random (a video leaves it to the server; an avatar gets one drawn here)."""
+        fields = dict(fields)
+        if fields.get("seed") == RANDOM_SEED:
+            fields["seed"] = random.randrange(2**31) if issubclass(model, AvatarRequest) else None
         try:
             request = model(prompt=prompt, **{k: v for k, v in fields.items() if v is not None})
         except ValidationError as exc:
@@ -70,28 +168,29 @@ class AvatarClient:
 
     # -------------------------------------------------------------- jobs
 
-    def create_video(self, image: str | Path | bytes, prompt: str, **fields: Any) -> dict:
-        name, data = _image(image)
-        files = {"input_reference": (name, data, "application/octet-stream")}
-        return self._check(self.http.post("/v1/videos", data=self._form(VideoRequest, prompt, fields),
-                                          files=files)).json()
+    def create_video(self, image: str | Path | bytes, prompt: str, audio: str | Path | bytes | None = None,
+                     **fields: Any) -> dict:
+        """POST /v1/videos; with `audio` (wav, mp3, ogg/opus, flac, m4a) the clip is lip-synced."""
+        return self._request("POST", "/v1/videos", data=self._form(VideoRequest, prompt, fields),
+                             files=_uploads(image, audio)).json()
 
     def get_video(self, video_id: str) -> dict:
-        return self._check(self.http.get(f"/v1/videos/{video_id}")).json()
+        return self._request("GET", f"/v1/videos/{video_id}").json()
 
     def list_videos(self, limit: int = 20, after: str | None = None) -> dict:
         params = {"limit": limit, **({"after": after} if after else {})}
-        return self._check(self.http.get("/v1/videos", params=params)).json()
+        return self._request("GET", "/v1/videos", params=params).json()
 
     def delete_video(self, video_id: str) -> dict:
-        return self._check(self.http.delete(f"/v1/videos/{video_id}")).json()
+        """Cancel a queued or running job; delete a finished one."""
+        return self._request("DELETE", f"/v1/videos/{video_id}").json()
 
     def content(self, video_id: str) -> bytes:
-        return self._check(self.http.get(f"/v1/videos/{video_id}/content")).content
+        return self._request("GET", f"/v1/videos/{video_id}/content").content
 
     def events(self, video_id: str) -> Iterator[dict]:
         """Server-sent progress events until the job's final one."""
-        with self.http.stream("GET", f"/v1/videos/{video_id}/events") as r:
+        with self._reaching(), self.http.stream("GET", f"/v1/videos/{video_id}/events") as r:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
@@ -100,61 +199,94 @@ class AvatarClient:
                     yield json.loads(line[6:])
 
     def generate(self, image: str | Path | bytes, prompt: str,
-                 on_event: Callable[[dict], None] | None = None, **fields: Any) -> bytes:
-        """Create a job, follow its events, and return the MP4 (raises ClientError if it fails)."""
-        job = self.create_video(image, prompt, **fields)
+                 on_event: Callable[[dict], None] | None = None, audio: str | Path | bytes | None = None,
+                 on_created: Callable[[dict], None] | None = None, **fields: Any) -> bytes:
+        """Create a job, follow its events, and return the MP4 (raises ClientError if it fails).
+
+        Ctrl-C (KeyboardInterrupt) while the job runs cancels it on the server (DELETE) and raises
+        `Interrupted` (a KeyboardInterrupt) naming the job. `on_created` gets the new job object."""
+        job = self.create_video(image, prompt, audio=audio, **fields)
+        if on_created is not None:
+            on_created(job)
         final = None
-        for event in self.events(job["id"]):
-            if on_event is not None:
-                on_event(event)
-            if event["event"] in ("completed", "failed", "cancelled"):
-                final = event
+        try:
+            for event in self.events(job["id"]):
+                if on_event is not None:
+                    on_event(event)
+                if event["event"] in ("completed", "failed", "cancelled"):
+                    final = event
+        except KeyboardInterrupt:
+            if final is not None:  # finished already: nothing to cancel (DELETE would remove it)
+                raise
+            raise Interrupted(job["id"], self._cancel(job["id"])) from None
         if final is None or final["event"] != "completed":
             job = self.get_video(job["id"])
             raise ClientError(500, {"type": "job_" + job["status"],
                                     "message": (job.get("error") or {}).get("message", job["status"])})
         return self.content(job["id"])
 
-    def generate_sync(self, image: str | Path | bytes, prompt: str, **fields: Any) -> bytes:
-        name, data = _image(image)
-        files = {"input_reference": (name, data, "application/octet-stream")}
-        return self._check(self.http.post("/v1/videos/sync", data=self._form(VideoRequest, prompt, fields),
-                                          files=files)).content
+    def _cancel(self, video_id: str) -> bool:
+        """Best-effort DELETE (a few seconds at most): did the server take the cancellation?"""
+        try:
+            with self._reaching():
+                r = self.http.delete(f"/v1/videos/{video_id}", timeout=10.0)
+            return r.status_code < 400
+        except ClientError:
+            return False
+
+    def generate_sync(self, image: str | Path | bytes, prompt: str, audio: str | Path | bytes | None = None,
+                      **fields: Any) -> bytes:
+        return self._request("POST", "/v1/videos/sync", data=self._form(VideoRequest, prompt, fields),
+                             files=_uploads(image, audio)).content
 
     # -------------------------------------------------------------- avatars
 
     def create_avatar(self, image: str | Path | bytes, prompt: str, wait: bool = True,
-                      poll_s: float = 0.5, **fields: Any) -> dict:
+                      poll_s: float = 0.5, on_progress: Callable[[dict], None] | None = None,
+                      **fields: Any) -> dict:
         """Create (or find: the same inputs give the same avatar) and, with `wait`, poll until it
-        is ready; raises ClientError if it fails."""
-        name, data = _image(image)
-        files = {"input_reference": (name, data, "application/octet-stream")}
-        avatar = self._check(self.http.post("/v1/avatars", data=self._form(AvatarRequest, prompt, fields),
-                                            files=files)).json()
+        is ready; raises ClientError if it fails. `on_progress` gets the avatar object (status,
+        stage, step, progress, queue_position) after creation and after each poll."""
+        avatar = self._request("POST", "/v1/avatars", data=self._form(AvatarRequest, prompt, fields),
+                               files=_uploads(image)).json()
+        if on_progress is not None:
+            on_progress(avatar)
         while wait and avatar["status"] in ("queued", "in_progress"):
             time.sleep(poll_s)
             avatar = self.get_avatar(avatar["id"])
+            if on_progress is not None:
+                on_progress(avatar)
         if avatar["status"] in ("failed", "cancelled"):
             raise ClientError(500, {"type": "avatar_" + avatar["status"],
                                     "message": (avatar.get("error") or {}).get("message", avatar["status"])})
         return avatar
 
     def get_avatar(self, avatar_id: str) -> dict:
-        return self._check(self.http.get(f"/v1/avatars/{avatar_id}")).json()
+        return self._request("GET", f"/v1/avatars/{avatar_id}").json()
 
     def delete_avatar(self, avatar_id: str) -> dict:
-        return self._check(self.http.delete(f"/v1/avatars/{avatar_id}")).json()
+        return self._request("DELETE", f"/v1/avatars/{avatar_id}").json()
 
     def speak(self, avatar_id: str, audio: str | Path | bytes, start_index: int = 0) -> Iterator[bytes]:
         """Upload speech; yields the lip-synced fragmented MP4 as it streams in."""
         name, data = _image(audio)
         files = {"audio": (name, data, "application/octet-stream")}
-        with self.http.stream("POST", f"/v1/avatars/{avatar_id}/speech", files=files,
-                              data={"start_index": str(start_index)}) as r:
+        with self._reaching(), self.http.stream("POST", f"/v1/avatars/{avatar_id}/speech", files=files,
+                                                data={"start_index": str(start_index)}) as r:
             if r.status_code >= 400:
                 r.read()
                 self._check(r)
             yield from r.iter_bytes()
 
     def models(self) -> dict:
-        return self._check(self.http.get("/v1/models")).json()
+        return self._request("GET", "/v1/models").json()
+
+
+def _uploads(image: str | Path | bytes, audio: str | Path | bytes | None = None) -> dict:
+    """The multipart files of a video / avatar request: `input_reference`, and `audio` if given."""
+    name, data = _image(image)
+    files = {"input_reference": (name, data, "application/octet-stream")}
+    if audio is not None:
+        aname, adata = _image(audio)
+        files["audio"] = (aname, adata, "application/octet-stream")
+    return files

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
@@ -282,23 +284,85 @@ def listing_file(listings_dir: str | Path, repo_id: str) -> Path:
     return Path(listings_dir) / (repo_id.replace("/", "__") + ".txt")
 
 
+# How long a dry run waits for the Hub to answer at all before it treats itself as offline
+# (huggingface_hub itself retries an unreachable Hub for about 20 s per repository).
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def saved_listings_dir() -> Path:
+    """Where a dry run saves the Hub's listings, for later offline dry runs:
+    `$AVATAR_SERVE_STORAGE/hub-listings`, else `~/.cache/avatar-serve/hub-listings`."""
+    root = os.environ.get("AVATAR_SERVE_STORAGE") or os.path.join("~", ".cache", "avatar-serve")
+    return Path(root).expanduser() / "hub-listings"
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hub must not be asked at all (huggingface_hub's offline mode), else None."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return None
+
+
+def probe_hub(timeout: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """One request to the Hub's endpoint (HF_ENDPOINT), no retries: raises the transport error
+    (httpx.ConnectError, a timeout) when it does not answer within `timeout` seconds."""
+    import httpx
+    from huggingface_hub import constants
+
+    httpx.head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+
+
 def hub_listing(repo_id: str) -> list[str]:
-    """The repository's file list from the Hub (network; fails when offline)."""
+    """The repository's file list from the Hub (network). An unreachable Hub fails within
+    HUB_PROBE_TIMEOUT_S instead of huggingface_hub's retries."""
     from huggingface_hub import HfApi
 
+    probe_hub()
     return HfApi().list_repo_files(repo_id)
 
 
+def _network_error(exc: BaseException) -> bool:
+    """The Hub could not be reached (as opposed to a refusal for one repository: gated, 404)."""
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)) or (
+        isinstance(exc, OSError) and not hasattr(exc, "response"))
+
+
+def save_listing(saved_dir: Path, repo_id: str, files: list[str]) -> None:
+    """Keep the Hub's answer for offline dry runs (best effort: a read-only home is fine)."""
+    try:
+        saved_dir.mkdir(parents=True, exist_ok=True)
+        path = listing_file(saved_dir, repo_id)
+        tmp = path.with_suffix(".tmp")
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        tmp.write_text(f"# {repo_id}: the Hub's listing, saved by avatar-serve download --dry-run "
+                       f"on {stamp}\n" + "".join(f"{f}\n" for f in files))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 def dry_run_lines(cfg: GraphConfig, weights_dir: str | None = None,
-                  listings_dir: str | Path | None = None) -> list[str]:
+                  listings_dir: str | Path | None = None, saved_dir: str | Path | None = None) -> list[str]:
     """What `download` would fetch, per repository: the patterns, and the files they select from
     the repository listing -- a saved one in `listings_dir` (`<owner>__<name>.txt`) when given,
-    else the Hub's; without a listing, the patterns alone."""
+    else the Hub's; without a listing, the patterns alone.
+
+    Without `listings_dir`, each listing the Hub gives is saved in `saved_dir` (default
+    `saved_listings_dir()`); when the Hub cannot be asked (HF_HUB_OFFLINE, or no answer within
+    HUB_PROBE_TIMEOUT_S: it is then not asked again for the other repositories), the saved
+    listing answers. An offline dry run therefore takes seconds, not huggingface_hub's retries."""
     cache = weights_dir if weights_dir is not None else cfg.weights_dir
+    saved_dir = Path(saved_dir) if saved_dir is not None else saved_listings_dir()
     out = [f"profile {cfg.name}: into {cache or 'the default Hugging Face cache'}"]
     plans = plan(cfg)
     if not plans:
         out.append("  nothing to download (random or local weights only)")
+    hub_down = hub_offline_reason() if listings_dir is None else None
+    unlisted = 0
     for p in plans:
         out.append(p.repo_id)
         out.append("  allow:  " + " ".join(p.allow_patterns))
@@ -312,14 +376,27 @@ def dry_run_lines(cfg: GraphConfig, weights_dir: str | None = None,
             else:
                 origin = f"no {f}"
         else:
-            try:
-                listing, origin = hub_listing(p.repo_id), "the Hub"
-            except Exception as e:  # offline, unreachable, gated: fall back to the patterns
-                origin = f"{type(e).__name__}"
+            if hub_down is None:
+                try:
+                    listing, origin = hub_listing(p.repo_id), "the Hub"
+                    save_listing(saved_dir, p.repo_id, listing)
+                except Exception as e:  # offline, unreachable, gated: fall back
+                    origin = f"{type(e).__name__}"
+                    if _network_error(e):
+                        hub_down = origin  # do not wait on the network again for the next repos
+            else:
+                origin = hub_down
+            saved = listing_file(saved_dir, p.repo_id)
+            if listing is None and saved.is_file():
+                listing, origin = read_listing(saved), f"{saved}, saved earlier; the Hub: {origin}"
         if listing is None:
+            unlisted += 1
             out.append(f"  (no listing{f': {origin}' if origin else ''}; the patterns above decide)")
             continue
         files = select(listing, p)
         out.append(f"  {len(files)} files (listing from {origin}):")
         out += [f"    {f}" for f in files]
+    if unlisted and listings_dir is None:
+        out.append(f"to see the files offline: run this once online (the listings are saved in "
+                   f"{saved_dir}), or give --listings DIR (saved listings, <owner>__<name>.txt)")
     return out
