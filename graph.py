@@ -38,6 +38,8 @@ def deployment(cls: type, name: str, placement: Placement):
     actor = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     if placement.accelerator_type:
         actor["accelerator_type"] = placement.accelerator_type
+    if placement.resources:
+        actor["resources"] = dict(placement.resources)
     if placement.autoscaling is not None:
         replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
     else:
