@@ -180,7 +180,30 @@ async def measure(args, video, create_avatar, turn) -> dict:
             "fps_per_turn": spread([frames / t["s"] for t in ok]),
             "aggregate_fps": statistics.median(aggregates), "batch_wall_s": spread(walls),
             "bytes": spread([t["bytes"] for t in ok])}
+    if args.turns_beside_video and not args.skip_video:
+        out["turns"]["beside_video"] = await turns_beside_video(args, video, turn, avatar_id, frames)
     return out
+
+
+async def turns_beside_video(args, video, turn, avatar_id: str, frames: int) -> dict:
+    """Batches of --turns-beside-video turns at once while one video request runs (started
+    --beside-delay s before the first batch, so that it is in the experts): what a live voice chat
+    feels while someone else's clip is generated, and what the clip pays for the turns."""
+    n = args.turns_beside_video
+    log(f"talk turns x{n} beside a running video request")
+    job = asyncio.ensure_future(timed("video beside turns", video, 7777))
+    await asyncio.sleep(args.beside_delay)
+    turns, during = [], []
+    while not job.done() and len(during) < max(args.repeats, 1) * 4:
+        batch = await asyncio.gather(*(timed(f"turn x{n} beside video", turn, avatar_id) for _ in range(n)))
+        during.append(not job.done())  # whether the video was still running when the batch ended
+        turns += batch
+    video_run = await job
+    ok = [t for t in turns if "error" not in t]
+    return {"turns_at_once": n, "batches": len(during), "batches_fully_beside_video": sum(during),
+            "turns": len(turns), "failures": len(turns) - len(ok),
+            "first_byte_s": spread([t["first_s"] for t in ok]), "fps_per_turn": spread([frames / t["s"] for t in ok]),
+            "video": {k: v for k, v in video_run.items() if k != "bytes"}}
 
 
 async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
@@ -518,6 +541,11 @@ def summary(report: dict, args) -> str:
             f"{fmt(dig(c, 'aggregate_fps'), '.1f')}"
             + (f" ({c['failures']} failed)" if dig(c, "failures") else "")
             for c in (dig(p, "turns", "concurrency", n) for p in phases)]))
+    if args.turns_beside_video and not (args.skip_turns or args.skip_video):
+        beside = [dig(p, "turns", "beside_video") for p in phases]
+        rows.append((f"turns x{args.turns_beside_video} beside a video: 1st byte s, fps/turn, video s", [
+            f"{fmt(dig(b, 'first_byte_s', 'median'))}, {fmt(dig(b, 'fps_per_turn', 'median'), '.1f')}, "
+            f"{fmt(dig(b, 'video', 's'), '.1f')}" for b in beside]))
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':{width}}  {'in-process':>24}  {'served':>24}"]
     lines += [f"{label:{width}}  {a:>24}  {b:>24}" for label, (a, b) in rows]
@@ -544,6 +572,9 @@ def main() -> int:
     ap.add_argument("--turn-concurrency", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--turn-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--turns-beside-video", type=int, default=0,
+                    help="then batches of this many turns at once while a video request runs (0: skip)")
+    ap.add_argument("--beside-delay", type=float, default=3.0, help="seconds between starting that video and the turns")
     ap.add_argument("--warmup-turns", type=int, default=2, help="concurrent warm-up turns (one per lip-sync replica)")
     ap.add_argument("--skip-inprocess", action="store_true")
     ap.add_argument("--skip-served", action="store_true", help="phase 1 alone (in process)")
