@@ -204,6 +204,41 @@ class EncoderConfig(StageBase):
     default_negative_prompt: str = Field("", max_length=20000)
 
 
+class StartupLora(_Strict):
+    """A LoRA an expert applies at start-up and keeps for the life of the replica: part of the
+    profile's recipe (the lightx2v 4-step distill LoRAs on base Wan2.2 experts), not an admin
+    LoRA. `filename` is a file of `repo` (a Hub repo id, fetched by `avatar-serve download`, or a
+    local folder); with `repo` None it is itself a local path.
+
+    Applied after the weights load and before warm-up (deployments/models/wan/lora.py,
+    `prepare_lora`): low-rank pairs become an unfused adapter kept active at `strength`; full
+    deltas (`diff` on a weight, `diff_b` on a bias, `diff_m` on a modulation, norm `diff`s) are
+    added to the weights they name (times `strength`, as LightX2V does). Every tensor of the file
+    is applied, or skipped and logged (`skip_absent` below), or start-up fails naming it; admin
+    LoRA calls can neither deactivate nor remove it."""
+
+    repo: str | None = None
+    filename: str = Field(min_length=1)
+    strength: float = Field(1.0, ge=-10, le=10)
+    # The adapter's name in /v1/admin/loras listings; None: the file name without its extension.
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    # fnmatch patterns of the file's keys that may name parts this expert does not have: those
+    # are skipped (logged as a warning with their count) instead of stopping start-up. For Wan2.1's
+    # image cross-attention (`*.k_img.*`, `*.v_img.*`, `*.norm_k_img.*`), which Wan2.2 I2V experts
+    # lack and LightX2V skips too. A matching key that names a part the expert has is applied as
+    # usual; all-zero tensors for absent parts are skipped without a pattern (they change nothing).
+    skip_absent: list[str] = Field(default_factory=list)
+
+    @property
+    def adapter_name(self) -> str:
+        """`name`, else the file's stem with characters outside [A-Za-z0-9_-] made `_` (peft's
+        adapter names become module names, which may not contain dots)."""
+        if self.name:
+            return self.name
+        stem = self.filename.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in stem)[:64] or "lora"
+
+
 class ExpertConfig(StageBase):
     """One Wan2.2 expert; the same class serves the `high` and `low` roles."""
 
@@ -219,9 +254,20 @@ class ExpertConfig(StageBase):
     # torch.compile each transformer block (diffusers' compile_repeated_blocks): ~20 s of warm-up
     # on the first request of each shape, then faster steps on a GPU (bench/README.md).
     compile: bool = False
+    # LoRAs applied at start-up, after the weights and before warm-up, for the life of the replica
+    # (StartupLora): e.g. the lightx2v distill LoRA of this expert on base weights.
+    loras: list[StartupLora] = Field(default_factory=list)
     # Testing and demos only: sleep so that each denoise step takes at least this long, to make a
     # tiny model behave like a slow GPU (cancellation, deadlines, queueing, progress). 0 = off.
     simulate_step_seconds: float = Field(0.0, ge=0, le=60)
+
+    @model_validator(mode="after")
+    def _lora_names_unique(self) -> "ExpertConfig":
+        names = [lora.adapter_name for lora in self.loras]
+        if len(names) != len(set(names)):
+            raise ValueError(f"stages.{self.role}.loras: two LoRAs share the name "
+                             f"{next(n for n in names if names.count(n) > 1)!r}; give one a `name`")
+        return self
 
 
 class DecoderConfig(StageBase):
@@ -259,7 +305,8 @@ class LipSyncConfig(StageBase):
     # `limits.max_audio_seconds` by `load_profile`: profiles set it there, once.
     max_audio_seconds: float = Field(30.0, gt=0)
     # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
-    # them in memory only. Several replicas on one host may share the folder.
+    # them in memory only. Several replicas on one host may share the folder. Profiles default it
+    # to `<serving.storage_dir>/avatars`, so avatars outlive a restart as jobs do.
     avatar_cache_dir: str | None = None
     # Prepared avatars kept in memory per replica, least recently used dropped first (reloaded
     # from `avatar_cache_dir` when needed). Without a cache folder nothing is dropped: memory is

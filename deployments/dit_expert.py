@@ -11,6 +11,10 @@ Concurrency: one denoise step at a time per replica (`self.model`, a ModelLock),
 jobs interleave step by step: each keeps its own latents and sampler, compiled graphs and
 activations are never entered twice, and peak memory is one forward's. A job waiting for the
 expert stays cancellable; a LoRA change takes the same lock and is refused while a job runs.
+
+Start-up LoRAs (`cfg.loras`, e.g. the lightx2v distill LoRA of each expert in the 4-step GGUF
+profiles) are applied once, after the weights load and before warm-up, and stay for the life of
+the replica (deployments/models/wan/lora.py).
 """
 
 from __future__ import annotations
@@ -95,10 +99,17 @@ class DitExpert:
         self.dtype = compute_dtype(cfg, self.device)
         self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
                                        cfg.weights_dir)
+        self._loras = None
+        # The profile's start-up LoRAs: every one read and checked, then their full deltas added
+        # to the weights (before fp8 quantisation of ours, so the sum is what gets quantised).
+        startup = self._prepare_startup_loras()
         if cfg.quantize == "fp8":
             from deployments.models.wan.fp8 import to_fp8
 
             to_fp8(self.transformer)
+        for prepared in startup:  # their low-rank pairs: unfused adapters, always active
+            self.loras.load_permanent(prepared)
+        del startup
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         if cfg.compile:
@@ -107,11 +118,29 @@ class DitExpert:
         self.metrics = StageMetrics(f"dit_{cfg.role}")
         self.model = ModelLock(self.metrics.observe_wait)
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
-        self._loras = None
         for shape in cfg.warmup:
             self.warm_up(shape.width, shape.height, shape.num_frames)
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
+
+    def _prepare_startup_loras(self) -> list:
+        """`cfg.loras` read and checked against this expert (all of them before any is applied:
+        a LoraError names what a file carries that cannot be applied), then their deltas fused.
+        Returns the prepared LoRAs, whose adapters `load_permanent` loads."""
+        if not self.cfg.loras:
+            return []
+        from deployments.models.hub import resolve_file
+        from deployments.models.wan.lora import describe, fuse_deltas, prepare_lora
+
+        prepared = [prepare_lora(self.transformer, lora.adapter_name,
+                                 resolve_file(lora.repo, lora.filename, self.cfg.weights_dir),
+                                 lora.strength, self.role, lora.skip_absent)
+                    for lora in self.cfg.loras]
+        for p in prepared:
+            stats = fuse_deltas(self.transformer, p)
+            (log.warning if p.skipped_allowed else log.info)("%s expert: %s", self.role, describe(p, stats))
+            p.deltas = {}  # fused: free the file's tensors
+        return prepared
 
     @torch.no_grad()
     def warm_up(self, width: int, height: int, num_frames: int) -> None:
@@ -241,7 +270,9 @@ class DitExpert:
 
     def load_lora(self, name: str, path: str, strength: float = 1.0, target: str = "both") -> dict:
         """Load and activate a LoRA file on this expert if `target` names it ("high", "low",
-        "both"); refused (model untouched) when its keys match nothing here."""
+        "both"); refused (model untouched) when its keys match nothing here or it carries deltas
+        an unfused adapter cannot hold. The profile's start-up LoRAs (`cfg.loras`) stay active
+        whatever these calls do."""
         return self._lora_change(lambda: self.loras.load(name, path, strength, target))
 
     def activate_loras(self, names: list[str], strengths: list[float] | None = None) -> dict:

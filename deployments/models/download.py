@@ -11,7 +11,8 @@ which part of it the stage loads (mirroring deployments/components.py):
 - `musetalk` (lip-sync): the UNet state dict and its config from `repo`; the SD VAE and whisper-tiny
   repos as single-model folders: their root `config.json` and safetensors weights (whisper also its
   `preprocessor_config.json`), never the repos' READMEs, tokenizers or other weight formats;
-- `random`: nothing; a source that is a local path: nothing to fetch, only checked.
+- `random`: nothing; a source that is a local path: nothing to fetch, only checked;
+- an expert's start-up LoRAs (`stages.high.loras`, `stages.low.loras`): each its one file.
 
 `plan()` turns that into huggingface_hub allow/ignore patterns, one `RepoPlan` per repository;
 `download()` hands each to `snapshot_download` (the Hugging Face cache layout under `weights_dir`);
@@ -97,10 +98,11 @@ def needs(cfg: GraphConfig) -> list[Need]:
     """Everything the profile's stages read, in stage order (mirrors deployments/components.py)."""
     out: list[Need] = []
     for stage in MODEL_STAGES:
-        w = getattr(cfg.stages, stage).weights
+        stage_cfg = getattr(cfg.stages, stage)
+        w = stage_cfg.weights
         if isinstance(w, RandomWeights):
-            continue
-        if isinstance(w, DiffusersWeights):
+            pass
+        elif isinstance(w, DiffusersWeights):
             sub = w.subfolder
             if stage == "encoder":
                 out += [Need(stage, w.path, "model", sub or "text_encoder"),
@@ -127,6 +129,8 @@ def needs(cfg: GraphConfig) -> list[Need]:
             out += [Need(stage, w.config, "file", f) for f in EXPERT_CONFIGS]
         else:
             raise ValueError(f"no download rule for weights of kind {w.kind!r} (stage {stage!r})")
+        # An expert's start-up LoRAs (config.StartupLora): one file each, whatever its weights.
+        out += [Need(stage, lora.repo, "file", lora.filename) for lora in getattr(stage_cfg, "loras", ())]
     return out
 
 

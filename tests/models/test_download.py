@@ -29,6 +29,7 @@ LISTINGS = Path(__file__).parent.parent / "data" / "repo_listings"
 DIFFUSERS = "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
 DISTILL = "lightx2v/Wan2.2-Distill-Models"
 GGUF = "QuantStack/Wan2.2-I2V-A14B-GGUF"
+DISTILL_LORAS = "lightx2v/Wan2.2-Distill-Loras"
 MUSETALK = "TMElyralab/MuseTalk"
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 WHISPER = "openai/whisper-tiny"
@@ -78,6 +79,12 @@ LIPSYNC = {
     WHISPER: {"config.json", "model.safetensors", "preprocessor_config.json"},
 }
 
+# The lightx2v 4-step distill LoRAs for Wan2.2 I2V (LightX2V's lora_configs for the MoE distill
+# runner name one per expert): the high-noise one goes on the high expert, the low-noise on the low.
+DISTILL_LORA_HIGH = "wan2.2_i2v_A14b_high_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+DISTILL_LORA_LOW = "wan2.2_i2v_A14b_low_noise_lora_rank64_lightx2v_4step_1022.safetensors"
+DISTILL_LORA_FILES = {DISTILL_LORA_HIGH, DISTILL_LORA_LOW}
+
 EXPECTED: dict[str, dict[str, set[str]]] = {
     "tiny": {},
     "random-a14b": {},
@@ -108,6 +115,21 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         DIFFUSERS: DIFFUSERS_NO_EXPERTS,
         GGUF: {"HighNoise/Wan2.2-I2V-A14B-HighNoise-Q8_0.gguf",
                "LowNoise/Wan2.2-I2V-A14B-LowNoise-Q8_0.gguf"},
+        **LIPSYNC,
+    },
+    # The seed's 4-step GGUF recipe: the same experts plus the lightx2v distill LoRA of each.
+    "wan22-i2v-a14b-gguf-q4km-4step": {
+        DIFFUSERS: DIFFUSERS_NO_EXPERTS,
+        GGUF: {"HighNoise/Wan2.2-I2V-A14B-HighNoise-Q4_K_M.gguf",
+               "LowNoise/Wan2.2-I2V-A14B-LowNoise-Q4_K_M.gguf"},
+        DISTILL_LORAS: DISTILL_LORA_FILES,
+        **LIPSYNC,
+    },
+    "wan22-i2v-a14b-gguf-q8-4step": {
+        DIFFUSERS: DIFFUSERS_NO_EXPERTS,
+        GGUF: {"HighNoise/Wan2.2-I2V-A14B-HighNoise-Q8_0.gguf",
+               "LowNoise/Wan2.2-I2V-A14B-LowNoise-Q8_0.gguf"},
+        DISTILL_LORAS: DISTILL_LORA_FILES,
         **LIPSYNC,
     },
 }
@@ -170,20 +192,53 @@ def test_full_size_bases_hold_the_shared_settings():
     assert s.flow_shift_720p is None  # the distilled schedule keeps shift 5 at every size
 
 
+# The 4-step GGUF profiles add the experts' start-up LoRAs: the one other allowed difference.
+LORA_PROFILES = {"wan22-i2v-a14b-gguf-q4km-4step", "wan22-i2v-a14b-gguf-q8-4step"}
+
+
 @pytest.mark.parametrize("name,parent", [
     ("wan22-i2v-a14b-bf16", "_wan22-a14b"), ("wan22-i2v-a14b-gguf-q4km", "_wan22-a14b"),
     ("wan22-i2v-a14b-gguf-q8", "_wan22-a14b"), ("wan22-i2v-a14b-distill-bf16", "_wan22-a14b-4step"),
-    ("wan22-i2v-a14b-distill-fp8", "_wan22-a14b-4step"), ("random-a14b", "_wan22-a14b-4step")])
+    ("wan22-i2v-a14b-distill-fp8", "_wan22-a14b-4step"), ("random-a14b", "_wan22-a14b-4step"),
+    ("wan22-i2v-a14b-gguf-q4km-4step", "_wan22-a14b-4step"),
+    ("wan22-i2v-a14b-gguf-q8-4step", "_wan22-a14b-4step")])
 def test_profiles_differ_from_their_base_only_in_weights(name, parent):
+    """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below)."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
     for serving in (cfg["serving"], shared["serving"]):  # each profile stores its jobs apart
         assert serving.pop("storage_dir").endswith(serving is cfg["serving"] and name or parent)
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
+    differ = ("weights", "loras") if name in LORA_PROFILES else ("weights",)
     for stage, settings in cfg["stages"].items():
         other = shared["stages"][stage]
-        assert {k: v for k, v in settings.items() if k != "weights"} == \
-            {k: v for k, v in other.items() if k != "weights"}, stage
+        assert {k: v for k, v in settings.items() if k not in differ} == \
+            {k: v for k, v in other.items() if k not in differ}, stage
+    assert shared["stages"]["high"]["loras"] == shared["stages"]["low"]["loras"] == []
+
+
+@pytest.mark.parametrize("name,quant", [("wan22-i2v-a14b-gguf-q4km-4step", "Q4_K_M"),
+                                        ("wan22-i2v-a14b-gguf-q8-4step", "Q8_0")])
+def test_gguf_4step_profiles_are_the_seed_recipe(name, quant):
+    """The QuantStack GGUF experts of the 40-step GGUF profile of the same quant, LightX2V's 4-step
+    schedule (timesteps 1000/750/500/250 before shift 5, two steps per expert, Euler, no CFG: 4
+    forwards per clip), and the distill LoRA of each expert at strength 1 on its own expert."""
+    cfg = load_profile(name)
+    forty = load_profile(f"wan22-i2v-a14b-gguf-{'q4km' if quant == 'Q4_K_M' else 'q8'}")
+    assert cfg.stages.high.weights == forty.stages.high.weights
+    assert cfg.stages.low.weights == forty.stages.low.weights
+    assert quant in cfg.stages.high.weights.filename and quant in cfg.stages.low.weights.filename
+    s = cfg.sampler
+    assert (s.scheduler, s.sigmas, s.flow_shift, s.num_inference_steps, s.high_steps,
+            s.guidance_scale, s.guidance_scale_2) == ("euler", [1.0, 0.75, 0.5, 0.25], 5.0, 4, 2, 1.0, 1.0)
+    for role, filename in (("high", DISTILL_LORA_HIGH), ("low", DISTILL_LORA_LOW)):
+        (lora,) = getattr(cfg.stages, role).loras
+        assert (lora.repo, lora.filename, lora.strength) == (DISTILL_LORAS, filename, 1.0)
+        # Wan2.1's image cross-attention, which a Wan2.2 I2V expert lacks (LightX2V skips it too)
+        assert lora.skip_absent == ["*.k_img.*", "*.v_img.*", "*.norm_k_img.*"]
+    # No other profile carries start-up LoRAs.
+    for other in set(EXPECTED) - LORA_PROFILES:
+        assert not load_profile(other).stages.high.loras and not load_profile(other).stages.low.loras
 
 
 def test_real_profiles_lip_sync_with_musetalk():
@@ -370,6 +425,19 @@ def test_check_names_a_missing_expert_file(tmp_path):
     assert "HighNoise" not in msg
 
 
+def test_check_names_a_missing_lora_file(tmp_path):
+    profile = "wan22-i2v-a14b-gguf-q4km-4step"
+    cache = tmp_path / "weights"
+    cfg = load_profile(profile, {"weights_dir": str(cache)})
+    fetch = FakeSnapshot(_fake_remote(tmp_path / "remote"))
+    dl.download(cfg, str(cache), progress=False, fetch=fetch)
+    dl.check_weights_present(cfg, profile)
+    snap = Path(fetch(DISTILL_LORAS, allow_patterns=[], cache_dir=str(cache)))
+    (snap / DISTILL_LORA_LOW).unlink()
+    msg = _assert_missing(cfg, profile, f"{DISTILL_LORAS}/{DISTILL_LORA_LOW}")
+    assert DISTILL_LORA_HIGH not in msg
+
+
 def test_random_profiles_need_nothing(tmp_path):
     for profile in ("tiny", "random-a14b"):
         cfg = load_profile(profile, {"weights_dir": str(tmp_path / "empty")})
@@ -393,6 +461,18 @@ def test_cli_dry_run_prints_the_selected_files(capsys, monkeypatch):
         assert files <= lines
     assert "diffusion_pytorch_model-00001-of-00012" not in out
     assert "wan2.2_i2v_A14b_high_noise_lightx2v_4step.safetensors" not in out   # the bf16 file
+
+
+def test_cli_dry_run_lists_the_lora_files(capsys, monkeypatch):
+    monkeypatch.setattr(dl, "hub_listing", lambda repo: pytest.fail("dry run asked the Hub"))
+    assert cli.main(["download", "wan22-i2v-a14b-gguf-q8-4step", "--dry-run",
+                     "--listings", str(LISTINGS)]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.strip() for ln in out.splitlines()}
+    assert DISTILL_LORAS in lines
+    assert f"allow:  {DISTILL_LORA_HIGH} {DISTILL_LORA_LOW}" in lines
+    assert f"2 files (listing from {dl.listing_file(LISTINGS, DISTILL_LORAS)}):" in lines
+    assert DISTILL_LORA_FILES <= lines and "t2v" not in out
 
 
 def test_cli_dry_run_without_a_listing_prints_the_patterns(capsys, monkeypatch, tmp_path):
