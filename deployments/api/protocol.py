@@ -82,7 +82,7 @@ class VideoRequest(BaseModel):
     num_frames: int | None = Field(None, ge=1, le=1001, description="4k+1 frames")
     seconds: float | None = Field(None, gt=0, le=120,
                                   description="instead of num_frames: round(seconds * fps) moved to the nearest 4k+1")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-1, le=2**63 - 1, description="-1 or unset: a random seed (reported on the job)")
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=50)
     guidance_scale_2: float | None = Field(None, ge=0, le=50)
@@ -97,7 +97,7 @@ class AvatarRequest(VideoRequest):
     """POST /v1/avatars: a video request for the base clip, plus an optional face box. The seed
     defaults to 0 (not a random one), so the request alone fixes the avatar's id."""
 
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(0, ge=-1, le=2**63 - 1)
     face_box: tuple[int, int, int, int] | None = Field(
         None, description="x1,y1,x2,y2 in pixels of the generated clip (default: the stage's detector)")
 
@@ -345,7 +345,7 @@ def resolve(req: VideoRequest, cfg, job_id: str = "", image_size: tuple[int, int
     # As in diffusers: guidance_scale_2 defaults to guidance_scale when only that one is given.
     g2 = req.guidance_scale_2 if req.guidance_scale_2 is not None else (
         req.guidance_scale if req.guidance_scale is not None else samp.guidance_scale_2)
-    seed = req.seed if req.seed is not None else random.randrange(2**31)
+    seed = req.seed if req.seed is not None and req.seed >= 0 else random.randrange(2**31)  # -1: random, as diffusers UIs send
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
     return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
                        num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
@@ -383,3 +383,76 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int = 64_000_000,
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ApiError(400, f"not a decodable image ({type(exc).__name__})", param) from None
+
+
+# --------------------------------------------------------------------------- OpenAPI
+# The upload routes read their body themselves (multipart or JSON: routes.read_form), so FastAPI
+# cannot describe it; they pass these request bodies as `openapi_extra`. Built from the models
+# above, so each field is defined once. Nothing here takes part in validation.
+
+
+class SpeechRequest(BaseModel):
+    """The text fields of POST /v1/avatars/{id}/speech besides its audio (for the OpenAPI schema;
+    the route checks `start_index` itself)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_index: int = Field(0, ge=0, le=999_999_999,
+                             description="frame of the base-clip cycle to start from (a previous turn's end)")
+
+
+BINARY = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+# A 16x16 PNG (a face-coloured disc), for request examples that run as they are ("Try it out").
+EXAMPLE_IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAATUlEQVR42mOMqljAQApgYiAR"
+                 "kKyBBatom8kbCKPqjAhhG+Cq0djYNWCqQBNhwq8aU5z2oURnDZihjinOhEcOqwgTfvMw9bMQdAOlngYAZgUX8KhvAUgAAAAASUVORK5CYII=")
+
+
+def form_property(prop: dict) -> dict:
+    """A model field's JSON schema as a multipart text field: `X | None` becomes X (a form leaves
+    a field out instead), and a tuple of numbers becomes its comma-separated string."""
+    prop = dict(prop)
+    if "anyOf" in prop:
+        options = [s for s in prop.pop("anyOf") if s.get("type") != "null"]
+        if len(options) == 1:
+            prop.update(options[0])
+        else:
+            prop["anyOf"] = options
+    if "default" in prop and prop["default"] is None:
+        del prop["default"]
+    if prop.get("type") == "array" and "prefixItems" in prop:
+        n = len(prop["prefixItems"])
+        for key in ("prefixItems", "minItems", "maxItems", "items"):
+            prop.pop(key, None)
+        prop.update(type="string", pattern=r"^\s*" + r"\s*,\s*".join([r"[0-9.]+"] * n) + r"\s*$")
+    return prop
+
+
+def upload_body(model: type[BaseModel], files: dict[str, tuple[bool, str, str]],
+                json_example: dict | None = None, extra_content: dict | None = None) -> dict:
+    """An OpenAPI `requestBody` for a route that takes `model`'s fields plus `files` as a JSON
+    object or a multipart form. `files` maps a field to (required, media type, description): a
+    base64 string (or data: URL) in JSON, a binary part in the form. With `json_example`, JSON
+    comes first: Swagger UI's "Try it out" starts with the first type and sends that example as it
+    is (in a form it fills every field with a made-up sample). `extra_content` adds media types
+    (a raw audio body)."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, "upload models are flat"
+    required = list(schema.get("required", [])) + [name for name, (req, _, _) in files.items() if req]
+    common = {"type": "object", "additionalProperties": False, "required": required}
+    if schema.get("description"):
+        common["description"] = schema["description"]
+    form = {**common, "title": f"{schema['title']}Form",
+            "properties": {**{k: form_property(v) for k, v in schema["properties"].items()},
+                           **{name: {**BINARY, "description": text} for name, (_, _, text) in files.items()}}}
+    as_json = {**common, "title": f"{schema['title']}Json",
+               "properties": {**schema["properties"],
+                              **{name: {"type": "string", "contentEncoding": "base64",
+                                        "description": f"{text}: base64, or a data: URL"}
+                                 for name, (_, _, text) in files.items()}}}
+    content = {"multipart/form-data": {"schema": form, "encoding": {
+                   name: {"contentType": media} for name, (_, media, _) in files.items()}},
+               "application/json": {"schema": as_json}}
+    if json_example:  # first: the type Swagger UI starts with
+        content = {"application/json": {**content["application/json"], "example": json_example},
+                   "multipart/form-data": content["multipart/form-data"]}
+    return {"required": True, "content": {**content, **(extra_content or {})}}

@@ -26,22 +26,30 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from deployments.api.jobs import sse
 from deployments.api.protocol import (
+    BINARY,
+    EXAMPLE_IMAGE,
     ApiError,
     Avatar,
+    AvatarRequest,
     Deleted,
+    ErrorResponse,
     Job,
     LoraActivate,
     LoraRequest,
     ModelLimits,
     ModelList,
+    SpeechRequest,
     VideoList,
+    VideoRequest,
     error_body,
+    upload_body,
     validation_param,
 )
 from deployments.common.errors import (
@@ -64,10 +72,18 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     LoraError: (422, "invalid_request_error", None),
     MissingWeightsError: (422, "invalid_request_error", "path"),
 }
-MP4 = {200: {"content": {"video/mp4": {}}}}
+MP4 = {200: {"content": {"video/mp4": {"schema": BINARY}}}}
 FORM_OVERHEAD = 1 << 20  # bytes a form or JSON body may carry beyond its files (fields, framing)
 START_INDEX = re.compile(r"[0-9]{1,9}")
 STATIC = Path(__file__).with_name("static")  # the web page: index.html, app.js, style.css
+# Swagger UI and Redoc, vendored (static/docs/README.md): /docs and /redoc load nothing from elsewhere.
+DOCS_ASSETS = {"swagger_js": "swagger-ui-bundle.js", "swagger_css": "swagger-ui.css",
+               "redoc_js": "redoc.standalone.js", "favicon": "favicon.svg"}
+# ... and the browser is told so: Redoc's "by Redocly" logo (a CDN image, hidden when it fails) is
+# never requested, and no other request leaves the origin.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:")
+BEARER = "bearerAuth"  # the OpenAPI security scheme of every route behind a key
 
 
 # ------------------------------------------------------------------ the app
@@ -90,7 +106,39 @@ def build_app(ingress) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # public, like the page
     app.include_router(api, dependencies=[Depends(require_key)])
     app.include_router(admin, dependencies=[Depends(require_admin)])
+    app.openapi = lambda: openapi(app)
     return app
+
+
+def openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema of `app`, plus the bearer security scheme listed on every operation of the
+    routers behind a key (`api`, `admin`: all of /v1, not /healthz and /readyz), and 422s in the
+    app's error envelope (FastAPI's default is its own validation shape)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    spec = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+    components = spec.setdefault("components", {})
+    components["securitySchemes"] = {BEARER: {
+        "type": "http", "scheme": "bearer",
+        "description": "an API key (serving.api_keys); the /v1/admin routes need an admin key "
+                       "(serving.admin_keys). Checked only when the deployment has keys."}}
+    for router in (api, admin):  # included by build_app with require_key / require_admin
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.include_in_schema:
+                for method in route.methods:
+                    spec["paths"][route.path_format][method.lower()]["security"] = [{BEARER: []}]
+    envelope = {"description": ERROR_TEXT[422],
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            default = operation.get("responses", {}).get("422", {})
+            if "HTTPValidationError" in json.dumps(default):
+                operation["responses"]["422"] = envelope
+    schemas = components.get("schemas", {})
+    if "HTTPValidationError" not in json.dumps(spec["paths"]):  # now unused: leave it out
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+    return spec
 
 
 def with_http(cls: type) -> type:
@@ -262,9 +310,44 @@ async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes
 
 # ------------------------------------------------------------------ routes
 
+ERROR_TEXT = {
+    400: "bad input: not an image or audio, malformed form or JSON",
+    401: "no valid key (Authorization: Bearer <key>)",
+    403: "an API key on an admin route",
+    404: "unknown or expired id",
+    408: "the body did not arrive within serving.body_timeout_s",
+    409: "conflict: not finished yet, or busy",
+    413: "the body or a file is over its limit",
+    422: "a field is invalid; `param` names it",
+    429: "full: retry after Retry-After seconds",
+    500: "internal error (details in the server log)",
+    504: "the job passed serving.job_timeout_s",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for these error statuses, each the one error envelope."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        out[code] = {"model": ErrorResponse, "description": ERROR_TEXT[code]}
+        if code == 429:
+            out[code]["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
+    return out
+
+
+IMAGE_FIELD = (True, "image/png, image/jpeg, image/webp", "the portrait (first frame)")
+AUDIO_FIELD = (False, "audio/*", "speech to lip-sync onto the clip (wav, mp3, ogg/opus, flac, m4a; the clip then "
+                                 "runs at 25 fps for as long as the audio)")
+EXAMPLE = {"prompt": "a portrait of a woman who smiles and talks", "input_reference": EXAMPLE_IMAGE}
+VIDEO_BODY = upload_body(VideoRequest, {"input_reference": IMAGE_FIELD, "audio": AUDIO_FIELD}, EXAMPLE)
+AVATAR_BODY = upload_body(AvatarRequest, {"input_reference": IMAGE_FIELD}, EXAMPLE)
+SPEECH_BODY = upload_body(SpeechRequest, {"audio": (True, "audio/*", "speech: wav, mp3, ogg/opus, flac, m4a")},
+                          extra_content={media: {"schema": {**BINARY, "description": "the audio file as the body"}}
+                                         for media in ("audio/*", "application/octet-stream")})
+
 public = APIRouter()
-api = APIRouter()
-admin = APIRouter(prefix="/v1/admin")
+api = APIRouter(responses=errors(401))
+admin = APIRouter(prefix="/v1/admin", responses=errors(401, 403))
 
 
 @api.get("/openapi.json", include_in_schema=False)
@@ -272,14 +355,29 @@ async def openapi_schema(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
+def docs_urls(request: Request) -> dict[str, str]:
+    """The schema's and the vendored assets' URLs, under the app's root path."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    return {"openapi": f"{root}/openapi.json", **{k: f"{root}/static/docs/{v}" for k, v in DOCS_ASSETS.items()}}
+
+
 @api.get("/docs", include_in_schema=False)
-async def docs() -> Response:
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="avatar-serve")
+async def docs(request: Request) -> Response:
+    urls = docs_urls(request)
+    page = get_swagger_ui_html(openapi_url=urls["openapi"], title="avatar-serve", swagger_js_url=urls["swagger_js"],
+                               swagger_css_url=urls["swagger_css"], swagger_favicon_url=urls["favicon"],
+                               swagger_ui_parameters={"validatorUrl": None})
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
 
 
 @api.get("/redoc", include_in_schema=False)
-async def redoc() -> Response:
-    return get_redoc_html(openapi_url="/openapi.json", title="avatar-serve")
+async def redoc(request: Request) -> Response:
+    urls = docs_urls(request)
+    page = get_redoc_html(openapi_url=urls["openapi"], title="avatar-serve", redoc_js_url=urls["redoc_js"],
+                          redoc_favicon_url=urls["favicon"], with_google_fonts=False)
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
 
 
 @public.get("/", include_in_schema=False)
@@ -302,7 +400,7 @@ async def readyz(ingress: IngressDep) -> JSONResponse:
                          "stages": stages}, status_code=200 if ready else 503)
 
 
-@api.get("/v1/models", response_model=ModelList)
+@api.get("/v1/models", response_model=ModelList, responses=errors(500))
 async def list_models(ingress: IngressDep):
     models = await ingress.models()
     for card in models.data:  # the bounds a form needs (the web page reads them)
@@ -310,14 +408,19 @@ async def list_models(ingress: IngressDep):
     return models
 
 
-@api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)")
+@api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)",
+          openapi_extra={"requestBody": VIDEO_BODY}, responses=errors(400, 408, 413, 422, 429, 500))
 async def create_video(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
     return await ingress.submit(fields, image, audio)
 
 
-@api.post("/v1/videos/sync", response_class=Response, responses=MP4,
-          summary="Generate a video and wait for the MP4 (multipart: prompt, input_reference, ...)")
+@api.post("/v1/videos/sync", response_class=Response, openapi_extra={"requestBody": VIDEO_BODY},
+          summary="Generate a video and wait for the MP4 (multipart: prompt, input_reference, ...)",
+          responses={200: {"content": {"video/mp4": {"schema": BINARY}}, "description": "the MP4",
+                           "headers": {"X-Seed": {"description": "the seed used", "schema": {"type": "integer"}},
+                                       "X-Job-Id": {"description": "the job's id", "schema": {"type": "string"}}}},
+                     **errors(400, 408, 413, 422, 429, 500, 504)})
 async def create_video_sync(request: Request, ingress: IngressDep) -> Response:
     fields, image, audio = await read_video_form(request, ingress)
     result = await ingress.generate(fields, image, "mp4", audio)
@@ -325,23 +428,23 @@ async def create_video_sync(request: Request, ingress: IngressDep) -> Response:
                     headers={"X-Seed": str(result.params.seed), "X-Job-Id": result.params.job_id})
 
 
-@api.get("/v1/videos", response_model=VideoList)
+@api.get("/v1/videos", response_model=VideoList, responses=errors(422))
 async def list_videos(ingress: IngressDep, limit: int = Query(20, ge=1, le=100), after: str | None = None):
     return ingress.list_jobs(limit, after)
 
 
-@api.get("/v1/videos/{video_id}", response_model=Job)
+@api.get("/v1/videos/{video_id}", response_model=Job, responses=errors(404))
 async def get_video(video_id: str, ingress: IngressDep):
     return ingress.job(video_id)
 
 
-@api.delete("/v1/videos/{video_id}", response_model=Job | Deleted,
+@api.delete("/v1/videos/{video_id}", response_model=Job | Deleted, responses=errors(404),
             summary="Cancel a queued or running job; delete a finished one")
 async def delete_video(video_id: str, ingress: IngressDep):
     return ingress.cancel_or_delete(video_id)
 
 
-@api.get("/v1/videos/{video_id}/content", response_class=FileResponse, responses=MP4)
+@api.get("/v1/videos/{video_id}/content", response_class=FileResponse, responses={**MP4, **errors(404, 409)})
 async def get_video_content(video_id: str, ingress: IngressDep):
     return FileResponse(ingress.content_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
 
@@ -370,7 +473,9 @@ async def with_keepalive(events, every_s: float):
         pending.cancel()
 
 
-@api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events",
+@api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events", response_class=StreamingResponse,
+         responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                          "description": "`event:`, `id:` and `data:` (JSON) lines"}, **errors(404)},
          description="Every event has an `id`; a client that reconnects with `Last-Event-ID` gets the "
                      "events after it. Every stream ends with a final event (completed, failed or "
                      "cancelled), also after the server restarted mid-job (failed: interrupted).")
@@ -387,8 +492,10 @@ async def get_video_events(video_id: str, request: Request, ingress: IngressDep)
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@api.post("/v1/avatars", response_model=Avatar, status_code=201,
-          summary="Create an avatar: base clip + lip-sync preparation (idempotent for the same inputs)")
+@api.post("/v1/avatars", response_model=Avatar, status_code=201, openapi_extra={"requestBody": AVATAR_BODY},
+          summary="Create an avatar: base clip + lip-sync preparation (idempotent for the same inputs)",
+          responses={200: {"model": Avatar, "description": "the avatar of the same inputs, created before"},
+                     **errors(400, 408, 413, 422, 429, 500)})
 async def create_avatar(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
     if audio is not None:
@@ -397,18 +504,22 @@ async def create_avatar(request: Request, ingress: IngressDep):
     return JSONResponse(avatar.model_dump(), status_code=201 if created else 200)
 
 
-@api.get("/v1/avatars/{avatar_id}", response_model=Avatar)
+@api.get("/v1/avatars/{avatar_id}", response_model=Avatar, responses=errors(404))
 async def get_avatar(avatar_id: str, ingress: IngressDep):
     return ingress.avatar(avatar_id)
 
 
-@api.delete("/v1/avatars/{avatar_id}", response_model=Deleted)
+@api.delete("/v1/avatars/{avatar_id}", response_model=Deleted, responses=errors(404))
 async def delete_avatar(avatar_id: str, ingress: IngressDep):
     return await ingress.delete_avatar(avatar_id)
 
 
-@api.post("/v1/avatars/{avatar_id}/speech", response_class=StreamingResponse, responses=MP4,
-          summary="Audio in (multipart `audio`, or a raw audio body), lip-synced fragmented MP4 streamed out")
+@api.post("/v1/avatars/{avatar_id}/speech", response_class=StreamingResponse,
+          summary="Audio in (multipart `audio`, or a raw audio body), lip-synced fragmented MP4 streamed out",
+          openapi_extra={"requestBody": SPEECH_BODY},
+          responses={200: {"content": {"video/mp4": {"schema": BINARY}},
+                           "description": "fragmented MP4 (H.264 + AAC), streamed as it is made"},
+                     **errors(400, 404, 408, 409, 413, 422, 429, 500)})
 async def create_speech(avatar_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
     ingress.avatar(avatar_id)  # 404 before reading the body
     limit, timeout_s = ingress.cfg.limits.max_audio_bytes, ingress.cfg.serving.body_timeout_s
@@ -436,16 +547,16 @@ async def list_loras(ingress: IngressDep) -> dict:
     return await ingress.list_loras()
 
 
-@admin.post("/loras", summary="Load a LoRA onto the high, low or both experts")
+@admin.post("/loras", summary="Load a LoRA onto the high, low or both experts", responses=errors(404, 409, 422))
 async def load_lora(req: LoraRequest, ingress: IngressDep) -> dict:
     return await ingress.load_lora(req)
 
 
-@admin.post("/loras/activate")
+@admin.post("/loras/activate", responses=errors(404, 409, 422))
 async def activate_loras(req: LoraActivate, ingress: IngressDep) -> dict:
     return await ingress.activate_loras(req)
 
 
-@admin.delete("/loras/{name}")
+@admin.delete("/loras/{name}", responses=errors(404, 409, 422))
 async def remove_lora(name: str, ingress: IngressDep, target: Literal["high", "low", "both"] = "both") -> dict:
     return await ingress.remove_lora(name, target)
