@@ -120,6 +120,9 @@ def validate_profile(raw: dict) -> GraphConfig:
     if not serving.get("storage_dir"):  # persistent by default: jobs outlive an ingress restart
         root = os.environ.get("AVATAR_SERVE_STORAGE") or os.path.join("~", ".cache", "avatar-serve")
         serving["storage_dir"] = os.path.join(os.path.expanduser(root), str(raw.get("name", "profile")))
+    # Prepared avatars beside the jobs by default, so an avatar the ingress lists as ready after a
+    # restart is still there for the lip-sync stage (a restarted replica reloads it from the folder).
+    stages["lipsync"].setdefault("avatar_cache_dir", os.path.join(serving["storage_dir"], "avatars"))
     for field in ("api_keys", "admin_keys"):  # keys from the environment, read once here
         env_name = serving.get(f"{field}_env", ServingConfig.model_fields[f"{field}_env"].default)
         if env_name and os.environ.get(env_name):

@@ -124,6 +124,9 @@ def test_sync_video_over_http(client):
     assert r.status_code == 200, r.text
     frames, fps = decode_mp4(r.content)
     assert frames.shape == (9, 32, 48, 3) and fps == 16
+    # The same request again gives the same bytes, not only the same frames.
+    again = client.post("/v1/videos/sync", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")})
+    assert again.status_code == 200 and again.content == r.content
 
 
 def test_each_gpu_stage_gets_its_own_gpu(cluster):

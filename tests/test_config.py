@@ -138,10 +138,13 @@ def test_random_archs_fit_their_stage():
 
 def test_several_lipsync_replicas_need_a_shared_avatar_folder(tmp_path):
     scaling = {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}
-    with pytest.raises(ValidationError, match="avatar_cache_dir"):
-        load_profile("tiny", {"stages": {"lipsync": {"placement": scaling}}})
+    with pytest.raises(ValidationError, match="avatar_cache_dir"):  # a memory-only cache, asked for
+        load_profile("tiny", {"stages": {"lipsync": {"placement": scaling, "avatar_cache_dir": None}}})
     cfg = load_profile("tiny", {"stages": {"lipsync": {"placement": scaling, "avatar_cache_dir": str(tmp_path)}}})
     assert cfg.max_talk_turns == 2 * cfg.stages.lipsync.placement.max_ongoing_requests
+    # By default the folder is beside the jobs, so the replicas share it.
+    cfg = load_profile("tiny", {"stages": {"lipsync": {"placement": scaling}}, "serving": {"storage_dir": str(tmp_path)}})
+    assert cfg.stages.lipsync.avatar_cache_dir == str(tmp_path / "avatars")
 
 
 def test_jobs_persist_by_default_under_the_storage_root(monkeypatch, tmp_path):

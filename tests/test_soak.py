@@ -105,7 +105,7 @@ def test_mixed_requests_at_concurrency_8(served):
         ])()
 
     kinds = [job] * 7 + [sync] * 3 + [avatar] * 2 + [turn] * 5 + [cancel] * 2 + [bad] * 2
-    baseline, started = None, time.monotonic()
+    snapshots, started = [], time.monotonic()
 
     def one(i):
         kind = rng.choice(kinds)
@@ -119,10 +119,11 @@ def test_mixed_requests_at_concurrency_8(served):
         for i in range(MAX_REQUESTS):
             if time.monotonic() - started > SOAK_SECONDS:
                 break
-            if i == 40:
+            if i in (40, MAX_REQUESTS // 2):
                 for f in futures:
                     f.result()
-                baseline = replica_memory()  # after warm-up: every code path has run once
+                # after warm-up (every code path has run once), and half way
+                snapshots.append(replica_memory())
             futures.append(pool.submit(one, i))
             while sum(not f.done() for f in futures) >= CONCURRENCY:
                 time.sleep(0.01)
@@ -147,7 +148,13 @@ def test_mixed_requests_at_concurrency_8(served):
     for avatar_id in avatars:  # every turn slot was given back: turns are admitted again
         r = client.post(f"/v1/avatars/{avatar_id}/speech", files={"audio": ("a.wav", wav_bytes(0.3), "audio/wav")})
         assert r.status_code == 200, r.text
+    # Memory settles rather than grows with the requests served: the second half of the soak adds
+    # little to any process (a leak would add as much as the first half). The first half may grow
+    # more while allocator arenas and caches fill under concurrent threads.
+    baseline, half = snapshots[0], snapshots[-1]
     end = replica_memory()
-    growth = {p: (end[p] - baseline[p]) // 2**20 for p in baseline if p in end}
-    print("soak memory growth, MiB:", growth)
-    assert growth and max(growth.values()) < 200, sorted(growth.items(), key=lambda kv: -kv[1])  # MiB, after warm-up
+    first = {p: (half[p] - baseline[p]) // 2**20 for p in baseline if p in half}
+    second = {p: (end[p] - half[p]) // 2**20 for p in half if p in end}
+    print("soak memory growth, MiB, first half:", first, "second half:", second)
+    assert second and max(second.values()) < 100, sorted(second.items(), key=lambda kv: -kv[1])
+    assert max(first.values()) < 400, sorted(first.items(), key=lambda kv: -kv[1])

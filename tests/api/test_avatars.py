@@ -142,3 +142,27 @@ def test_deleting_a_queued_avatar_leaves_the_queue_working(tmp_path):
     first, job, queued = asyncio.run(scenario())
     assert ingress.records.avatars[first.id].status == "ready" and job.status == "completed"
     assert queued.id not in ingress.records.avatars and queued.id not in [r.id for r in ingress.queue.waiting]
+
+
+def test_a_ready_avatar_still_talks_after_every_stage_restarts(tmp_path):
+    """Avatars are stored beside the jobs by default (`<storage_dir>/avatars`): a whole new graph
+    over the same storage (the ingress and lip-sync replicas restarted) answers a talk turn on an
+    avatar the old one prepared, without preparing it again."""
+    cfg = load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)}})
+    assert cfg.stages.lipsync.avatar_cache_dir == str(tmp_path / "avatars")
+    with TestClient(LocalGraph(cfg).app()) as c:
+        avatar = wait_ready(c, create(c).json()["id"])
+    again = LocalGraph(cfg)
+    with TestClient(again.app()) as c:
+        assert c.get(f"/v1/avatars/{avatar['id']}").json()["status"] == "ready"
+        r = c.post(f"/v1/avatars/{avatar['id']}/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
+        assert r.status_code == 200, r.text
+        assert decode_mp4(r.content)[0].shape[0] == 12  # floor(0.5 s * 25)
+    assert again.encoder.calls["encode"] == 0
+
+
+def test_seed_minus_one_means_a_random_seed(graph):
+    with TestClient(graph.app()) as c:
+        seeds = {c.post("/v1/videos", data={**AVATAR, "seed": "-1"},
+                        files={"input_reference": ("p.png", IMAGE, "image/png")}).json()["seed"] for _ in range(3)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)

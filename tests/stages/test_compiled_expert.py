@@ -1,0 +1,35 @@
+"""The fast path's compiled experts (`compile: true`, diffusers' `compile_repeated_blocks`, on by
+default in the full profiles) against the plain path on the same tiny random weights: the same
+steps within a stated tolerance (Inductor fuses and reorders float math, so not bit for bit)."""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.common.transport import unpack
+from deployments.config import EncoderConfig, ExpertConfig, SamplerConfig
+from deployments.dit_expert import DitExpert
+from deployments.encoder import Encoder
+from helpers import get_dummy_image, get_dummy_params
+
+SAMPLER = SamplerConfig(scheduler="euler", flow_shift=5.0, num_inference_steps=2, high_steps=1,
+                        sigmas=[1.0, 0.5], guidance_scale=1.0, guidance_scale_2=1.0)
+TOLERANCE = 1e-4  # max abs difference of the latents after each expert's step (fp32, CPU)
+
+
+def test_compiled_experts_match_the_plain_ones():
+    cond = Encoder(EncoderConfig()).encode(get_dummy_params(num_inference_steps=2, guidance_scale=1.0,
+                                                            guidance_scale_2=1.0), get_dummy_image())
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    results = {}
+    for compiled in (False, True):
+        high = DitExpert(ExpertConfig(role="high", compile=compiled), SAMPLER)
+        low = DitExpert(ExpertConfig(role="low", compile=compiled), SAMPLER)
+        after_high = high.denoise(cond)
+        results[compiled] = (unpack(after_high.latents), unpack(low.denoise(cond, after_high).latents))
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled  # the blocks really ran compiled
+    for plain, fast in zip(results[False], results[True]):
+        assert plain.shape == fast.shape and torch.isfinite(fast).all()
+        assert (plain - fast).abs().max() <= TOLERANCE, (plain - fast).abs().max()
