@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import wave
 from pathlib import Path
@@ -32,36 +31,18 @@ from deployments.local import LocalGraph
 from deployments.media.audio import decode_audio
 from deployments.models import download as dl
 from deployments.profiles import load_profile
-from helpers import durations, free_port, get_dummy_image, png_bytes, wav_bytes
+from helpers import durations, free_port, get_dummy_image, png_bytes, serve_in_thread, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTINGS = ROOT / "tests" / "data" / "repo_listings"
 KEY = "k"
 
 
-def serve_in_thread(graph: LocalGraph):
-    """The graph's FastAPI app on a real socket; -> (url, stop)."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(graph.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-
-    def stop():
-        srv.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}", stop
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path_factory.mktemp("store")),
                                                           "api_keys": [KEY]}}))
-    url, stop = serve_in_thread(graph)
+    url, stop = serve_in_thread(graph.app())
     yield url
     stop()
 
@@ -72,7 +53,7 @@ def slow_url(tmp_path_factory):
     graph = LocalGraph(load_profile("tiny", {
         "serving": {"storage_dir": str(tmp_path_factory.mktemp("slow")), "api_keys": [KEY]},
         "stages": {r: {"simulate_step_seconds": 0.3} for r in ("high", "low")}}))
-    url, stop = serve_in_thread(graph)
+    url, stop = serve_in_thread(graph.app())
     yield url
     stop()
 

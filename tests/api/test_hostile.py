@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from deployments.local import LocalGraph
 from deployments.profiles import load_profile
-from helpers import free_port, wait_ready
+from helpers import serve_in_thread, wait_ready
 from hostile import FILES, LIMITS, VIDEO, cases
 
 CASES = cases()
@@ -59,18 +59,10 @@ def test_hostile_requests_are_refused_at_the_door(client, graph, avatar_id, case
 
 @pytest.fixture()
 def server(graph):
-    """The app on a real socket (uvicorn in a thread): a trickling client needs one."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(graph.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    """The app on a real socket: a trickling client needs one."""
+    url, stop = serve_in_thread(graph.app())
+    yield url.removeprefix("http://")
+    stop()
 
 
 def test_a_body_that_trickles_gets_408_and_healthz_stays_fast(server):
