@@ -358,7 +358,10 @@ class LipSyncConfig(StageBase):
 
 
 class IngressConfig(_Strict):
-    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=64)
+    # The ingress is async and admits work itself (job queue, turn admission), so Serve's cap on
+    # its requests is set high: open event streams, talk turns and slow uploads (bounded by
+    # serving.body_timeout_s) then never hold every slot and starve /healthz or /readyz.
+    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=1024)
 
 
 class Stages(_Strict):

@@ -229,6 +229,37 @@ def test_queue_full_gives_429_then_recovers_and_the_gauges_follow(cluster, clien
     assert final["status"] == "completed", final
 
 
+def test_many_slow_uploads_and_event_streams_do_not_starve_healthz(cluster, client):
+    """80 clients that send headers and then nothing (each holds a request open at the ingress
+    until its body deadline), plus open event streams: /healthz and /readyz still answer at once."""
+    import socket
+
+    host, port = cluster["url"].removeprefix("http://").split(":")
+    job = create(client, SLOW).json()
+    streams = [client.stream("GET", f"/v1/videos/{job['id']}/events") for _ in range(8)]
+    for s in streams:
+        s.__enter__()
+    stuck = []
+    try:
+        for _ in range(80):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cluster-key\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            stuck.append(sock)
+        time.sleep(1.0)
+        for path in ("/healthz", "/readyz", "/healthz"):
+            t0 = time.perf_counter()
+            assert httpx.get(cluster["url"] + path, timeout=10).status_code == 200, path
+            assert time.perf_counter() - t0 < 1.0, path
+    finally:
+        for sock in stuck:
+            sock.close()
+        for s in streams:
+            s.__exit__(None, None, None)
+        client.delete(f"/v1/videos/{job['id']}")
+        wait_final(client, job["id"])
+
+
 def test_auth_over_http(cluster):
     for headers in ({}, {"Authorization": "Bearer nope"}):
         for method, path in [("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/v1/models"),
