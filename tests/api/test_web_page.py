@@ -31,7 +31,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     if os.environ.get("CI"):
         raise RuntimeError("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
     pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)", allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver")
+from selenium import webdriver  # noqa: E402 - a test dependency (pyproject test extra): no skip
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
