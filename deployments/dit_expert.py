@@ -35,7 +35,9 @@ from deployments.common.runtime import (
     apply_threads,
     check_resident,
     dtype_for,
+    log_memory,
     placement_info,
+    release_cached_memory,
     resolve_device,
 )
 from deployments.common.transport import pack, unpack
@@ -97,8 +99,10 @@ class DitExpert:
         self.sampler_cfg = sampler
         self.device = resolve_device(cfg.device)
         self.dtype = compute_dtype(cfg, self.device)
+        # Start-up LoRAs are fused into the full-precision weights, so then the expert is
+        # quantised only after they are in (a higher peak while loading).
         self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
-                                       cfg.weights_dir)
+                                       cfg.weights_dir, quantize="none" if cfg.loras else cfg.quantize)
         self._loras = None
         # The profile's start-up LoRAs: every one read and checked, then their full deltas added
         # to the weights (before fp8 quantisation of ours, so the sum is what gets quantised).
@@ -110,6 +114,7 @@ class DitExpert:
         for prepared in startup:  # their low-rank pairs: unfused adapters, always active
             self.loras.load_permanent(prepared)
         del startup
+        release_cached_memory(self.device)  # what loading and quantising freed
         if cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         if cfg.compile:
@@ -122,6 +127,7 @@ class DitExpert:
             self.warm_up(shape.width, shape.height, shape.num_frames)
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
+        log_memory(log, f"{self.role} expert", self.device)
 
     def _prepare_startup_loras(self) -> list:
         """`cfg.loras` read and checked against this expert (all of them before any is applied:

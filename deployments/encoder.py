@@ -29,6 +29,7 @@ from deployments.common.runtime import (
     apply_threads,
     check_resident,
     dtype_for,
+    log_memory,
     placement_info,
     resolve_device,
 )
@@ -102,6 +103,7 @@ class Encoder:
                         np.zeros((shape.height, shape.width, 3), np.uint8))
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
+        log_memory(log, "encoder", self.device)
 
     # ------------------------------------------------------------------ text
 

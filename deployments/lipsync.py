@@ -40,6 +40,7 @@ from deployments.common.runtime import (
     check_resident,
     dtype_for,
     in_threads,
+    log_memory,
     placement_info,
     resolve_device,
 )
@@ -137,6 +138,7 @@ class LipSync:
             self._speed_settings(cfg)
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
+        log_memory(log, "lip-sync", self.device)
 
     def _landmark_detector(self, cfg: LipSyncConfig) -> LandmarkFaceDetector:
         """S3FD face box + FAN 68 landmarks, combined by MuseTalk's rule (avatar.box_from_landmarks).

@@ -123,7 +123,7 @@ def placement_info(device: torch.device) -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_allocated"] = torch.cuda.memory_allocated(device)
+        info.update(memory_report(device))
     return info
 
 
@@ -178,3 +178,118 @@ def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
         if buf.is_floating_point():
             buf.data = buf.data.to(torch.float32 if keeps_fp32(model, name) else dtype)
     return model
+
+
+def _parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The pieces a model is materialised in: each member of a ModuleList (the transformer
+    blocks) and every other child; the model's own parameters come last, as the piece ""."""
+    parts = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            parts += [(f"{name}.{i}", member) for i, member in enumerate(child)]
+        else:
+            parts.append((name, child))
+    return parts + [("", model)]
+
+
+def _materialise(model: torch.nn.Module, prefix: str, part: torch.nn.Module, dtype: torch.dtype,
+                 device: torch.device | str, recurse: bool) -> None:
+    """Give the meta parameters of `part` real storage on `device` and random values.
+
+    Values: each submodule's own `reset_parameters()` where it has one (linears, convs, layer
+    norms: PyTorch's default initialisers); what is left gets ones (1-D weights: norm scales) or
+    N(0, 1/fan_in) (the modulation tables), about what the constructors draw. Speed does not depend
+    on the values; they only have to be finite and of a sane scale.
+    """
+    modules = list(part.named_modules(prefix=prefix)) if recurse else [(prefix, part)]
+    for mod_name, module in modules:
+        own = [(n, p) for n, p in module._parameters.items() if p is not None and p.is_meta]
+        if not own:
+            continue
+        for n, p in own:
+            full = f"{mod_name}.{n}" if mod_name else n
+            kind = torch.float32 if keeps_fp32(model, full) else dtype
+            module._parameters[n] = torch.nn.Parameter(torch.empty(p.shape, dtype=kind, device=device),
+                                                       requires_grad=False)
+        reset = getattr(module, "reset_parameters", None)
+        if reset is not None and module is not model:
+            reset()
+            continue
+        for n, _ in own:
+            p = module._parameters[n]
+            if p.dim() == 1 and n == "weight":
+                p.data.fill_(1.0)
+            else:
+                p.data.normal_(0.0, p.shape[-1] ** -0.5)
+    for _, module in modules:
+        for n, b in module._buffers.items():
+            if b is not None and not b.is_meta and b.device != torch.device(device):
+                module._buffers[n] = b.to(device)
+
+
+@torch.no_grad()
+def random_module_in_parts(factory: Callable[[], torch.nn.Module], seed: int, dtype: torch.dtype,
+                           device: torch.device | str,
+                           finish_part: Callable[[str, torch.nn.Module], None] | None = None
+                           ) -> torch.nn.Module:
+    """A full-size model with random weights, made one piece at a time so that the peak is the
+    finished model plus one piece.
+
+    The skeleton is built on the meta device (buffers real: RoPE tables are computed in
+    `__init__`); then each piece (`_parts`: every transformer block, every other child, the
+    model's own parameters) gets storage on `device` in `dtype` (fp32 for `_keep_in_fp32_modules`),
+    random values from `seed + i`, and is handed to `finish_part(name, piece)` -- e.g. fp8
+    quantisation -- before the next is made. For a 14 B expert quantised to fp8 this holds 14.6 GB
+    plus one 0.7 GB bf16 block at most, where building in bf16 first peaks at 28.6 GB (and the
+    allocator keeps those blocks cached after the quantisation frees them).
+    """
+    from accelerate import init_empty_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = factory()
+    finally:
+        torch.set_default_dtype(previous)
+    for i, (name, part) in enumerate(_parts(model)):
+        torch.manual_seed(seed + i)
+        _materialise(model, name, part, dtype, device, recurse=part is not model)
+        if finish_part is not None and part is not model:
+            finish_part(name, part)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"parameters left on the meta device: {left[:5]}")
+    return model.eval()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the blocks that loading freed (a bf16 copy, file buffers) back to the driver, so the
+    replica's footprint is its weights plus what its forwards use."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_report(device: torch.device) -> dict:
+    """GPU memory of this process on `device`, in bytes: resident (allocated now), reserved by
+    the caching allocator now, and the peaks of both since start."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_memory_allocated": torch.cuda.memory_allocated(device),
+            "gpu_memory_reserved": torch.cuda.memory_reserved(device),
+            "gpu_memory_peak_allocated": torch.cuda.max_memory_allocated(device),
+            "gpu_memory_peak_reserved": torch.cuda.max_memory_reserved(device)}
+
+
+def log_memory(logger, what: str, device: torch.device) -> None:
+    """One start-up line with the stage's GPU memory (resident and peak), for operators."""
+    m = memory_report(device)
+    if m:
+        gib = 1024 ** 3
+        logger.info("%s: %.1f GiB resident, %.1f GiB reserved, peak %.1f GiB allocated / %.1f GiB "
+                    "reserved (loading and warm-up included)", what, m["gpu_memory_allocated"] / gib,
+                    m["gpu_memory_reserved"] / gib, m["gpu_memory_peak_allocated"] / gib,
+                    m["gpu_memory_peak_reserved"] / gib)

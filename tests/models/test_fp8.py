@@ -98,3 +98,84 @@ def test_to_fp8_swaps_block_linears_and_stays_close():
         out = quant(x, t, ctx, return_dict=False)[0]
     rel = float((out - ref).norm() / ref.norm())
     assert 0 < rel < 0.05, rel
+
+
+def _built_in_parts(seed: int, dtype=torch.float32):
+    from diffusers import WanTransformer3DModel
+
+    from deployments.common.runtime import random_module_in_parts
+    from deployments.models.wan.components import TINY
+
+    finished, holder = [], {}
+
+    def finish(name, part):
+        # When a piece is finished, no later block has storage yet: one piece at a time.
+        later = [p for block in holder["model"].blocks[int(name.split(".")[1]) + 1:] for p in block.parameters()] \
+            if name.startswith("blocks.") else []
+        assert all(p.is_meta for p in later), name
+        assert not any(p.is_meta for p in part.parameters()), name
+        finished.append(name)
+        to_fp8(part, prefix=name)
+
+    def factory():
+        holder["model"] = WanTransformer3DModel(**TINY["expert"])
+        return holder["model"]
+
+    model = random_module_in_parts(factory, seed, dtype, "cpu", finish_part=finish)
+    return model, finished
+
+
+def test_expert_built_in_parts_is_quantised_piece_by_piece_like_the_whole():
+    """The full-size fp8 path (each block quantised before the next is made, so the bf16 model
+    never exists at once): every piece is finished in turn, the same linears end up fp8 as with
+    `to_fp8` on a whole model (embedders and head stay), `_keep_in_fp32_modules` stay fp32, the RoPE
+    buffers keep their computed values, nothing is left on meta, and the forward is finite."""
+    model, finished = _built_in_parts(seed=3, dtype=torch.bfloat16)
+    assert {"blocks.0", "blocks.1", "proj_out", "condition_embedder"} <= set(finished)
+    assert finished.index("blocks.0") < finished.index("blocks.1")
+    whole = load_expert(RandomWeights(arch="tiny", seed=3), "high", torch.bfloat16, "cpu")
+    to_fp8(whole)
+    kinds = lambda m: {n: type(x).__name__ for n, x in m.named_modules() if isinstance(x, nn.Linear)}
+    assert kinds(model) == kinds(whole)
+    dtypes = lambda m: {n: p.dtype for n, p in m.named_parameters()}
+    assert dtypes(model) == dtypes(whole)  # fp8 weights, fp32 keeps (norms, tables), bf16 the rest
+    for (name, buf), (_, ref) in zip(model.named_buffers(), whole.named_buffers()):
+        if name.startswith("rope."):
+            assert torch.equal(buf, ref), name
+    assert not any(p.is_meta for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 36, 3, 8, 8, generator=g, dtype=torch.bfloat16)
+    ctx = torch.randn(1, 8, 32, generator=g, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([700.0]), ctx, return_dict=False)[0]
+    assert out.shape == (1, 16, 3, 8, 8) and torch.isfinite(out.float()).all()
+    assert out.float().std() > 0
+
+
+def test_expert_built_in_parts_is_the_same_for_a_seed_and_differs_across_seeds():
+    """Two replicas of one expert must hold the same weights (a request gives the same clip on
+    either), and the two experts (different seeds) different ones."""
+    a, _ = _built_in_parts(seed=4)
+    b, _ = _built_in_parts(seed=4)
+    c, _ = _built_in_parts(seed=5)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+    assert not torch.equal(sa["blocks.0.attn1.to_q.weight"].float(), sc["blocks.0.attn1.to_q.weight"].float())
+    # Values of a sane scale: unit norm scales, small weights.
+    assert torch.equal(sa["blocks.0.attn1.norm_q.weight"], torch.ones_like(sa["blocks.0.attn1.norm_q.weight"]))
+    table = sa["blocks.0.scale_shift_table"]
+    assert 0 < float(table.std()) < 1
+
+
+def test_to_fp8_matches_skip_names_under_a_prefix():
+    """Quantising a piece by itself skips by the qualified name (`proj_out` stays bf16 when it is
+    handed over alone), and a second pass leaves quantised linears alone."""
+    head = nn.Sequential(nn.Linear(8, 8))
+    to_fp8(head, prefix="proj_out")
+    assert type(head[0]) is nn.Linear
+    block = nn.Sequential(nn.Linear(8, 8))
+    to_fp8(block, prefix="blocks.0")
+    first = block[0]
+    assert isinstance(first, Fp8Linear)
+    to_fp8(block, prefix="blocks.0")
+    assert block[0] is first

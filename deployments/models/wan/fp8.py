@@ -164,16 +164,18 @@ class Fp8Linear(nn.Linear):
         return self.forward_dequant(x)
 
 
-def to_fp8(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
-    """Replace every `nn.Linear` of `model` whose qualified name contains none of `skip` by an
-    `Fp8Linear` quantised from it (rowwise amax/448). In place; returns `model`.
+def to_fp8(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, prefix: str = "") -> nn.Module:
+    """Replace every `nn.Linear` of `model` whose qualified name (under `prefix`, when `model` is
+    a piece of a larger one) contains none of `skip` by an `Fp8Linear` quantised from it (rowwise
+    amax/448). In place; returns `model`. Linears already quantised are left as they are.
 
     For speed benchmarks with random weights and for tests; real fp8 files load already
     quantised through `deployments.models.wan.checkpoints`.
     """
     skip = tuple(skip)
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not any(s in name for s in skip)]
+               if type(module) is nn.Linear
+               and not any(s in (f"{prefix}.{name}" if prefix else name) for s in skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
