@@ -273,6 +273,11 @@ class ExpertConfig(StageBase):
 class DecoderConfig(StageBase):
     vae_dtype: DType = "bfloat16"
     vae_dtype_cpu: DType = "float32"
+    # Channels-last 3-D convolution weights on a GPU (no effect on a CPU). Measured on an H200
+    # (random full-size VAE, 832x480x81, bf16): decode 1.83 s -> 1.52 s; the frames differ from
+    # the plain path by 2.2% relative (another cuDNN algorithm, bf16 rounding); cuDNN autotuning
+    # alone gained nothing (bench/README.md, bench/gpu_paths.py).
+    channels_last: bool = False
 
 
 class LipSyncConfig(StageBase):
