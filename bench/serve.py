@@ -134,9 +134,12 @@ def latencies(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------ the measurements (both phases)
 
 
-async def measure(args, video, create_avatar, turn) -> dict:
-    """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"}."""
-    out = {}
+async def measure(args, video, create_avatar, turn, out: dict | None = None) -> dict:
+    """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"}.
+
+    Fills `out` as it goes, so that a run stopped part-way (a time limit) still reports what it
+    measured."""
+    out = {} if out is None else out
     if not args.skip_video:
         log("video: the first request, then sequential, then concurrent")
         first = await timed("video first", video, 0)
@@ -240,7 +243,7 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     return out | await measure(args, video, create_avatar, turn)
 
 
-async def served(args, base: str, request: dict, image: bytes, audio: bytes) -> dict:
+async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict) -> dict:
     """Phase 2: the same requests over HTTP."""
     fields = {k: str(v) for k, v in request.items()}
     picture = {"input_reference": ("portrait.png", image, "image/png")}
@@ -280,7 +283,7 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes) -> 
                 raise RuntimeError("empty speech response")
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
-        return await measure(args, video, create_avatar, turn)
+        return await measure(args, video, create_avatar, turn, out)
 
 
 # ------------------------------------------------------------------ the cluster
@@ -657,7 +660,8 @@ def main() -> int:
             report["ready_by"] = wait_ready(base, dashboard, args.startup_timeout)
             report["startup_s"] = time.perf_counter() - t0
             log(f"ready {report['startup_s']:.1f} s after serve deploy (seen by {report['ready_by']})")
-            report["served"] = asyncio.run(served(args, base, request, image, audio))
+            report["served"] = {}
+            asyncio.run(served(args, base, request, image, audio, report["served"]))
             report["failures"] += [f"served: {f}" for f in FAILURES]
             log("reading the metrics")
             report["stage_metrics"] = stage_metrics(f"http://127.0.0.1:{ports['metrics']}/metrics")
@@ -665,10 +669,14 @@ def main() -> int:
             report["placement"] = placement(f"127.0.0.1:{ports['gcs']}", env)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+        report["failures"].append(f"error: {exc}")
+        status = 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (e.g. `timeout`): keep what was measured
+        log("interrupted: writing what was measured so far")
+        report["interrupted"] = True
+        status = 130
+    else:
+        status = 1 if report["failures"] else 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -687,7 +695,7 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2, default=str))
     print(summary(report, args))
     print(f"wrote {out}")
-    return 1 if report["failures"] else 0
+    return status
 
 
 if __name__ == "__main__":

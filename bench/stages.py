@@ -61,6 +61,9 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quantize", choices=["none", "fp8"], default=None, help="override the experts' quantize")
+    ap.add_argument("--plain-baseline", action="store_true",
+                    help="the baseline gets its own plain experts and VAE (bf16, eager, unquantised, random "
+                         "weights of the same seeds) instead of the graph's modules: diffusers as a user runs it")
     args = ap.parse_args()
 
     overrides = {}
@@ -107,9 +110,16 @@ def main() -> int:
         if cfg.sampler.sigmas is not None:
             st = scheduler.set_timesteps
             scheduler.set_timesteps = lambda n, device=None: st(sigmas=cfg.sampler.sigmas, device=device)
-        pipe = WanImageToVideoPipeline(tokenizer=enc.tokenizer, text_encoder=enc.text_encoder, vae=dec.vae,
-                                       scheduler=scheduler, transformer=high.transformer,
-                                       transformer_2=low.transformer, boundary_ratio=cfg.sampler.boundary_ratio)
+        transformers, vae = (high.transformer, low.transformer), dec.vae
+        if args.plain_baseline:
+            from deployments.models.wan.components import load_expert, load_vae
+
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            transformers = tuple(load_expert(cfg.stages.high.weights, role, dtype, device) for role in ("high", "low"))
+            vae = load_vae(cfg.stages.decoder.weights, dtype, device)
+        pipe = WanImageToVideoPipeline(tokenizer=enc.tokenizer, text_encoder=enc.text_encoder, vae=vae,
+                                       scheduler=scheduler, transformer=transformers[0],
+                                       transformer_2=transformers[1], boundary_ratio=cfg.sampler.boundary_ratio)
         pipe.set_progress_bar_config(disable=True)
         kwargs = dict(image=PIL.Image.fromarray(pixels), prompt=params.prompt,
                       negative_prompt=params.negative_prompt, height=params.height, width=params.width,
@@ -129,6 +139,8 @@ def main() -> int:
         "load_s": load_s, "results": results,
     }
     report["quantize"] = cfg.stages.high.quantize
+    report["compile"] = cfg.stages.high.compile
+    report["baseline"] = "plain bf16 experts and VAE, eager" if args.plain_baseline else "the graph's modules"
     out = Path(args.out or Path(__file__).parent / "results" / f"stages-{cfg.name}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

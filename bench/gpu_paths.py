@@ -1,0 +1,281 @@
+"""The fast-path options of the video stages on one GPU, each against the plain path, in one run:
+
+- attention kernels at the expert's self-attention shape (1 x 32,760 tokens x 40 heads x 128):
+  PyTorch SDPA's flash, cuDNN and memory-efficient backends, and SageAttention (8-bit QK) when
+  the `sageattention` package is installed; time and error against an fp32 reference;
+- one full-size fp8 expert built the way the stage builds it (block by block, random weights):
+  load time and peak memory, then one forward (= one denoise step, no CFG) per attention backend
+  (diffusers' `set_attention_backend`), then compiled (`compile_repeated_blocks`) with the fastest;
+  peak and resident memory after each;
+- the Wan VAE: decode in bf16 plain / with cuDNN autotuning / channels-last, encode in fp32 / bf16.
+
+    python bench/gpu_paths.py [--size 832x480 --frames 81] [--repeats 3] [--skip-expert] [--skip-vae]
+
+Random weights (speed does not depend on weight values). Writes bench/results/gpu-paths.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deployments.common.runtime import memory_report, release_cached_memory  # noqa: E402
+from deployments.config import RandomWeights  # noqa: E402
+from deployments.decoder import set_conv_format  # noqa: E402
+from deployments.models.wan.components import latent_shape, load_expert, load_vae  # noqa: E402
+
+GIB = 1024 ** 3
+
+
+def log(message: str) -> None:
+    print(f"[gpu_paths {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+DEV = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, after `warmup` calls (synchronised before and after each)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / GIB, 2) if DEV.type == "cuda" else 0.0
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def gib(report: dict) -> dict:
+    return {k.replace("gpu_memory_", "") + "_gib": round(v / GIB, 2) for k, v in report.items()}
+
+
+# ------------------------------------------------------------------ attention kernels
+
+
+def attention(args, tokens: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = 40, 128
+    g = torch.Generator(DEV.type).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, dim, device=DEV, dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    # Reference: fp32 math on the first 1024 queries (the whole score matrix would be 170 GB).
+    ref = F.scaled_dot_product_attention(q[:, :, :1024].float(), k.float(), v.float())
+    flops = 4 * tokens * tokens * dim * heads  # QK^T and PV
+    out = {"shape": [1, heads, tokens, dim], "dtype": "bfloat16", "backends": {}}
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for name, backend in kernels.items():
+        try:
+            with sdpa_kernel([backend]):
+                times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2)
+                o = F.scaled_dot_product_attention(q, k, v)
+            out["backends"][name] = {**summary(times), "tflops": flops / statistics.median(times) / 1e12,
+                                     "rel_error": rel(o[:, :, :1024], ref)}
+        except RuntimeError as exc:
+            out["backends"][name] = {"error": str(exc).splitlines()[0][:300]}
+        log(f"attention {name}: {out['backends'][name]}")
+    with torch.no_grad():  # what PyTorch picks by itself
+        times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2)
+    out["backends"]["default"] = {**summary(times), "tflops": flops / statistics.median(times) / 1e12}
+    try:
+        import importlib.metadata as md
+
+        from sageattention import sageattn
+
+        version = md.version("sageattention")
+        times = timed(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False), args.repeats + 2)
+        o = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+        out["backends"]["sage"] = {**summary(times), "version": version,
+                                   "tflops": flops / statistics.median(times) / 1e12,
+                                   "rel_error": rel(o[:, :, :1024], ref)}
+    except Exception as exc:  # not installed, or its kernels do not build here
+        out["backends"]["sage"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    log(f"attention sage: {out['backends']['sage']}")
+    return out
+
+
+# ------------------------------------------------------------------ one fp8 expert
+
+
+def expert(args, width: int, height: int, frames: int) -> dict:
+    dev = DEV
+    release_cached_memory(dev)
+    reset_peak()
+    t0 = time.perf_counter()
+    model = load_expert(RandomWeights(arch=args.arch, seed=0), "high", torch.bfloat16, dev, quantize="fp8")
+    sync()
+    out = {"quantize": "fp8", "load_s": time.perf_counter() - t0, "after_load": gib(memory_report(dev))}
+    release_cached_memory(dev)
+    out["after_release"] = gib(memory_report(dev))
+    log(f"expert built: {out}")
+    shape = latent_shape(width, height, frames)
+    g = torch.Generator("cpu").manual_seed(1)
+    config = model.config
+    inputs = {"hidden_states": torch.randn(1, config.in_channels, *shape[2:], generator=g).to(dev, torch.bfloat16),
+              "timestep": torch.full((1,), 900.0, device=dev),
+              "encoder_hidden_states": torch.randn(1, 512, config.text_dim, generator=g).to(dev, torch.bfloat16),
+              "return_dict": False}
+    out["tokens"] = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+    out["eager"], reference = {}, None
+    with torch.no_grad():
+        for backend in args.backends:
+            try:
+                model.set_attention_backend(backend)
+                reset_peak()
+                times = timed(lambda: model(**inputs), args.repeats)
+                y = model(**inputs)[0]
+            except Exception as exc:
+                out["eager"][backend] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                log(f"expert eager {backend}: {out['eager'][backend]}")
+                continue
+            reference = y if reference is None else reference
+            out["eager"][backend] = {**summary(times), "rel_vs_first": rel(y, reference),
+                                     **gib(memory_report(dev))}
+            log(f"expert eager {backend}: {out['eager'][backend]}")
+        ok = {b: r for b, r in out["eager"].items() if "median_s" in r}
+        best = min(ok, key=lambda b: ok[b]["median_s"])
+        model.set_attention_backend(best)
+        model.compile_repeated_blocks(fullgraph=True)
+        reset_peak()
+        t0 = time.perf_counter()
+        model(**inputs)
+        sync()
+        first = time.perf_counter() - t0
+        times = timed(lambda: model(**inputs), args.repeats, warmup=0)
+        y = model(**inputs)[0]
+        out["compiled"] = {"attention_backend": best, "first_call_s": first, **summary(times),
+                           "rel_vs_eager_first": rel(y, reference), **gib(memory_report(dev))}
+        log(f"expert compiled: {out['compiled']}")
+    return out
+
+
+# ------------------------------------------------------------------ VAE
+
+
+def vae(args, width: int, height: int, frames: int) -> dict:
+    dev = DEV
+    out = {"decode": {}, "encode": {}}
+    shape = latent_shape(width, height, frames)
+    g = torch.Generator("cpu").manual_seed(2)
+    latents = torch.randn(*shape, generator=g)
+    video = torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1
+    vae_bf16 = load_vae(RandomWeights(arch=args.arch, seed=0), torch.bfloat16, dev)
+    z = latents.to(dev, torch.bfloat16)
+    torch.backends.cudnn.benchmark = False
+    variants = [("plain", False, False), ("cudnn_benchmark", True, False), ("channels_last+benchmark", True, True)]
+    reference = None
+    with torch.no_grad():
+        for name, bench, channels_last in variants:
+            torch.backends.cudnn.benchmark = bench
+            if channels_last:
+                set_conv_format(vae_bf16, torch.channels_last_3d)
+            reset_peak()
+            times = timed(lambda: vae_bf16.decode(z, return_dict=False), args.repeats)
+            y = vae_bf16.decode(z, return_dict=False)[0]
+            reference = y if reference is None else reference
+            out["decode"][name] = {**summary(times), "rel_vs_plain": rel(y, reference),
+                                   "peak_allocated_gib": peak_gib()}
+            log(f"vae decode {name}: {out['decode'][name]}")
+        set_conv_format(vae_bf16, torch.contiguous_format)
+        vae_fp32 = load_vae(RandomWeights(arch=args.arch, seed=0), torch.float32, dev)
+        encoded = {}
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            for dtype, model in ((torch.float32, vae_fp32), (torch.bfloat16, vae_bf16)):
+                name = f"{str(dtype).split('.')[-1]}{'+benchmark' if bench else ''}"
+                x = video.to(dev, dtype)
+                reset_peak()
+                times = timed(lambda: model.encode(x).latent_dist.mode(), args.repeats)
+                encoded[name] = model.encode(x).latent_dist.mode().float()
+                out["encode"][name] = {**summary(times), "rel_vs_float32": rel(encoded[name], encoded["float32"]),
+                                       "peak_allocated_gib": peak_gib()}
+                log(f"vae encode {name}: {out['encode'][name]}")
+    torch.backends.cudnn.benchmark = False
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="832x480")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backends", default="native,_native_cudnn,_native_flash,_native_efficient",
+                    help="diffusers attention backends to time in the expert, comma-separated")
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-expert", action="store_true")
+    ap.add_argument("--skip-vae", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-paths.json"))
+    ap.add_argument("--arch", default="a14b", help="random weights' size (tiny: a CPU smoke run)")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    args.backends = [b for b in args.backends.split(",") if b]
+    global DEV
+    DEV = torch.device(args.device)
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        print("error: needs a CUDA GPU (or --device cpu --arch tiny for a smoke run)", file=sys.stderr)
+        return 2
+    width, height = (int(v) for v in args.size.split("x"))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    report = {"bench": "gpu_paths", "device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
+              "git_commit": commit.stdout.strip() or None, "weights": "random (speed only)",
+              "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "request": {"width": width, "height": height, "num_frames": args.frames}}
+    shape = latent_shape(width, height, args.frames)
+    sections = [("attention", not args.skip_attention, lambda: attention(args, shape[2] * shape[3] * shape[4] // 4)),
+                ("expert", not args.skip_expert, lambda: expert(args, width, height, args.frames)),
+                ("vae", not args.skip_vae, lambda: vae(args, width, height, args.frames))]
+    for name, wanted, run in sections:
+        if not wanted:
+            continue
+        try:
+            report[name] = run()
+        except Exception as exc:  # one section failing must not lose the others' numbers
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            log(f"{name} failed: {report[name]['error']}")
+        release_cached_memory(DEV)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
