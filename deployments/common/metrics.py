@@ -7,7 +7,9 @@ classes only when it finds itself in a running Ray worker.
     avatar_serve_stage_latency_seconds{stage, method}   histogram
     avatar_serve_denoise_step_seconds{stage}            histogram
     avatar_serve_stage_wait_seconds{stage}              histogram (waiting for the stage's model lock)
-    avatar_serve_gpu_memory_bytes{stage}                gauge (where the stage has a GPU)
+    avatar_serve_gpu_memory_bytes{stage, kind}          gauge (where the stage has a GPU): kind =
+        allocated (resident now), reserved (held by the caching allocator now), peak_allocated,
+        peak_reserved (the highest since start, loading and warm-up included)
     avatar_serve_jobs_total{status}                     counter (jobs reaching a final status)
     avatar_serve_queue_depth / avatar_serve_jobs_running   gauges
     avatar_serve_talk_turns                             gauge (talk turns streaming now)
@@ -67,7 +69,7 @@ class StageMetrics:
         self.step = _make("Histogram", "avatar_serve_denoise_step_seconds", "Time of one denoise step",
                           ("stage",), boundaries=LATENCY_BUCKETS)
         self.gpu_memory = _make("Gauge", "avatar_serve_gpu_memory_bytes",
-                                "GPU memory allocated by the stage", ("stage",))
+                                "GPU memory of the stage's process, by kind", ("stage", "kind"))
         self.wait = _make("Histogram", "avatar_serve_stage_wait_seconds",
                           "Time a request waited for the stage's model (other requests were using it)",
                           ("stage",), boundaries=LATENCY_BUCKETS)
@@ -89,6 +91,7 @@ class StageMetrics:
 
     def started(self, seconds: float) -> None:
         self.startup.set(seconds, tags={"stage": self.stage})
+        self._gpu_memory()  # loading and warm-up peaks, before any request
 
     def observe_wait(self, seconds: float) -> None:
         self.wait.observe(seconds, tags={"stage": self.stage})
@@ -99,7 +102,11 @@ class StageMetrics:
     def _gpu_memory(self) -> None:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
-            self.gpu_memory.set(float(torch.cuda.memory_allocated()), tags={"stage": self.stage})
+            cuda = torch.cuda
+            for kind, value in (("allocated", cuda.memory_allocated()), ("reserved", cuda.memory_reserved()),
+                                ("peak_allocated", cuda.max_memory_allocated()),
+                                ("peak_reserved", cuda.max_memory_reserved())):
+                self.gpu_memory.set(float(value), tags={"stage": self.stage, "kind": kind})
 
 
 def _phase_histogram():
