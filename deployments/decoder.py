@@ -4,17 +4,20 @@
     -> float frames (F, H, W, 3) in [0, 1] -> uint8 frames (F, H, W, 3)
 
 The decoder also muxes MP4 (`decode_mp4`), so the ~100 MB of frames of an 81-frame 480p clip
-never leave this process on the HTTP path; only the few-hundred-kB MP4 does.
+never leave this process on the HTTP path; only the few-hundred-kB MP4 does. It decodes chunk by
+chunk (one latent frame -> 1, then 4 video frames, as the VAE's own loop does) and a writer thread
+encodes H.264 while the next chunk decodes, so the MP4 costs only its tail after the last chunk.
 
 Concurrency: one VAE decode at a time per replica (`self.model`, a ModelLock): the Wan VAE keeps
-per-call feature caches on the module. Rounding to uint8 and MP4 muxing (CPU) run outside the
-lock, so one request muxes while the next decodes.
+per-call feature caches on the module. The MP4's tail runs outside the lock, so one request
+finishes its file while the next decodes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ from deployments.common.runtime import (
 )
 from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
-from deployments.media.video import encode_mp4
+from deployments.media.video import Mp4Writer, encode_mp4
 from deployments.models.wan.components import load_vae
 
 log = logging.getLogger("avatar_serve.decoder")
@@ -118,9 +121,39 @@ class Decoder:
         100 M values of an 832x480x81 clip (measured in bench/README.md).
         """
         with self.model:
-            video = self._decode_video(latents)[0]  # (3, F, H, W)
-            frames = (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float()
-            return (frames * 255).round().to(torch.uint8).cpu().numpy()
+            return self._to_uint8(self._decode_video(latents)[0])
+
+    @staticmethod
+    def _to_uint8(video: torch.Tensor) -> np.ndarray:
+        """(3, F, H, W) in [-1, 1] on the device -> uint8 (F, H, W, 3) on the host."""
+        frames = (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float()
+        return (frames * 255).round().to(torch.uint8).cpu().numpy()
+
+    def _streams(self) -> bool:
+        """Whether the chunked decode applies: the Wan 2.1 VAE untiled (the 2.2 5B VAE patchifies
+        and a tiled decode has its own loop; those take the whole-clip path)."""
+        return (getattr(self.vae.config, "patch_size", None) is None and not getattr(self.vae, "use_tiling", False)
+                and hasattr(self.vae, "clear_cache"))
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor, on_chunk) -> None:
+        """Decode as diffusers' `AutoencoderKLWan._decode` does -- the same decoder calls over
+        the latent frames, one at a time, with the module's causal feature cache -- but hand each
+        chunk's uint8 frames to `on_chunk` as soon as it is decoded instead of concatenating
+        (written here because diffusers offers no per-chunk decode). Equal to `decode_uint8`."""
+        vae = self.vae
+        with self.model:
+            z = latents.to(self.device, self.dtype) * self.latents_std + self.latents_mean
+            vae.clear_cache()
+            try:
+                x = vae.post_quant_conv(z)
+                for i in range(x.shape[2]):
+                    vae._conv_idx = [0]
+                    out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                      first_chunk=i == 0)
+                    on_chunk(self._to_uint8(out.clamp(-1.0, 1.0)[0]))
+            finally:
+                vae.clear_cache()
 
     def decode(self, state: DenoiseState) -> Frames:
         """-> uint8 frames (F, H, W, 3)."""
@@ -132,10 +165,33 @@ class Decoder:
         return frames
 
     def decode_mp4(self, state: DenoiseState) -> bytes:
-        """-> H.264 MP4 bytes at the request's frame rate."""
-        frames = self.decode(state)
-        with self.metrics.timed("mux"):
-            return encode_mp4(frames.frames, frames.fps)
+        """-> H.264 MP4 bytes at the request's frame rate. Metrics: `decode` is the decode (with
+        the encoding of all but the last chunk overlapped), `mux` what is left after it."""
+        if not self._streams():
+            frames = self.decode(state)
+            with self.metrics.timed("mux"):
+                return encode_mp4(frames.frames, frames.fps)
+        if not state.done:
+            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
+        writer, written = Mp4Writer(state.params.fps), []
+        # One writer thread: chunks are encoded in order, each while the next one decodes.
+        with ThreadPoolExecutor(1, thread_name_prefix="mp4") as pool:
+            try:
+                with self.metrics.timed("decode"):
+                    self.decode_chunks(unpack(state.latents, self.device),
+                                       lambda chunk: written.append(pool.submit(writer.write, chunk)))
+                with self.metrics.timed("mux"):
+                    for future in written:
+                        future.result()
+                    data = writer.finish()
+            except BaseException:
+                for future in written:
+                    future.cancel()
+                pool.shutdown(wait=True)
+                writer.close()
+                raise
+        log.info("job %s: decoded and muxed %d chunks", state.params.job_id, len(written))
+        return data
 
     def check_health(self) -> None:
         check_resident("decoder", self.vae)

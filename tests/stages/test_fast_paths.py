@@ -1,6 +1,8 @@
 """Speed options of the video stages against the plain path (each is a config value; the gain
 is measured in bench/README.md, the output pinned here)."""
 
+import numpy as np
+import pytest
 import torch
 
 from deployments.config import RandomWeights
@@ -22,3 +24,80 @@ def test_channels_last_vae_decodes_the_same_frames():
         fast = vae.decode(z, return_dict=False)[0]
     assert fast.shape == plain.shape == (1, 3, 9, 32, 32)
     assert float((fast - plain).norm() / plain.norm()) < 1e-5
+
+
+def _done_state(frames_latent: int = 3, width: int = 32, height: int = 16):
+    from deployments.common.payloads import DenoiseState
+    from deployments.common.transport import pack
+    from deployments.config import SamplerConfig
+    from deployments.models.wan.sampler import export_state, make_scheduler
+    from helpers import get_dummy_params
+
+    latents = torch.randn(1, 16, frames_latent, height // 8, width // 8, generator=torch.Generator().manual_seed(7))
+    params = get_dummy_params(width=width, height=height, num_frames=(frames_latent - 1) * 4 + 1)
+    return DenoiseState(params=params, latents=pack(latents), sampler=export_state(make_scheduler(SamplerConfig())),
+                        next_step=2, total_steps=2), latents
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    from deployments.config import DecoderConfig
+    from deployments.decoder import Decoder
+
+    return Decoder(DecoderConfig())
+
+
+def test_chunked_decode_gives_the_whole_clips_frames(decoder):
+    """The decoder's own per-latent-frame loop (so that H.264 encoding overlaps the decode)
+    produces exactly the frames of diffusers' whole-clip decode: 1 frame, then 4 per chunk."""
+    _, latents = _done_state(frames_latent=4)
+    chunks = []
+    decoder.decode_chunks(latents, chunks.append)
+    assert [c.shape[0] for c in chunks] == [1, 4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate(chunks), decoder.decode_uint8(latents))
+
+
+def test_overlapped_mp4_is_the_file_of_the_whole_clip(decoder):
+    """decode_mp4 (chunks encoded while the next decodes) writes byte for byte the MP4 that
+    encoding the whole decoded clip at once writes; the whole-clip path (tiled VAE) too."""
+    from deployments.media.video import decode_mp4, encode_mp4
+
+    state, _ = _done_state()
+    whole = encode_mp4(decoder.decode(state).frames, state.params.fps)
+    assert decoder.decode_mp4(state) == whole
+    assert decode_mp4(whole)[0].shape == (9, 16, 32, 3)
+    decoder.vae.use_tiling = True
+    try:
+        assert not decoder._streams()
+        assert decoder.decode_mp4(state) == whole
+    finally:
+        decoder.vae.use_tiling = False
+
+
+def test_a_writer_failure_fails_the_request_and_leaves_the_decoder_working(decoder, monkeypatch):
+    from deployments.media import video
+
+    state, _ = _done_state()
+    good = decoder.decode_mp4(state)
+    calls = {"n": 0}
+    real_write = video.Mp4Writer.write
+
+    def failing(self, frames):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return real_write(self, frames)
+
+    monkeypatch.setattr(video.Mp4Writer, "write", failing)
+    with pytest.raises(OSError, match="simulated"):
+        decoder.decode_mp4(state)
+    monkeypatch.undo()
+    assert decoder.decode_mp4(state) == good  # lock released, feature cache cleared
+
+
+def test_decode_mp4_refuses_unfinished_latents(decoder):
+    from dataclasses import replace
+
+    state, _ = _done_state()
+    with pytest.raises(ValueError, match="step 1 of 2"):
+        decoder.decode_mp4(replace(state, next_step=1))
