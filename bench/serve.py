@@ -134,8 +134,9 @@ def latencies(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------ the measurements (both phases)
 
 
-async def measure(args, video, create_avatar, turn, out: dict | None = None) -> dict:
-    """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"}.
+async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None) -> dict:
+    """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
+    `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown.
 
     Fills `out` as it goes, so that a run stopped part-way (a time limit) still reports what it
     measured."""
@@ -169,6 +170,7 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None) -> 
         if decoded != frames:
             FAILURES.append(f"turn warm-up: the MP4 decodes to {decoded} frames, expected {frames}")
     for n in args.turn_concurrency:
+        before = await asyncio.to_thread(phases) if phases else None
         turns, walls, aggregates = [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -183,6 +185,8 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None) -> 
             "fps_per_turn": spread([frames / t["s"] for t in ok]),
             "aggregate_fps": statistics.median(aggregates), "batch_wall_s": spread(walls),
             "bytes": spread([t["bytes"] for t in ok])}
+        if phases:  # where these turns' time went (means over this level's turns alone)
+            out["turns"]["concurrency"][str(n)]["phases_mean_s"] = phase_delta(before, await asyncio.to_thread(phases))
     if args.turns_beside_video and not args.skip_video:
         out["turns"]["beside_video"] = await turns_beside_video(args, video, turn, avatar_id, frames)
     return out
@@ -243,7 +247,7 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     return out | await measure(args, video, create_avatar, turn)
 
 
-async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict) -> dict:
+async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict, phases=None) -> dict:
     """Phase 2: the same requests over HTTP."""
     fields = {k: str(v) for k, v in request.items()}
     picture = {"input_reference": ("portrait.png", image, "image/png")}
@@ -283,7 +287,7 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
                 raise RuntimeError("empty speech response")
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
-        return await measure(args, video, create_avatar, turn, out)
+        return await measure(args, video, create_avatar, turn, out, phases)
 
 
 # ------------------------------------------------------------------ the cluster
@@ -432,8 +436,19 @@ def parse_metrics(text: str) -> dict:
     return dict(out)
 
 
-def stage_metrics(url: str, wait_s: float = 60, settle_s: float = 11) -> dict:
-    """Ray exports metrics every ~10 s: read until they stay the same for `settle_s`."""
+def phase_delta(before: dict, after: dict) -> dict:
+    """Mean seconds per phase over the turns between two readings of the turn-phase histograms."""
+    out = {}
+    for key, a in after.items():
+        b = before.get(key) or {"count": 0, "mean_s": 0.0}
+        if isinstance(a, dict) and a["count"] > b["count"]:
+            out[key] = (a["mean_s"] * a["count"] - b["mean_s"] * b["count"]) / (a["count"] - b["count"])
+    return out
+
+
+def stage_metrics(url: str, wait_s: float = 60, settle_s: float = 3, need: str = "stage_latency_seconds") -> dict:
+    """Ray exports metrics every second here (RAY_metrics_report_interval_ms below; 10 s by
+    default): read until they stay the same for `settle_s`."""
     deadline, previous, since = time.monotonic() + wait_s, None, time.monotonic()
     while True:
         try:
@@ -442,10 +457,10 @@ def stage_metrics(url: str, wait_s: float = 60, settle_s: float = 11) -> dict:
             current = {"error": f"{type(exc).__name__}: {exc}"}
         if current != previous:
             previous, since = current, time.monotonic()
-        if ("stage_latency_seconds" in current and time.monotonic() - since >= settle_s) \
+        if (need in current and time.monotonic() - since >= settle_s) \
                 or time.monotonic() > deadline:
             return current
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 PLACEMENT = """
@@ -549,9 +564,15 @@ def summary(report: dict, args) -> str:
         rows.append((f"turns x{args.turns_beside_video} beside a video: 1st byte s, fps/turn, video s", [
             f"{fmt(dig(b, 'first_byte_s', 'median'))}, {fmt(dig(b, 'fps_per_turn', 'median'), '.1f')}, "
             f"{fmt(dig(b, 'video', 's'), '.1f')}" for b in beside]))
+    extra = []
+    for n in [] if args.skip_turns else map(str, args.turn_concurrency):
+        got = dig(report, "served", "turns", "concurrency", n, "phases_mean_s") or {}
+        if got:
+            extra.append(f"served turns x{n}, mean s per phase: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(got.items(), key=lambda kv: kv[1])))
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':{width}}  {'in-process':>24}  {'served':>24}"]
-    lines += [f"{label:{width}}  {a:>24}  {b:>24}" for label, (a, b) in rows]
+    lines += [f"{label:{width}}  {a:>24}  {b:>24}" for label, (a, b) in rows] + extra
     for name, values in (report.get("stage_metrics") or {}).items():
         for key, m in values.items() if isinstance(values, dict) and name.endswith("seconds") else ():
             if isinstance(m, dict):
@@ -611,6 +632,7 @@ def main() -> int:
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # Serve is shut down before the node stops
+           "RAY_metrics_report_interval_ms": "1000",  # per-level phase breakdowns settle in seconds
            "BENCH_SERVE_T0": str(T0)}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False)
@@ -661,10 +683,13 @@ def main() -> int:
             report["startup_s"] = time.perf_counter() - t0
             log(f"ready {report['startup_s']:.1f} s after serve deploy (seen by {report['ready_by']})")
             report["served"] = {}
-            asyncio.run(served(args, base, request, image, audio, report["served"]))
+            metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+            asyncio.run(served(args, base, request, image, audio, report["served"],
+                               phases=lambda: stage_metrics(metrics_url, wait_s=20, settle_s=2.5,
+                                                            need="turn_phase_seconds").get("turn_phase_seconds", {})))
             report["failures"] += [f"served: {f}" for f in FAILURES]
             log("reading the metrics")
-            report["stage_metrics"] = stage_metrics(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            report["stage_metrics"] = stage_metrics(metrics_url)
             log("placement")
             report["placement"] = placement(f"127.0.0.1:{ports['gcs']}", env)
     except BenchError as exc:
