@@ -303,9 +303,13 @@ class LipSyncConfig(StageBase):
     # Output frame rate; MuseTalk was trained on 25 fps video with 50 whisper frames per second.
     fps: int = Field(25, ge=1, le=50)
     # Frames per UNet + VAE-decode batch, and per chunk `speak` yields; a turn's first batch is
-    # smaller so its first chunk (time to first frame) comes sooner.
+    # smaller so its first chunk (time to first frame) comes sooner. The streamed MP4 cuts its
+    # first fragment when frame `mp4_keyframe_interval` (the second keyframe) leaves the muxer,
+    # which holds it until audio past it is in (AAC runs a frame behind): so a first batch of
+    # mp4_keyframe_interval + 2 frames (14) is the smallest whose bytes leave with it; a smaller
+    # one waits for the second batch, a larger one computes frames the first bytes do not need.
     batch_size: int = Field(8, ge=1, le=256)
-    first_batch_size: int = Field(16, ge=1, le=256)
+    first_batch_size: int = Field(14, ge=1, le=256)
     # A talk turn's audio is refused beyond this (AudioError before any model runs). Copied from
     # `limits.max_audio_seconds` by `load_profile`: profiles set it there, once.
     max_audio_seconds: float = Field(30.0, gt=0)

@@ -110,6 +110,11 @@ class LipSync:
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
+        first = min(cfg.first_batch_size, cfg.batch_size)
+        if first <= cfg.mp4_keyframe_interval + 1 and torch.cuda.is_available():  # LipSyncConfig.first_batch_size
+            log.warning("lip-sync: a first batch of %d frames with mp4_keyframe_interval %d: a turn's first "
+                        "bytes wait for its second batch (first_batch_size %d would send them with the first)",
+                        first, cfg.mp4_keyframe_interval, cfg.mp4_keyframe_interval + 2)
         self.metrics = StageMetrics("lipsync")
         self.model = ModelLock(self.metrics.observe_wait)
         self.device = resolve_device(cfg.device)
@@ -412,7 +417,7 @@ class LipSync:
         pending = None  # the batch whose crops are on their way to the host
         # A smaller first batch brings the first chunk sooner; full batches after it.
         starts = [0, *range(first_size, n, batch_size)] if n > 0 else []
-        for first, end in zip(starts, [*starts[1:], n]):
+        for k, (first, end) in enumerate(zip(starts, [*starts[1:], n])):
             indices = list(range(first, end))
             sources = [avatar.source_frame(i, start_index) for i in indices]
             windows = features.windows(indices)  # whisper runs here when the turn needs a new piece
@@ -426,7 +431,10 @@ class LipSync:
             previous, pending = pending, (sources, *host)
             if previous is not None:
                 yield blended(*previous)  # the GPU is already working on this batch meanwhile
-            if pending[2] is None:  # computed synchronously (CPU): nothing to overlap
+            # Computed synchronously (CPU): nothing to overlap. The first batch goes out at once
+            # too: the turn's first byte must not wait for the second batch's features, its
+            # launch or another turn holding the model; later batches overlap.
+            if pending[2] is None or k == 0:
                 yield blended(*pending)
                 pending = None
         if pending is not None:

@@ -100,8 +100,11 @@ class FragmentedMP4Writer:
                              "rc": "constqp", "qp": str(self.crf + 3), **keyframes}
         else:
             video.pix_fmt = "yuv420p"
+            # No scene-cut keyframes: x264 would otherwise add some (keyint_min is capped at
+            # keyint/2 + 1), and fragments, cut at keyframes, would come at unpredictable frames;
+            # a talking head has no scene cuts worth a keyframe.
             video.options = {"crf": str(self.crf), "preset": self.preset, "tune": "zerolatency",
-                             "threads": str(self.threads), **keyframes}
+                             "threads": str(self.threads), "sc_threshold": "0", **keyframes}
         audio = self._container.add_stream("aac", rate=self.audio_rate)
         audio.layout = "mono"
         audio.bit_rate = self.audio_bitrate

@@ -64,3 +64,24 @@ def test_rgba_frames_are_encoded_like_rgb():
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="video codec"):
         stream_fmp4([frames], audio, codec="mpeg2").__next__()
+
+
+def test_keyframes_and_fragments_come_every_interval_whatever_the_content():
+    """Noise is all scene cuts: x264 would add keyframes (and so fragments) at unpredictable
+    frames. With scene-cut detection off, every keyframe is at a multiple of the interval, so a
+    turn's first fragment holds exactly `keyframe_interval` frames and leaves when the first
+    batch is long enough (tests/stages/test_lipsync.py)."""
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (36, 48, 64, 3), dtype=np.uint8)
+    audio = np.zeros(int(1.5 * 16000), np.float32)
+    writer = FragmentedMP4Writer(audio, fps=25, keyframe_interval=12)
+    first = writer.write(frames[:14])
+    data = first + writer.write(frames[14:]) + writer.close()
+    assert b"moof" in first
+    with av.open(io.BytesIO(data)) as container:
+        vs = container.streams.video[0]
+        keyframes = sorted(round(float(p.pts * vs.time_base) * 25) for p in container.demux(vs)
+                           if p.pts is not None and p.is_keyframe)
+    assert keyframes == [0, 12, 24], keyframes  # frame numbers
+    with av.open(io.BytesIO(first)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 12

@@ -319,3 +319,66 @@ def test_paste_back_on_the_device_gives_the_host_frames(stage, avatar, cache_dir
     np.testing.assert_array_equal(rgba[..., :3], device)
     assert (rgba[..., 3] == 255).all()
     assert on_device.delete_avatar(avatar.avatar_id) and not on_device._pastes
+
+
+def _speech(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("first_batch, chunks_before_first_bytes", [(14, 1), (13, 2)])
+def test_first_bytes_leave_with_the_first_batch_of_keyframe_interval_plus_two(
+        avatar, cache_dir, first_batch, chunks_before_first_bytes):
+    """The streamed MP4 cuts its first fragment when frame `mp4_keyframe_interval` (12) leaves the
+    muxer, which waits for audio past it: with the default first batch of 14 frames the first
+    bytes go out after the first batch; with 13 they wait for the second (why the default is 14,
+    not 12 or the 16 it was)."""
+    cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu", avatar_cache_dir=str(cache_dir),
+                        batch_size=16, **({} if first_batch == 14 else {"first_batch_size": first_batch}))
+    assert cfg.first_batch_size == first_batch and cfg.mp4_keyframe_interval == 12
+    stage = LipSync(cfg)
+    consumed = []
+    speak = stage.speak
+
+    def counting(*args, **kwargs):
+        for chunk in speak(*args, **kwargs):
+            consumed.append(len(chunk))
+            yield chunk
+
+    stage.speak = counting
+    pieces = stage.speak_fmp4(avatar, _speech(2.0))  # 50 frames
+    first = next(p for p in pieces if p)
+    assert len(consumed) == chunks_before_first_bytes, consumed
+    assert consumed[0] == first_batch
+    rest = b"".join(pieces)
+    video, _, _ = decode_mp4_tracks(first + rest)
+    assert video.shape[0] == 50
+
+
+def test_on_a_gpu_the_first_batch_goes_out_before_the_second_is_launched(stage, avatar, monkeypatch):
+    """With asynchronous copies (a GPU) later batches overlap -- batch k is blended while the
+    device computes k+1 -- but the first chunk is yielded as soon as it is ready, before the
+    second batch's features, launch or lock. Simulated here with a device-like copy event."""
+    class Event:
+        def synchronize(self):
+            pass
+
+    expected = list(stage.speak(avatar, _speech(1.0), batch_size=5))  # the synchronous path
+    launched = []
+    generate = stage._generate
+
+    def counting_generate(*args, **kwargs):
+        launched.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "_generate", counting_generate)
+    monkeypatch.setattr(stage, "_to_host", lambda crops: (crops, Event()))
+    chunks = stage.speak(avatar, _speech(1.0), batch_size=5)
+    first = next(chunks)
+    assert len(launched) == 1  # yielded before the second batch was launched
+    second = next(chunks)
+    assert len(launched) == 3  # from then on one batch ahead: the third runs while the second goes out
+    got = [first, second, *chunks]
+    assert len(got) == len(expected) == 5
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
