@@ -151,3 +151,18 @@ def test_jobs_persist_by_default_under_the_storage_root(monkeypatch, tmp_path):
     monkeypatch.setenv("AVATAR_SERVE_STORAGE", str(tmp_path))
     assert load_profile("tiny").serving.storage_dir == str(tmp_path / "tiny")
     assert load_profile("tiny", {"serving": {"storage_dir": "/x"}}).serving.storage_dir == "/x"
+
+
+def test_a_placement_preset_runs_enough_jobs_at_once_to_keep_its_gpus_busy():
+    """A job is in one GPU stage at a time, so a preset with four GPU stages apart needs four
+    jobs at once to keep them busy (the ingress default of 2 would leave half idle); a profile's
+    own serving.max_running_jobs wins."""
+    from deployments.profiles import PLACEMENTS, RUNNING_JOBS
+
+    assert set(RUNNING_JOBS) == set(PLACEMENTS)
+    got = {preset: load_profile("random-a14b", {"placement": preset}).serving.max_running_jobs
+           for preset in PLACEMENTS}
+    assert got == {"per-stage": 4, "four-gpu": 4, "two-gpu": 3, "single-gpu": 2}
+    own = load_profile("random-a14b", {"placement": "per-stage", "serving": {"max_running_jobs": 1}})
+    assert own.serving.max_running_jobs == 1
+    assert load_profile("tiny").serving.max_running_jobs == 2  # no preset: the ingress default
