@@ -203,13 +203,17 @@ LORA_PROFILES = {"wan22-i2v-a14b-gguf-q4km-4step", "wan22-i2v-a14b-gguf-q8-4step
     ("wan22-i2v-a14b-gguf-q4km-4step", "_wan22-a14b-4step"),
     ("wan22-i2v-a14b-gguf-q8-4step", "_wan22-a14b-4step")])
 def test_profiles_differ_from_their_base_only_in_weights(name, parent):
-    """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below)."""
+    """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below); random-a14b
+    also quantises its experts to fp8, as the distill-fp8 profile it stands in for does."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
     for serving in (cfg["serving"], shared["serving"]):  # each profile stores its jobs apart
         assert serving.pop("storage_dir").endswith(serving is cfg["serving"] and name or parent)
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
     differ = ("weights", "loras") if name in LORA_PROFILES else ("weights",)
+    if name == "random-a14b":
+        assert [cfg["stages"][r]["quantize"] for r in ("high", "low")] == ["fp8", "fp8"]
+        differ += ("quantize",)
     for stage, settings in cfg["stages"].items():
         other = shared["stages"][stage]
         assert {k: v for k, v in settings.items() if k not in differ} == \
