@@ -135,6 +135,22 @@ def decode_mp4_tracks(data: bytes) -> tuple[np.ndarray, float, float]:
 FINAL = {"videos": ("completed", "failed", "cancelled"), "avatars": ("ready", "failed", "cancelled")}
 
 
+# A liveness probe as an orchestrator runs it (Kubernetes' default timeoutSeconds is 1): an answer
+# that does not come within the probe's timeout counts as a failed probe, whatever else it says.
+PROBE_TIMEOUT_S = 1.0
+
+
+def health_probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """GET `url` as a health probe: None when it answers 200 within `timeout`, else why not."""
+    import httpx
+
+    try:
+        r = httpx.get(url, timeout=timeout)
+    except httpx.TimeoutException:
+        return f"{url}: no answer within the probe's {timeout:g} s"
+    return None if r.status_code == 200 else f"{url}: {r.status_code}"
+
+
 def wait_final(client, record_id: str, timeout: float = 90, headers=None, kind: str = "videos") -> dict:
     """Poll GET /v1/{kind}/{id} (an httpx or TestClient client) until the record reaches a final
     status; -> its last JSON."""

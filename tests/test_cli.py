@@ -105,11 +105,10 @@ def test_unknown_host_and_a_server_that_never_answers(files, tmp_path, capsys):
 
     with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts connections, never answers
         port = mute.getsockname()[1]
-        started = time.perf_counter()
         rc = cli.main(["generate", str(files / "p.png"), "hi", "--url", f"http://127.0.0.1:{port}",
                        "--timeout", "1", "-o", str(tmp_path / "o.mp4")])
         line = one_error_line(capsys.readouterr().err)
-    assert rc == 1 and time.perf_counter() - started < 10
+    assert rc == 1
     assert f"the server at http://127.0.0.1:{port} did not answer in time: timed out" in line, line
 
 
@@ -261,23 +260,32 @@ def test_avatar_printer_labels():
 # ------------------------------------------------------------------ download --dry-run offline
 
 
-def test_offline_dry_run_answers_in_seconds_from_saved_listings(tmp_path):
+def test_offline_dry_run_asks_the_hub_once_and_answers_from_saved_listings(tmp_path, monkeypatch):
+    """An unreachable Hub is probed once, without retries, and not asked again for the other
+    repositories (huggingface_hub's own retries made this take over 90 s)."""
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AVATAR_SERVE_STORAGE", str(tmp_path / "in-process"))
+    probes, probe = [], dl.probe_hub
+    monkeypatch.setattr(dl, "probe_hub", lambda *a, **k: (probes.append(1), probe(*a, **k)))
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda *a, **k: pytest.fail("listed through huggingface_hub"))
+    assert cli.main(["download", "wan22-i2v-a14b-distill-fp8", "--dry-run"]) == 0
+    assert probes == [1]
+
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "AVATAR_SERVE_STORAGE": str(tmp_path),
            "HF_HUB_OFFLINE": "0"}
     args = ["download", "wan22-i2v-a14b-distill-fp8", "--dry-run"]
-    started = time.perf_counter()
     r = run_cli(args, timeout=60, env=env)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    assert time.perf_counter() - started < 20  # huggingface_hub's own retries took over 90 s
     assert r.stdout.count("(no listing: ConnectError; the patterns above decide)") == 5, r.stdout
     assert "to see the files offline: run this once online" in r.stdout
 
     # saved listings (what an online dry run keeps) answer
     saved = tmp_path / "hub-listings"
     shutil.copytree(LISTINGS, saved)
-    started = time.perf_counter()
     r = run_cli(args, timeout=60, env=env)
-    assert r.returncode == 0 and time.perf_counter() - started < 20
+    assert r.returncode == 0, r.stderr
     assert r.stdout.count(", saved earlier; the Hub: ConnectError):") == 5, r.stdout
     assert "wan2.2_i2v_A14b_high_noise_scaled_fp8_e4m3_lightx2v_4step.safetensors" in r.stdout
     assert "diffusion_pytorch_model-00001-of-00012" not in r.stdout

@@ -20,7 +20,16 @@ import yaml
 
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
-from helpers import durations, free_port, get_dummy_image, png_bytes, wait_final, wait_ready, wav_bytes
+from helpers import (
+    durations,
+    free_port,
+    get_dummy_image,
+    health_probe,
+    png_bytes,
+    wait_final,
+    wait_ready,
+    wav_bytes,
+)
 from hostile import FILES, LIMITS, VIDEO
 from hostile import cases as hostile_cases
 
@@ -247,10 +256,8 @@ def test_many_slow_uploads_and_event_streams_do_not_starve_healthz(cluster, clie
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
             stuck.append(sock)
         time.sleep(1.0)
-        for path in ("/healthz", "/readyz", "/healthz"):
-            t0 = time.perf_counter()
-            assert httpx.get(cluster["url"] + path, timeout=10).status_code == 200, path
-            assert time.perf_counter() - t0 < 1.0, path
+        failed = [health_probe(cluster["url"] + path) for path in ("/healthz", "/readyz", "/healthz")]
+        assert not any(failed), failed
     finally:
         for sock in stuck:
             sock.close()
@@ -296,13 +303,11 @@ def test_hostile_requests_over_http_never_reach_a_stage_and_healthz_stays_fast(c
     /healthz, probed all along, answers fast throughout."""
     avatar = wait_ready(client, client.post("/v1/avatars", data=VIDEO, files=FILES).json()["id"])["id"]
     before = stage_requests(cluster)
-    latencies, done = [], threading.Event()
+    probes, done = [], threading.Event()
 
     def probe():
         while not done.is_set():
-            t0 = time.perf_counter()
-            assert httpx.get(cluster["url"] + "/healthz", timeout=10).status_code == 200
-            latencies.append(time.perf_counter() - t0)
+            probes.append(health_probe(cluster["url"] + "/healthz"))
             time.sleep(0.02)
 
     prober = threading.Thread(target=probe)
@@ -323,7 +328,7 @@ def test_hostile_requests_over_http_never_reach_a_stage_and_healthz_stays_fast(c
         prober.join()
     assert not wrong, wrong
     assert stage_requests(cluster) == before
-    assert len(latencies) > 20 and max(latencies) < 1.0, sorted(latencies)[-5:]
+    assert len(probes) > 20 and not any(probes), [p for p in probes if p][:5]
 
 
 def test_metrics_show_stage_histograms(cluster, client):
