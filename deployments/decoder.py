@@ -91,18 +91,25 @@ class Decoder:
         self.metrics.started(self.startup_s)
         log_memory(log, "decoder", self.device)
 
+    def _final_latents(self, state: DenoiseState) -> torch.Tensor:
+        """The denoised latents of `state` on this device (refused while steps remain)."""
+        if not state.done:
+            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
+        return unpack(state.latents, self.device)
+
     @torch.no_grad()
     def decode_float(self, state: DenoiseState) -> np.ndarray:
         """-> float32 frames (F, H, W, 3) in [0, 1]."""
-        if not state.done:
-            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
-        return self.decode_latents(unpack(state.latents, self.device))
+        return self.decode_latents(self._final_latents(state))
+
+    def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> the VAE's latent space, in its dtype on its device."""
+        return latents.to(self.device, self.dtype) * self.latents_std + self.latents_mean
 
     def _decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (1, z, T, h, w) -> the VAE's frames (1, 3, F, H, W) in [-1, 1], in
         its dtype on its device. Call under `self.model`."""
-        latents = latents.to(self.device, self.dtype) * self.latents_std + self.latents_mean
-        return self.vae.decode(latents, return_dict=False)[0]
+        return self.vae.decode(self._denormalise(latents), return_dict=False)[0]
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
@@ -143,10 +150,9 @@ class Decoder:
         (written here because diffusers offers no per-chunk decode). Equal to `decode_uint8`."""
         vae = self.vae
         with self.model:
-            z = latents.to(self.device, self.dtype) * self.latents_std + self.latents_mean
             vae.clear_cache()
             try:
-                x = vae.post_quant_conv(z)
+                x = vae.post_quant_conv(self._denormalise(latents))
                 for i in range(x.shape[2]):
                     vae._conv_idx = [0]
                     out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
@@ -157,10 +163,9 @@ class Decoder:
 
     def decode(self, state: DenoiseState) -> Frames:
         """-> uint8 frames (F, H, W, 3)."""
-        if not state.done:
-            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
+        latents = self._final_latents(state)
         with self.metrics.timed("decode"):
-            frames = Frames(frames=self.decode_uint8(unpack(state.latents, self.device)), fps=state.params.fps)
+            frames = Frames(frames=self.decode_uint8(latents), fps=state.params.fps)
         log.info("job %s: decoded %d frames", state.params.job_id, frames.num_frames)
         return frames
 
@@ -171,15 +176,13 @@ class Decoder:
             frames = self.decode(state)
             with self.metrics.timed("mux"):
                 return encode_mp4(frames.frames, frames.fps)
-        if not state.done:
-            raise ValueError(f"latents are not fully denoised: step {state.next_step} of {state.total_steps}")
+        latents = self._final_latents(state)
         writer, written = Mp4Writer(state.params.fps), []
         # One writer thread: chunks are encoded in order, each while the next one decodes.
         with ThreadPoolExecutor(1, thread_name_prefix="mp4") as pool:
             try:
                 with self.metrics.timed("decode"):
-                    self.decode_chunks(unpack(state.latents, self.device),
-                                       lambda chunk: written.append(pool.submit(writer.write, chunk)))
+                    self.decode_chunks(latents, lambda chunk: written.append(pool.submit(writer.write, chunk)))
                 with self.metrics.timed("mux"):
                     for future in written:
                         future.result()

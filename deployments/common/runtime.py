@@ -131,17 +131,23 @@ def placement_info(device: torch.device) -> dict:
 
 
 @contextmanager
-def building(dtype: torch.dtype, device: torch.device | str, seed: int):
-    """Modules constructed inside are drawn from `seed`, directly in `dtype` on `device` (a
-    full-size fp32 copy on the host first would not fit)."""
+def default_dtype(dtype: torch.dtype):
+    """Tensors made inside without a dtype are `dtype`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
-            torch.manual_seed(seed)
-            yield
+        yield
     finally:
         torch.set_default_dtype(previous)
+
+
+@contextmanager
+def building(dtype: torch.dtype, device: torch.device | str, seed: int):
+    """Modules constructed inside are drawn from `seed`, directly in `dtype` on `device` (a
+    full-size fp32 copy on the host first would not fit)."""
+    with default_dtype(dtype), torch.device(device):
+        torch.manual_seed(seed)
+        yield
 
 
 def random_module(factory: Callable[[], torch.nn.Module], seed: int, dtype: torch.dtype,
@@ -245,13 +251,8 @@ def random_module_in_parts(factory: Callable[[], torch.nn.Module], seed: int, dt
     """
     from accelerate import init_empty_weights
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = factory()
-    finally:
-        torch.set_default_dtype(previous)
+    with default_dtype(dtype), init_empty_weights(include_buffers=False):
+        model = factory()
     for i, (name, part) in enumerate(_parts(model)):
         torch.manual_seed(seed + i)
         _materialise(model, name, part, dtype, device, recurse=part is not model)

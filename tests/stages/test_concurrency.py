@@ -49,6 +49,11 @@ def test_encoder_and_decoder_calls_at_once_equal_calls_alone(graph):
     for _ in range(3):
         for a, b in zip(frames_alone, at_once(decoder.decode, [(s,) for s in states])):
             np.testing.assert_array_equal(a.frames if hasattr(a, "frames") else a, b.frames)
+    # The MP4 path decodes chunk by chunk with the VAE's feature cache and encodes in a writer
+    # thread per call: byte for byte the same files at once as alone.
+    mp4_alone = [decoder.decode_mp4(s) for s in states]
+    for _ in range(3):
+        assert at_once(decoder.decode_mp4, [(s,) for s in states]) == mp4_alone
 
 
 def test_whole_requests_at_once_equal_requests_alone(graph):
