@@ -40,6 +40,10 @@ def deployment(cls: type, name: str, placement: Placement):
         actor["accelerator_type"] = placement.accelerator_type
     if placement.resources:
         actor["resources"] = dict(placement.resources)
+    if placement.malloc_arena_max is not None:
+        # In the worker's environment before it starts: glibc reads it once, at the first malloc.
+        # Serve merges these env_vars with an application-level runtime_env's.
+        actor["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(placement.malloc_arena_max)}}
     if placement.autoscaling is not None:
         replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
     else:

@@ -140,6 +140,12 @@ class Placement(_Strict):
     # None: what Ray's OMP_NUM_THREADS gives (max(1, int(num_cpus))).
     threads: int | None = Field(None, ge=1, le=256)
     replicas: int = Field(1, ge=1)
+    # glibc malloc arenas in the replica's process (MALLOC_ARENA_MAX, set in its environment at
+    # start through Ray's runtime_env). A replica runs requests on a pool of threads, and glibc
+    # gives each thread its own arena (up to 8 per core) that keeps freed memory: the tiny
+    # lip-sync stage under 8 concurrent turns settles at 1430 MiB with glibc's default, 965 with 2,
+    # equally fast (bench/host_memory.py). None leaves glibc's default.
+    malloc_arena_max: int | None = Field(2, ge=1)
     # Ray Serve sends a replica at most this many requests at once; the stage's ModelLock then
     # runs its model work one at a time while the rest wait (cancellable) or do CPU work.
     max_ongoing_requests: int = Field(4, ge=1)

@@ -166,3 +166,21 @@ def test_a_placement_preset_runs_enough_jobs_at_once_to_keep_its_gpus_busy():
     own = load_profile("random-a14b", {"placement": "per-stage", "serving": {"max_running_jobs": 1}})
     assert own.serving.max_running_jobs == 1
     assert load_profile("tiny").serving.max_running_jobs == 2  # no preset: the ingress default
+
+
+def test_each_replica_process_starts_with_few_malloc_arenas():
+    """MALLOC_ARENA_MAX goes into the replica's runtime_env (its environment before glibc reads
+    it); a profile can change it or leave glibc's default with null."""
+    from deployments.config import Placement
+    from deployments.lipsync import LipSync
+    from graph import deployment
+
+    options = deployment(LipSync, "LipSync", Placement()).ray_actor_options
+    assert options["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    cfg = load_profile("tiny", {"stages": {"lipsync": {"placement": {"malloc_arena_max": 4}},
+                                           "decoder": {"placement": {"malloc_arena_max": None}}}})
+    got = deployment(LipSync, "LipSync", cfg.stages.lipsync.placement).ray_actor_options
+    assert got["runtime_env"]["env_vars"]["MALLOC_ARENA_MAX"] == "4"
+    assert "runtime_env" not in deployment(LipSync, "Decoder", cfg.stages.decoder.placement).ray_actor_options
+    with pytest.raises(ValidationError, match="malloc_arena_max"):
+        load_profile("tiny", {"stages": {"lipsync": {"placement": {"malloc_arena_max": 0}}}})

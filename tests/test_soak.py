@@ -58,6 +58,16 @@ def replica_memory() -> dict[str, int]:
     return out
 
 
+def replica_environments() -> dict[str, dict[str, str]]:
+    """The environment each of the app's replica processes started with, by process id."""
+    out = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:{APP}:" in cmd:
+            out[f"{proc.info['pid']} {cmd.split()[0]}"] = proc.environ()
+    return out
+
+
 def test_mixed_requests_at_concurrency_8(served):
     client = served
     avatars = []
@@ -159,6 +169,10 @@ def test_mixed_requests_at_concurrency_8(served):
     second = {p: (end[p] - half[p]) // 2**20 for p in half if p in end}
     print("soak memory growth, MiB, first half:", first, "second half:", second)
     assert second and first
+    # Each stage replica started with glibc's arenas bounded (placement.malloc_arena_max): with an
+    # arena per request thread, the lip-sync replica grew 198 then 137 MiB in a CI soak.
+    arenas = {p: env.get("MALLOC_ARENA_MAX") for p, env in replica_environments().items()}
+    assert len(arenas) == 6 and set(arenas.values()) == {"2"}, arenas
     leaking = {p: (first[p], second[p]) for p in second if p in first and min(first[p], second[p]) >= 100}
     assert not leaking, leaking
     total = {p: (end[p] - baseline[p]) // 2**20 for p in baseline if p in end}
