@@ -4,6 +4,8 @@ steps within a stated tolerance (Inductor fuses and reorders float math, so not 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from deployments.common.transport import unpack
@@ -33,3 +35,24 @@ def test_compiled_experts_match_the_plain_ones():
     for plain, fast in zip(results[False], results[True]):
         assert plain.shape == fast.shape and torch.isfinite(fast).all()
         assert (plain - fast).abs().max() <= TOLERANCE, (plain - fast).abs().max()
+
+
+def test_warm_up_compiles_what_the_first_request_runs():
+    """Ready means ready: with `warmup` at a request's shape, the first request of that shape
+    compiles nothing (each new graph is a compile a user would wait for); another shape does."""
+    from torch._dynamo.utils import counters
+
+    params = get_dummy_params(num_inference_steps=2, guidance_scale=1.0, guidance_scale_2=1.0)
+    cond = Encoder(EncoderConfig()).encode(params, get_dummy_image())
+    warmup = [{"width": params.width, "height": params.height, "num_frames": params.num_frames}]
+    torch._dynamo.reset()
+    counters.clear()
+    high = DitExpert(ExpertConfig(role="high", compile=True, warmup=warmup), SAMPLER)
+    low = DitExpert(ExpertConfig(role="low", compile=True, warmup=warmup), SAMPLER)
+    compiled_at_start = counters["stats"]["unique_graphs"]
+    assert compiled_at_start > 0
+    low.denoise(cond, high.denoise(cond))
+    assert counters["stats"]["unique_graphs"] == compiled_at_start, dict(counters["recompiles"])
+    other = Encoder(EncoderConfig()).encode(dataclasses.replace(params, width=32), get_dummy_image())
+    high.denoise(other)
+    assert counters["stats"]["unique_graphs"] > compiled_at_start  # the count does see a compile
