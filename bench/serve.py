@@ -8,8 +8,9 @@ Writes one JSON file (default bench/results/serve-<profile>-<device>.json) and p
     # GPU, full-size random weights (one GPU per stage):
     python bench/serve.py --profile random-a14b --video-size 832x480 --video-frames 81
 
-Both phases make the same requests: one video request on its own (does the first pay a compile?),
---repeats sequential ones, one batch per --video-concurrency (different seeds); an avatar (base
+Both phases make the same requests: one video request on its own (does the first pay a compile?
+served, it goes as a job, whose events give its stage timeline; one more job follows the
+sequential requests, to compare), --repeats sequential ones, one batch per --video-concurrency (different seeds); an avatar (base
 clip + lip-sync preparation); a warm-up talk turn, then --repeats batches of each
 --turn-concurrency turns at once (time to the first fMP4 byte and to the last; a turn is
 floor(turn_seconds * 25) frames). Phase 1 runs in a subprocess, so its GPU memory is freed before
@@ -134,18 +135,40 @@ def latencies(runs: list[dict]) -> dict:
 # ------------------------------------------------------------------ the measurements (both phases)
 
 
-async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None) -> dict:
+def timeline_marks(timeline: list[dict]) -> dict:
+    """A job's events (seconds after the POST) -> where its time went: start of encode, each
+    expert's first and last step, start of decode, completed, and the MP4 downloaded."""
+    marks: dict = {}
+    for e in timeline:
+        if e["event"] == "stage" and e.get("state") == "started":
+            marks.setdefault(f"{e['stage']}_started", e["t"])
+        elif e["event"] == "step":
+            marks.setdefault(f"{e['expert']}_first_step", e["t"])
+            marks[f"{e['expert']}_last_step"] = e["t"]
+        elif e["event"] in ("completed", "downloaded"):
+            marks[e["event"]] = e["t"]
+    return marks
+
+
+async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None,
+                  video_job=None) -> dict:
     """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
-    `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown.
+    `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown;
+    `video_job(seed)` (served only) -> {"bytes", "timeline", "marks"}: the same request as a job,
+    whose events say where the time went. The first request goes that way (is it slower than the
+    rest, and in which stage?), and one more after the sequential ones, to compare.
 
     Fills `out` as it goes, so that a run stopped part-way (a time limit) still reports what it
     measured."""
     out = {} if out is None else out
     if not args.skip_video:
         log("video: the first request, then sequential, then concurrent")
-        first = await timed("video first", video, 0)
+        first = await timed("video first", video_job or video, 0)
         sequential = [await timed("video", video, 1 + i) for i in range(args.repeats)]
         out["video"] = {"first": first, "sequential": latencies(sequential), "concurrent": {}}
+        if video_job is not None:
+            first["via"] = "job"
+            out["video"]["warm_job"] = await timed("video job", video_job, 1)  # the seed of a sequential one
         for n in args.video_concurrency:
             t0 = time.perf_counter()
             runs = await asyncio.gather(*(timed(f"video x{n}", video, 100 * n + i) for i in range(n)))
@@ -287,7 +310,27 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
                 raise RuntimeError("empty speech response")
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
-        return await measure(args, video, create_avatar, turn, out, phases)
+        async def video_job(seed):
+            sent = time.time()  # the server's event times are on this machine's clock too
+            r = await client.post("/v1/videos", data={**fields, "seed": str(seed)}, files=picture)
+            if r.status_code != 200:
+                raise http_error(r)
+            job_id, timeline = r.json()["id"], []
+            async with client.stream("GET", f"/v1/videos/{job_id}/events") as events:
+                async for line in events.aiter_lines():
+                    if line.startswith("data: "):
+                        e = json.loads(line[6:])
+                        timeline.append({"t": round(e["at"] - sent, 3), "event": e["event"],
+                                         **{k: e[k] for k in ("stage", "state", "step", "expert") if k in e}})
+            if not timeline or timeline[-1]["event"] != "completed":
+                raise RuntimeError(f"job {job_id} ended {timeline[-1]['event'] if timeline else 'without events'}")
+            content = await client.get(f"/v1/videos/{job_id}/content")
+            if content.status_code != 200 or not content.content:
+                raise http_error(content)
+            timeline.append({"t": round(time.time() - sent, 3), "event": "downloaded"})
+            return {"bytes": len(content.content), "timeline": timeline, "marks": timeline_marks(timeline)}
+
+        return await measure(args, video, create_avatar, turn, out, phases, video_job)
 
 
 # ------------------------------------------------------------------ the cluster
@@ -570,6 +613,11 @@ def summary(report: dict, args) -> str:
         if got:
             extra.append(f"served turns x{n}, mean s per phase: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(got.items(), key=lambda kv: kv[1])))
+    for which in ("first", "warm_job"):
+        marks = dig(report, "served", "video", which, "marks")
+        if marks:
+            extra.append(f"served video {which.replace('_', ' ')} (a job), s after the POST: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in sorted(marks.items(), key=lambda kv: kv[1])))
     width = max(len(label) for label, _ in rows)
     lines = [f"{'':{width}}  {'in-process':>24}  {'served':>24}"]
     lines += [f"{label:{width}}  {a:>24}  {b:>24}" for label, (a, b) in rows] + extra
