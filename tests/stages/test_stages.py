@@ -199,3 +199,27 @@ def test_warm_up_shapes_run_before_the_stage_reports_ready():
         assert sum(len(v) for v in stage.metrics.wait.values.values()) == 1
         assert stage.info()["startup_s"] > 0
     assert expert.steps_run == 0  # a warm-up is not a denoise step of any request
+
+
+def test_the_decoders_warm_up_runs_the_mp4_path_of_a_request(monkeypatch):
+    """The decoder's warm-up decodes AND encodes an MP4 at the shape (x264's one-time set-up is
+    paid at start-up), and none of it is counted as a request in the stage's latency metric."""
+    import deployments.decoder as decoder_module
+    from deployments.config import WarmupShape
+
+    written, finished = [], []
+
+    class Recording(decoder_module.Mp4Writer):
+        def write(self, frames):
+            written.append(frames.shape)
+            super().write(frames)
+
+        def finish(self):
+            finished.append(super().finish())
+            return finished[-1]
+
+    monkeypatch.setattr(decoder_module, "Mp4Writer", Recording)
+    decoder = Decoder(DecoderConfig(device="cpu", warmup=[WarmupShape(width=32, height=16, num_frames=5)]))
+    assert {shape[1:] for shape in written} == {(16, 32, 3)} and sum(shape[0] for shape in written) == 5
+    assert len(finished) == 1 and finished[0][4:8] == b"ftyp"
+    assert not any(decoder.metrics.latency.values.values())
