@@ -272,6 +272,8 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
 
 async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict, phases=None) -> dict:
     """Phase 2: the same requests over HTTP."""
+    from deployments.api.client import AvatarClient  # here, not inside a timed request
+
     fields = {k: str(v) for k, v in request.items()}
     picture = {"input_reference": ("portrait.png", image, "image/png")}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -311,24 +313,25 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
         async def video_job(seed):
-            sent = time.time()  # the server's event times are on this machine's clock too
-            r = await client.post("/v1/videos", data={**fields, "seed": str(seed)}, files=picture)
-            if r.status_code != 200:
-                raise http_error(r)
-            job_id, timeline = r.json()["id"], []
-            async with client.stream("GET", f"/v1/videos/{job_id}/events") as events:
-                async for line in events.aiter_lines():
-                    if line.startswith("data: "):
-                        e = json.loads(line[6:])
-                        timeline.append({"t": round(e["at"] - sent, 3), "event": e["event"],
-                                         **{k: e[k] for k in ("stage", "state", "step", "expert") if k in e}})
-            if not timeline or timeline[-1]["event"] != "completed":
-                raise RuntimeError(f"job {job_id} ended {timeline[-1]['event'] if timeline else 'without events'}")
-            content = await client.get(f"/v1/videos/{job_id}/content")
-            if content.status_code != 200 or not content.content:
-                raise http_error(content)
+            """The same request as a job, through the project's own client (create, follow the
+            events, download); the events' server times give the timeline."""
+            sent, timeline = time.time(), []  # the server's event times are on this machine's clock too
+
+            def note(e):
+                timeline.append({"t": round(e["at"] - sent, 3), "event": e["event"],
+                                 **{k: e[k] for k in ("stage", "state", "step", "expert") if k in e}})
+
+            def run():
+                jobs = AvatarClient(base, args.api_key, timeout=args.request_timeout)
+                try:
+                    return jobs.generate(image, request["prompt"], on_event=note, seed=seed,
+                                         **{k: v for k, v in request.items() if k != "prompt"})
+                finally:
+                    jobs.http.close()
+
+            mp4 = await asyncio.to_thread(run)
             timeline.append({"t": round(time.time() - sent, 3), "event": "downloaded"})
-            return {"bytes": len(content.content), "timeline": timeline, "marks": timeline_marks(timeline)}
+            return {"bytes": len(mp4), "timeline": timeline, "marks": timeline_marks(timeline)}
 
         return await measure(args, video, create_avatar, turn, out, phases, video_job)
 

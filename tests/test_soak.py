@@ -45,27 +45,30 @@ def served(tmp_path_factory):
         ray.shutdown()
 
 
-def replica_memory() -> dict[str, int]:
-    """Resident memory of each Serve replica and the proxy, by process id."""
+def serve_processes(*names: str) -> dict[str, psutil.Process]:
+    """The processes whose command line holds one of `names`, by "pid command"."""
     out = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica" in cmd or "ProxyActor" in cmd:
-            try:
-                out[f"{proc.info['pid']} {cmd.split()[0]}"] = proc.memory_info().rss
-            except psutil.Error:
-                pass
+        if any(name in cmd for name in names):
+            out[f"{proc.info['pid']} {cmd.split()[0]}"] = proc
+    return out
+
+
+def replica_memory() -> dict[str, int]:
+    """Resident memory of each Serve replica and the proxy, by process id."""
+    out = {}
+    for name, proc in serve_processes("ServeReplica", "ProxyActor").items():
+        try:
+            out[name] = proc.memory_info().rss
+        except psutil.Error:
+            pass
     return out
 
 
 def replica_environments() -> dict[str, dict[str, str]]:
     """The environment each of the app's replica processes started with, by process id."""
-    out = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if f"ServeReplica:{APP}:" in cmd:
-            out[f"{proc.info['pid']} {cmd.split()[0]}"] = proc.environ()
-    return out
+    return {name: proc.environ() for name, proc in serve_processes(f"ServeReplica:{APP}:").items()}
 
 
 def test_mixed_requests_at_concurrency_8(served):
