@@ -173,6 +173,12 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None, pha
             t0 = time.perf_counter()
             runs = await asyncio.gather(*(timed(f"video x{n}", video, 100 * n + i) for i in range(n)))
             out["video"]["concurrent"][str(n)] = {**latencies(runs), "wall_s": time.perf_counter() - t0}
+        if args.also_size:  # another size: its first request (compile or warm-up at that shape?), then one more
+            log(f"video at {args.also_size}: two requests")
+            first_other = await timed(f"video {args.also_size} first", video_job or video, 300, args.also_size)
+            out["video"]["also_size"] = {"size": args.also_size, "first": first_other}
+            first_other["via"] = "job" if video_job else "request"
+            out["video"]["also_size"]["second"] = await timed(f"video {args.also_size}", video, 301, args.also_size)
     if args.skip_turns:
         return out
     log("avatar")
@@ -249,8 +255,9 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     ingress = LocalGraph(load_profile(args.profile, args.overrides)).ingress
     out["load_s"] = time.perf_counter() - t0
 
-    async def video(seed):
-        return {"bytes": len((await ingress.generate({**request, "seed": seed}, image, "mp4")).mp4)}
+    async def video(seed, size=None):
+        asked = {**request, "seed": seed, **({"size": size} if size else {})}
+        return {"bytes": len((await ingress.generate(asked, image, "mp4")).mp4)}
 
     async def create_avatar():
         avatar, _ = await ingress.create_avatar({**request, "seed": AVATAR_SEED}, image)
@@ -280,8 +287,9 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout) as client:
 
-        async def video(seed):
-            r = await client.post("/v1/videos/sync", data={**fields, "seed": str(seed)}, files=picture)
+        async def video(seed, size=None):
+            asked = {**fields, "seed": str(seed), **({"size": size} if size else {})}
+            r = await client.post("/v1/videos/sync", data=asked, files=picture)
             if r.status_code != 200 or not r.content:
                 raise http_error(r)
             return {"bytes": len(r.content)}
@@ -312,7 +320,7 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
                 raise RuntimeError("empty speech response")
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
-        async def video_job(seed):
+        async def video_job(seed, size=None):
             """The same request as a job, through the project's own client (create, follow the
             events, download); the events' server times give the timeline."""
             sent, timeline = time.time(), []  # the server's event times are on this machine's clock too
@@ -324,8 +332,9 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
             def run():
                 jobs = AvatarClient(base, args.api_key, timeout=args.request_timeout)
                 try:
+                    asked = {**request, **({"size": size} if size else {})}
                     return jobs.generate(image, request["prompt"], on_event=note, seed=seed,
-                                         **{k: v for k, v in request.items() if k != "prompt"})
+                                         **{k: v for k, v in asked.items() if k != "prompt"})
                 finally:
                     jobs.http.close()
 
@@ -598,6 +607,10 @@ def summary(report: dict, args) -> str:
         rows.append((f"video x{n}: median s, batch s", [
             f"{fmt(dig(p, 'video', 'concurrent', n, 'latency_s', 'median'))}, "
             f"{fmt(dig(p, 'video', 'concurrent', n, 'wall_s'))}" for p in phases]))
+    if args.also_size and not args.skip_video:
+        rows.append((f"video {args.also_size}: first s, second s", [
+            f"{fmt(dig(p, 'video', 'also_size', 'first', 's'))}, {fmt(dig(p, 'video', 'also_size', 'second', 's'))}"
+            for p in phases]))
     rows += [] if args.skip_turns else [("avatar ready s", [fmt(dig(p, "avatar", "s")) for p in phases])]
     for n in [] if args.skip_turns else map(str, args.turn_concurrency):
         rows.append((f"turns x{n}: 1st byte s, fps/turn, total fps", [
@@ -616,8 +629,8 @@ def summary(report: dict, args) -> str:
         if got:
             extra.append(f"served turns x{n}, mean s per phase: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(got.items(), key=lambda kv: kv[1])))
-    for which in ("first", "warm_job"):
-        marks = dig(report, "served", "video", which, "marks")
+    for which in ("first", "warm_job", "also_size"):
+        marks = dig(report, "served", "video", which, "marks") or dig(report, "served", "video", which, "first", "marks")
         if marks:
             extra.append(f"served video {which.replace('_', ' ')} (a job), s after the POST: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(marks.items(), key=lambda kv: kv[1])))
@@ -644,6 +657,8 @@ def main() -> int:
     ap.add_argument("--video-concurrency", type=ints, default=[1, 4])
     ap.add_argument("--video-size", default=None, help="WIDTHxHEIGHT (default: the profile's)")
     ap.add_argument("--video-frames", type=int, default=None, help="default: the profile's")
+    ap.add_argument("--also-size", default=None,
+                    help="WIDTHxHEIGHT: after the rest of the video requests, two at this size (the first as a job)")
     ap.add_argument("--turn-concurrency", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--turn-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=3)
