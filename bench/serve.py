@@ -672,7 +672,7 @@ def main() -> int:
     ap.add_argument("--skip-turns", action="store_true")
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds")
     ap.add_argument("--request-timeout", type=float, default=3600, help="per request or avatar, seconds")
-    ap.add_argument("--num-gpus", type=float, default=None, help="for `ray start` (default: Ray counts them)")
+    ap.add_argument("--num-gpus", type=int, default=None, help="for `ray start` (default: Ray counts them)")
     ap.add_argument("--api-key", default=os.environ.get("AVATAR_SERVE_API_KEY"),
                     help="when the profile sets api_keys (default: $AVATAR_SERVE_API_KEY)")
     ap.add_argument("--ray-stop", action="store_true",
