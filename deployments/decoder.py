@@ -8,7 +8,8 @@ never leave this process on the HTTP path; only the few-hundred-kB MP4 does. It 
 chunk (one latent frame -> 1, then 4 video frames, as the VAE's own loop does) and a writer thread
 encodes H.264 while the next chunk decodes, so the MP4 costs only its tail after the last chunk.
 
-Concurrency: one VAE decode at a time per replica (`self.model`, a ModelLock): the Wan VAE keeps
+Concurrency: one VAE decode at a time per replica, on its one model thread (`self.model`, a
+ModelLock): the Wan VAE keeps
 per-call feature caches on the module. The MP4's tail runs outside the lock, so one request
 finishes its file while the next decodes.
 """
@@ -82,7 +83,7 @@ class Decoder:
         self.latents_mean, self.latents_std = vae_norm_constants(self.vae, self.dtype, self.device)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
         self.metrics = StageMetrics("decoder")
-        self.model = ModelLock(self.metrics.observe_wait)
+        self.model = ModelLock(self.metrics.observe_wait, name="decoder")
         for shape in cfg.warmup:
             # What a request runs, at its shape: the decode (cuDNN's choices, the allocator) and the
             # MP4 encoding (x264's one-time set-up made the first 480p clip's encoding 0.25 s slower
@@ -112,15 +113,14 @@ class Decoder:
 
     def _decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (1, z, T, h, w) -> the VAE's frames (1, 3, F, H, W) in [-1, 1], in
-        its dtype on its device. Call under `self.model`."""
+        its dtype on its device. Run through `self.model`."""
         return self.vae.decode(self._denormalise(latents), return_dict=False)[0]
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents (1, z, T, h, w) -> float32 frames (F, H, W, 3) in [0, 1]."""
-        with self.model:
-            video = self._decode_video(latents)
-            return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
+        video = self.model.run(self._decode_video, latents)
+        return self.video_processor.postprocess_video(video, output_type="np")[0].astype(np.float32)
 
     @torch.no_grad()
     def decode_uint8(self, latents: torch.Tensor) -> np.ndarray:
@@ -131,8 +131,7 @@ class Decoder:
         even), but half the bytes (bf16 -> uint8) cross to the host and no host thread converts the
         100 M values of an 832x480x81 clip (measured in bench/README.md).
         """
-        with self.model:
-            return self._to_uint8(self._decode_video(latents)[0])
+        return self.model.run(lambda: self._to_uint8(self._decode_video(latents)[0]))
 
     @staticmethod
     def _to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -151,19 +150,22 @@ class Decoder:
         """Decode as diffusers' `AutoencoderKLWan._decode` does -- the same decoder calls over
         the latent frames, one at a time, with the module's causal feature cache -- but hand each
         chunk's uint8 frames to `on_chunk` as soon as it is decoded instead of concatenating
-        (written here because diffusers offers no per-chunk decode). Equal to `decode_uint8`."""
+        (written here because diffusers offers no per-chunk decode). Equal to `decode_uint8`.
+        `on_chunk` is called on the model thread."""
+        self.model.run(self._decode_chunks, latents, on_chunk)
+
+    def _decode_chunks(self, latents: torch.Tensor, on_chunk) -> None:
         vae = self.vae
-        with self.model:
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(self._denormalise(latents))
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                on_chunk(self._to_uint8(out.clamp(-1.0, 1.0)[0]))
+        finally:
             vae.clear_cache()
-            try:
-                x = vae.post_quant_conv(self._denormalise(latents))
-                for i in range(x.shape[2]):
-                    vae._conv_idx = [0]
-                    out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                      first_chunk=i == 0)
-                    on_chunk(self._to_uint8(out.clamp(-1.0, 1.0)[0]))
-            finally:
-                vae.clear_cache()
 
     def decode(self, state: DenoiseState) -> Frames:
         """-> uint8 frames (F, H, W, 3)."""

@@ -7,7 +7,8 @@ and sets the sampler's timesteps; each expert runs the consecutive steps that be
     per step: cat(latents (1, 16, T, h, w), condition (1, 20, T, h, w)) -> (1, 36, T, h, w)
               -> transformer -> flow prediction (1, 16, T, h, w) -> scheduler.step
 
-Concurrency: one denoise step at a time per replica (`self.model`, a ModelLock), so concurrent
+Concurrency: one denoise step at a time per replica, on its one model thread (`self.model`, a
+ModelLock; the warm-up ran there too, so no request meets a thread that is new to the model), so concurrent
 jobs interleave step by step: each keeps its own latents and sampler, compiled graphs and
 activations are never entered twice, and peak memory is one forward's. A job waiting for the
 expert stays cancellable; a LoRA change takes the same lock and is refused while a job runs.
@@ -55,6 +56,7 @@ log = logging.getLogger("avatar_serve.dit_expert")
 
 # The text context a request brings is padded to the encoder's max_sequence_length (512 for Wan).
 WARMUP_TEXT_LENGTH = 512
+WARMUP_FORWARDS = 2  # per warm-up shape (see DitExpert.warm_up)
 
 
 @dataclass
@@ -121,7 +123,7 @@ class DitExpert:
             self.transformer.compile_repeated_blocks(fullgraph=True)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
         self.metrics = StageMetrics(f"dit_{cfg.role}")
-        self.model = ModelLock(self.metrics.observe_wait)
+        self.model = ModelLock(self.metrics.observe_wait, name=f"dit-{cfg.role}")
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         for shape in cfg.warmup:
             self.warm_up(shape.width, shape.height, shape.num_frames)
@@ -150,17 +152,24 @@ class DitExpert:
 
     @torch.no_grad()
     def warm_up(self, width: int, height: int, num_frames: int) -> None:
-        """One forward at a request's shape, so that compiling and autotuning happen now (at
-        start-up, before the replica reports ready), not in a user's first request."""
+        """Forwards at a request's shape on the model thread, so that compiling and autotuning
+        happen now (at start-up, before the replica reports ready), not in a user's first request.
+
+        Two of them: on an H200 the forward after a single compiled warm-up forward still took
+        3.06 s against 2.22 s for the next (`bench/thread_state.py --expert`), and the first
+        served request paid about that in each expert."""
         shape = latent_shape(width, height, num_frames)
         config = self.transformer.config
         x = torch.zeros(1, config.in_channels, *shape[2:], device=self.device, dtype=self.dtype)
         context = torch.zeros(1, WARMUP_TEXT_LENGTH, config.text_dim, device=self.device, dtype=self.dtype)
-        with self.model:
-            self.transformer(hidden_states=x, timestep=torch.full((1,), 999.0, device=self.device),
-                             encoder_hidden_states=context, return_dict=False)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        for _ in range(WARMUP_FORWARDS):
+            self.model.run(self._forward_synchronised, x, context)
+
+    def _forward_synchronised(self, x: torch.Tensor, context: torch.Tensor) -> None:
+        self.transformer(hidden_states=x, timestep=torch.full((1,), 999.0, device=self.device),
+                         encoder_hidden_states=context, return_dict=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def start(self, cond: Conditioning) -> DenoiseState:
         """Initial state: seeded noise and a scheduler with its timesteps set."""
@@ -249,8 +258,7 @@ class DitExpert:
         with self.metrics.timed("denoise"), self._running():
             run = self._begin(cond, state)
             while self._owns_next(run):
-                async with self.model:
-                    record = await asyncio.to_thread(self._step, run)
+                record = await self.model.arun(self._step, run)
                 yield record
             log.info("job %s: %s expert ran steps up to %d of %d", cond.params.job_id, self.role,
                      run.index, run.state.total_steps)
@@ -267,11 +275,13 @@ class DitExpert:
         return self._loras
 
     def _lora_change(self, change) -> dict:
-        with self.model:
+        def locked():
             if self.active_runs:
                 raise LoraBusyError(f"the {self.role} expert is running {self.active_runs} job(s); "
                                     "LoRAs change between jobs, retry shortly")
             change()  # LoraError (bad target, no matching keys, ...) leaves the model untouched
+
+        self.model.run(locked)
         return self.list_loras()
 
     def load_lora(self, name: str, path: str, strength: float = 1.0, target: str = "both") -> dict:

@@ -6,7 +6,8 @@
 Mirrors diffusers' `WanImageToVideoPipeline.encode_prompt` / `prepare_latents` (the reference the
 tests compare against) as a stage of its own, so it can sit on its own GPU and stay resident.
 
-Concurrency: one `encode` at a time per replica (`self.model`, a ModelLock). The Wan VAE keeps
+Concurrency: one `encode` at a time per replica, on its one model thread (`self.model`, a
+ModelLock). The Wan VAE keeps
 per-call feature caches on the module and fast tokenizers refuse concurrent use, so two requests
 inside it at once would crash or, worse, mix their latents; other requests wait their turn.
 """
@@ -95,7 +96,7 @@ class Encoder:
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
         self.metrics = StageMetrics("encoder")
-        self.model = ModelLock(self.metrics.observe_wait)
+        self.model = ModelLock(self.metrics.observe_wait, name="encoder")
         for shape in cfg.warmup:
             self.encode(VideoParams(prompt="warm-up", width=shape.width, height=shape.height,
                                     num_frames=shape.num_frames, seed=0, num_inference_steps=1,
@@ -155,17 +156,20 @@ class Encoder:
 
     def encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:
         """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
-        with self.metrics.timed("encode"), self.model:
-            context = self.encode_text(params.prompt)
-            # Wan2.2's image2video.py: an empty negative prompt means the model's default one.
-            negative_prompt = params.negative_prompt or self.cfg.default_negative_prompt
-            negative = self.encode_text(negative_prompt) if params.needs_negative else None
-            condition = self.encode_image(image, params.width, params.height, params.num_frames)
-            cond = Conditioning(params=params, prompt_embeds=pack(context),
-                                negative_prompt_embeds=None if negative is None else pack(negative),
-                                condition=pack(condition), latent_shape=self.latent_shape(params))
+        with self.metrics.timed("encode"):
+            cond = self.model.run(self._encode, params, image)
         log.info("job %s: encoded prompt and first frame", params.job_id)
         return cond
+
+    def _encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:
+        context = self.encode_text(params.prompt)
+        # Wan2.2's image2video.py: an empty negative prompt means the model's default one.
+        negative_prompt = params.negative_prompt or self.cfg.default_negative_prompt
+        negative = self.encode_text(negative_prompt) if params.needs_negative else None
+        condition = self.encode_image(image, params.width, params.height, params.num_frames)
+        return Conditioning(params=params, prompt_embeds=pack(context),
+                            negative_prompt_embeds=None if negative is None else pack(negative),
+                            condition=pack(condition), latent_shape=self.latent_shape(params))
 
     def check_health(self) -> None:
         check_resident("encoder", self.text_encoder, self.vae)

@@ -15,7 +15,8 @@ Per talk turn (`speak`)
 `speak_fmp4` turns those chunks into fragmented-MP4 bytes as they are made.
 
 Concurrency: every model call (whisper, UNet + VAE decode of a batch, VAE encode, face models)
-takes `self.model`, a ModelLock, so concurrent talk turns interleave batch by batch on the GPU
+runs through `self.model`, a ModelLock (one at a time, on the replica's one model thread), so
+concurrent talk turns interleave batch by batch on the GPU
 while their CPU work (blending into the frames, H.264) runs in parallel outside it. Compiled
 graphs and the VAE are never entered twice at once; the avatar store has its own lock.
 """
@@ -134,9 +135,9 @@ class LipSync:
             self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
                                                 seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
-        self._pastes: OrderedDict = OrderedDict()  # (avatar id, channels) -> PasteBack, under self.model
-        self.vae_encodes = 0  # counted under self.model
-        self.frames_generated = 0  # counted under self.model
+        self._pastes: OrderedDict = OrderedDict()  # (avatar id, channels) -> PasteBack, through self.model
+        self.vae_encodes = 0  # counted through self.model
+        self.frames_generated = 0  # counted through self.model
         self.memory_format = torch.contiguous_format
         self.compiled = False
         if self.device.type == "cuda":
@@ -168,13 +169,11 @@ class LipSync:
         fallback = CenterBox(tuple(cfg.center_box))
 
         def box(frame: np.ndarray):
-            with self.model:
-                found = largest_face_box(s3fd, frame)
+            found = self.model.run(largest_face_box, s3fd, frame)
             return found if found is not None else fallback(frame)
 
         def landmarks(frame: np.ndarray, face_box):
-            with self.model:
-                return landmarks_68(fan, frame, face_box)
+            return self.model.run(landmarks_68, fan, frame, face_box)
 
         return LandmarkFaceDetector(box=box, landmarks=landmarks, model_name="s3fd+fan")
 
@@ -201,8 +200,7 @@ class LipSync:
         masks = []
         for i in range(0, len(frames), self.cfg.batch_size):
             inputs = parser_inputs(frames[i:i + self.cfg.batch_size], crop_boxes[i:i + self.cfg.batch_size])
-            with self.model:
-                class_map = parse_faces(self.face_parser, inputs, batch_size=self.cfg.batch_size)
+            class_map = self.model.run(parse_faces, self.face_parser, inputs, batch_size=self.cfg.batch_size)
             for region, box, crop_box in zip(parsing_region(class_map, "jaw"), boxes[i:], crop_boxes[i:]):
                 masks.append(to_crop_coordinates(jaw_blend_mask(region, box, crop_box,
                                                                 self.cfg.blend_upper_ratio)))
@@ -245,24 +243,30 @@ class LipSync:
         for i in range(0, crops.shape[0], self.cfg.batch_size):
             part = crops[i:i + self.cfg.batch_size]
             pixels = np.concatenate([masked_for_unet(part), crops_to_pixels(part)])
-            x = torch.from_numpy(pixels).to(self.device, self.dtype)
-            with self.model:
-                self.vae_encodes += 1
-                latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
-                masked, reference = latents.float().cpu().chunk(2)
+            masked, reference = self.model.run(self._encode_pixels, pixels)
             out.append(torch.cat([masked, reference], dim=1).numpy())
         return np.concatenate(out)
+
+    def _encode_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_crops`' model work (on the model thread): latents of the masked and the whole
+        crops, on the host."""
+        self.vae_encodes += 1
+        x = torch.from_numpy(pixels).to(self.device, self.dtype)
+        latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
+        return latents.float().cpu().chunk(2)
 
     @torch.no_grad()
     def encode_audio_piece(self, pcm: np.ndarray) -> torch.Tensor:
         """Up to 30 s of 16 kHz PCM -> (1500, 5, 384) fp32: every hidden state of the whisper
         encoder (embeddings + each layer; the last one layer-normed) over the padded piece."""
         mel = self.feature_extractor(pcm, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        with self.model:
-            hidden = self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
-            if len(hidden) != HIDDEN_STATES:
-                raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
-            return torch.stack(hidden, dim=2)[0].float()
+        hidden = self.model.run(self._whisper, mel)
+        if len(hidden) != HIDDEN_STATES:
+            raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
+        return torch.stack(hidden, dim=2)[0].float()
+
+    def _whisper(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
 
     def audio_features(self, pcm: np.ndarray) -> AudioFeatures:
         return AudioFeatures(self.encode_audio_piece, pcm, self.fps)
@@ -270,12 +274,11 @@ class LipSync:
     def generate_on_device(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """One MuseTalk step: latents (B, 8, 32, 32) + audio windows (B, 50, 384)
         -> uint8 face crops (B, 256, 256, 3), left on the stage's device (queued, not waited for)."""
-        with self.model:
-            return self._generate(latents, audio)
+        return self.model.run(self._generate, latents, audio)
 
     @torch.no_grad()
     def _generate(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """`generate_on_device` for a caller that holds `self.model`."""
+        """`generate_on_device` on the model thread (through `self.model`)."""
         latents = torch.as_tensor(latents).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
         audio = (audio.to(self.device, torch.float32) + self.pe[:audio.shape[1]]).to(self.dtype)
         n = latents.shape[0]
@@ -348,9 +351,11 @@ class LipSync:
         return found
 
     def delete_avatar(self, avatar_id: str) -> bool:
-        with self.model:
+        def forget():
             for key in [k for k in self._pastes if k[0] == avatar_id]:
                 del self._pastes[key]
+
+        self.model.run(forget)
         return self.store.delete(avatar_id)
 
     # ------------------------------------------------------------------ talk turn
@@ -363,7 +368,7 @@ class LipSync:
 
     def _paste_back(self, avatar: PreparedAvatar, channels: int) -> PasteBack | None:
         """The avatar's frames and blend weights on the device (cached, a few avatars), or None
-        when faces are pasted on the CPU. Called under self.model."""
+        when faces are pasted on the CPU. Runs through self.model."""
         mode = self.cfg.paste_back
         if mode == "host" or (mode == "auto" and self.device.type != "cuda"):
             return None
@@ -397,8 +402,7 @@ class LipSync:
         features = self.audio_features(pcm)
 
         channels = 4 if rgba else 3
-        with self.model:
-            paste = self._paste_back(avatar, channels)
+        paste = self.model.run(self._paste_back, avatar, channels)
 
         def blended(sources, host, event) -> np.ndarray:
             if event is not None:
@@ -422,12 +426,7 @@ class LipSync:
             sources = [avatar.source_frame(i, start_index) for i in indices]
             windows = features.windows(indices)  # whisper runs here when the turn needs a new piece
             clock.mark("features")
-            with self.model:
-                self.frames_generated += len(sources)
-                crops = self._generate(avatar.latents[sources], windows)
-                host = self._to_host(crops if paste is None else paste(sources, crops))
-                if self.cfg.simulate_batch_seconds:
-                    time.sleep(self.cfg.simulate_batch_seconds)
+            host = self.model.run(self._launch_batch, avatar, sources, windows, paste)
             previous, pending = pending, (sources, *host)
             if previous is not None:
                 yield blended(*previous)  # the GPU is already working on this batch meanwhile
@@ -439,6 +438,17 @@ class LipSync:
                 pending = None
         if pending is not None:
             yield blended(*pending)
+
+    def _launch_batch(self, avatar: PreparedAvatar, sources: list[int], windows: torch.Tensor,
+                      paste: PasteBack | None):
+        """One batch of a turn on the model thread: generate, paste (on the device) and start the
+        copy to the host -> `_to_host`'s (tensor, event)."""
+        self.frames_generated += len(sources)
+        crops = self._generate(avatar.latents[sources], windows)
+        host = self._to_host(crops if paste is None else paste(sources, crops))
+        if self.cfg.simulate_batch_seconds:
+            time.sleep(self.cfg.simulate_batch_seconds)
+        return host
 
     def speak_fmp4(self, avatar: str | PreparedAvatar, audio: np.ndarray | bytes, *,
                    start_index: int = 0) -> Iterator[bytes]:

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -17,43 +18,75 @@ from deployments.common.transport import torch_dtype
 
 
 class ModelLock:
-    """One model call at a time in a replica.
+    """One model call at a time in a replica, always on the replica's one model thread.
 
     Ray Serve runs a replica's sync methods in a thread pool, so several requests are inside one
     stage object at once. Model work that is not re-entrant -- diffusers' VAEs keep per-call
     feature caches on the module, fast tokenizers refuse concurrent use, compiled graphs and LoRA
-    switches change shared state -- runs under this lock: `with lock:` from a thread, or
-    `async with lock:` from a coroutine, where waiting stays cancellable (a cancelled request
+    switches change shared state -- runs through this lock: `run(fn, ...)` from a thread, or
+    `await arun(fn, ...)` from a coroutine, where waiting stays cancellable (a cancelled request
     leaves the line without running). `on_wait(seconds)` reports how long each caller waited.
+
+    The work itself runs on one thread that the lock owns (the stage's warm-up too), whichever
+    thread asked for it. PyTorch keeps CUDA library state per thread -- cuDNN's attention plans
+    (a thread_local cache in ATen's cudnn/MHA.cpp), cuDNN and cuBLAS handles -- so model work on a
+    thread that has not run the model before builds it again: 50-80 ms per attention shape on an
+    H200 (bench/thread_state.py), paid by a request whenever the pool hands it a new thread. One
+    thread also keeps two calls apart by construction: a call that was abandoned (its caller
+    cancelled) still finishes before the next one starts.
     """
 
-    def __init__(self, on_wait: Callable[[float], None] | None = None, poll_s: float = 0.002):
+    def __init__(self, on_wait: Callable[[float], None] | None = None, poll_s: float = 0.002,
+                 name: str = "model"):
         self._lock = threading.Lock()
         self._on_wait, self._poll_s = on_wait, poll_s
+        # The model thread computes with the torch thread count of the stage that made it (set by
+        # `apply_threads` before; OpenMP's setting is per thread).
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads,
+                                        initargs=(torch.get_num_threads(),))
+        self.thread_id = self._pool.submit(threading.get_ident).result()
 
-    def __enter__(self) -> "ModelLock":
+    def run(self, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the model thread, holding the lock; blocks the calling thread.
+        Called from the model thread itself (work that `run` started calls into more model work),
+        it runs at once: the lock is already held for it."""
+        if threading.get_ident() == self.thread_id:
+            return fn(*args, **kwargs)
         started = time.perf_counter()
-        self._lock.acquire()
-        self._waited(started)
-        return self
+        with self._lock:
+            self._waited(started)
+            return self._submit(fn, args, kwargs).result()
 
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
-
-    async def __aenter__(self) -> "ModelLock":
-        # threading.Lock has no awaitable acquire; poll it so that the event loop stays free and a
-        # cancelled waiter simply stops polling.
+    async def arun(self, fn: Callable, *args, **kwargs):
+        """As `run`, from a coroutine: the event loop stays free while waiting for the lock (a
+        cancelled waiter simply stops waiting) and while the work runs. Work that has started is
+        not interrupted: a caller cancelled meanwhile gets CancelledError once it is done."""
+        # threading.Lock has no awaitable acquire; poll it so that the event loop stays free.
         started = time.perf_counter()
         while not self._lock.acquire(blocking=False):
             await asyncio.sleep(self._poll_s)
-        self._waited(started)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._lock.release()
+        try:
+            self._waited(started)
+            work = asyncio.wrap_future(self._submit(fn, args, kwargs))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])  # the lock is held until the work is done
+                raise
+        finally:
+            self._lock.release()
 
     def locked(self) -> bool:
         return self._lock.locked()
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict):
+        grad = torch.is_grad_enabled()  # per thread in torch: the caller's `no_grad` goes along
+
+        def call():
+            with torch.set_grad_enabled(grad):
+                return fn(*args, **kwargs)
+
+        return self._pool.submit(call)
 
     def _waited(self, started: float) -> None:
         if self._on_wait is not None:

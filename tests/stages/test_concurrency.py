@@ -5,12 +5,15 @@ way Ray's pool does; the same rule over HTTP on a cluster is in tests/test_clust
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 from deployments.local import LocalGraph
+from deployments.profiles import load_profile
 from helpers import get_dummy_image, png_bytes, wav_bytes
 
 # Different seeds, sizes and frame counts, so any state shared between calls shows.
@@ -89,3 +92,44 @@ def test_talk_turns_at_once_equal_turns_alone(graph):
 
     for _ in range(2):
         assert asyncio.run(together()) == alone
+
+
+def test_every_model_call_runs_on_its_stage_model_thread(tmp_path):
+    """PyTorch keeps CUDA library state per thread (cuDNN's attention plans, library handles),
+    so a stage whose model ran on whatever thread Ray's pool handed it would rebuild that state
+    for each new thread. Every module call of every stage -- warm-up and concurrent requests,
+    video and talk turns -- runs on that stage's one model thread."""
+    warmup = [{"width": 32, "height": 32, "num_frames": 5}]
+    cfg = load_profile("tiny", {"stages": {name: {"warmup": warmup} for name in ("encoder", "high", "low", "decoder")},
+                                "serving": {"storage_dir": str(tmp_path)}})
+    calls: list[tuple[torch.nn.Module, int]] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append((module, threading.get_ident())))
+    try:
+        graph = LocalGraph(cfg)
+        warm_up_calls = len(calls)
+
+        async def requests():
+            avatar, _ = await graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
+            videos = [graph.ingress.generate(r, get_dummy_image(i), "mp4") for i, r in enumerate(REQUESTS[:4])]
+            await asyncio.gather(*videos)
+            while not graph.ingress.avatar(avatar.id).final:
+                await asyncio.sleep(0.02)
+
+            async def turn(start):
+                audio = wav_bytes(0.4, rate=16000, channels=1)
+                return b"".join([piece async for piece in graph.ingress.speak(avatar.id, audio, start)])
+
+            return await asyncio.gather(*(turn(i) for i in range(3)))
+
+        assert all(asyncio.run(requests()))
+    finally:
+        hook.remove()
+    stages = {name: getattr(graph, name).target for name in ("encoder", "high", "low", "decoder", "lipsync")}
+    model_threads = {stage.model.thread_id for stage in stages.values()}
+    assert len(model_threads) == 5 and warm_up_calls > 0 and len(calls) > warm_up_calls
+    assert {thread for _, thread in calls} <= model_threads  # nothing ran on a caller's thread
+    for name, stage in stages.items():
+        own = {id(m) for v in vars(stage).values() if isinstance(v, torch.nn.Module) for m in v.modules()}
+        threads = {thread for module, thread in calls if id(module) in own}
+        assert threads == {stage.model.thread_id}, name
