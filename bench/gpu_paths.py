@@ -1,8 +1,10 @@
 """The fast-path options of the video stages on one GPU, each against the plain path, in one run:
 
 - attention kernels at the expert's self-attention shape (1 x 32,760 tokens x 40 heads x 128):
-  PyTorch SDPA's flash, cuDNN and memory-efficient backends, and SageAttention (8-bit QK) when
-  the `sageattention` package is installed; time and error against an fp32 reference;
+  PyTorch SDPA's flash, cuDNN and memory-efficient backends, SageAttention (8-bit QK) when the
+  `sageattention` package is installed, and cuDNN's FP8 flash attention through
+  `nvidia-cudnn-frontend` when that is installed (per-tensor e4m3 scales, quantising included);
+  time and error against an fp32 reference;
 - one full-size fp8 expert built the way the stage builds it (block by block, random weights):
   load time and peak memory, then one forward (= one denoise step, no CFG) per attention backend
   (diffusers' `set_attention_backend`), then compiled (`compile_repeated_blocks`) with the fastest;
@@ -129,7 +131,70 @@ def attention(args, tokens: int) -> dict:
     except Exception as exc:  # not installed, or its kernels do not build here
         out["backends"]["sage"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
     log(f"attention sage: {out['backends']['sage']}")
+    try:
+        import importlib.metadata as md
+
+        fp8_attention = cudnn_fp8_attention(q, k, v)
+        times = timed(lambda: fp8_attention(q, k, v), args.repeats + 2)
+        o = fp8_attention(q, k, v)
+        out["backends"]["cudnn_fp8"] = {**summary(times), "version": md.version("nvidia-cudnn-frontend"),
+                                        "tflops": flops / statistics.median(times) / 1e12,
+                                        "rel_error": rel(o[:, :, :1024], ref)}
+    except Exception as exc:  # not installed, or no FP8 attention engine for this GPU
+        out["backends"]["cudnn_fp8"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    log(f"attention cudnn_fp8: {out['backends']['cudnn_fp8']}")
     return out
+
+
+def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """A callable (q, k, v) -> bf16 output for contiguous (B, H, S, D) bf16 tensors of these
+    shapes, through cuDNN's FP8 flash attention (the `nvidia-cudnn-frontend` package; PyTorch's
+    SDPA has no 8-bit path). Per-tensor e4m3 scales from each input's largest magnitude; the
+    softmax probabilities enter the second matmul scaled by 448; the output is e4m3 too (Hopper's
+    FP8 kernel writes no bf16), scaled by 448 / max|V| (each output row averages rows of V)."""
+    import math
+
+    import cudnn
+
+    e4m3, fp32, top = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, 448.0
+    b, h, s, d = q.shape
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+    shape, strides = (b, h, s, d), (h * s * d, s * d, d, 1)
+    tq, tk, tv = (graph.tensor(name=n, dim=shape, stride=strides, data_type=e4m3) for n in ("q", "k", "v"))
+    scalar = {"dim": (1, 1, 1, 1), "stride": (1, 1, 1, 1), "data_type": fp32}
+    names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+    dq, dk, dv, ds, ss, so = (graph.tensor(name=n, **scalar) for n in names)
+    to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=dq, descale_k=dk, descale_v=dv,
+                                           descale_s=ds, scale_s=ss, scale_o=so, is_inference=True,
+                                           attn_scale=1.0 / math.sqrt(d), use_causal_mask=False)
+    to.set_output(True).set_dim(shape).set_stride(strides).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):
+        amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    workspace = torch.empty(graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
+    out = torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn)
+    amaxes = [torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32) for _ in range(2)]
+    p_scale = torch.full((1, 1, 1, 1), top, device=q.device)
+
+    def quantise(x):
+        scale = top / x.abs().amax().float().clamp(min=1e-12)
+        return (x * scale.to(x.dtype)).to(torch.float8_e4m3fn), (1.0 / scale).reshape(1, 1, 1, 1)
+
+    def run(q, k, v):
+        (q8, q_descale), (k8, k_descale), (v8, v_descale) = quantise(q), quantise(k), quantise(v)
+        o_scale = 1.0 / v_descale  # 448 / max|V|, as V's own scale
+        graph.execute({tq: q8, tk: k8, tv: v8, dq: q_descale, dk: k_descale, dv: v_descale, ds: 1.0 / p_scale,
+                       ss: p_scale, so: o_scale, to: out, amax_s: amaxes[0], amax_o: amaxes[1]}, workspace,
+                      handle=handle)
+        return (out.to(torch.float32) / o_scale).to(torch.bfloat16)
+
+    return run
 
 
 # ------------------------------------------------------------------ one fp8 expert
