@@ -7,7 +7,7 @@
   time and error against an fp32 reference;
 - one full-size fp8 expert built the way the stage builds it (block by block, random weights):
   load time and peak memory, then one forward (= one denoise step, no CFG) per attention backend
-  (diffusers' `set_attention_backend`), then compiled (`compile_repeated_blocks`) with the fastest;
+  (diffusers' `set_attention_backend`, and our `cudnn_fp8`), then compiled (`compile_repeated_blocks`) with the fastest;
   peak and resident memory after each;
 - the Wan VAE: decode in bf16 plain / with cuDNN autotuning / channels-last, encode in fp32 / bf16.
 
@@ -134,9 +134,13 @@ def attention(args, tokens: int) -> dict:
     try:
         import importlib.metadata as md
 
-        fp8_attention = cudnn_fp8_attention(q, k, v)
-        times = timed(lambda: fp8_attention(q, k, v), args.repeats + 2)
-        o = fp8_attention(q, k, v)
+        from deployments.models.wan.fp8_attention import fp8_attention  # the experts' op, (B, S, H, D)
+
+        def fp8(q, k, v):
+            return fp8_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+        times = timed(lambda: fp8(q, k, v), args.repeats + 2)
+        o = fp8(q, k, v)
         out["backends"]["cudnn_fp8"] = {**summary(times), "version": md.version("nvidia-cudnn-frontend"),
                                         "tflops": flops / statistics.median(times) / 1e12,
                                         "rel_error": rel(o[:, :, :1024], ref)}
@@ -146,58 +150,21 @@ def attention(args, tokens: int) -> dict:
     return out
 
 
-def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """A callable (q, k, v) -> bf16 output for contiguous (B, H, S, D) bf16 tensors of these
-    shapes, through cuDNN's FP8 flash attention (the `nvidia-cudnn-frontend` package; PyTorch's
-    SDPA has no 8-bit path). Per-tensor e4m3 scales from each input's largest magnitude; the
-    softmax probabilities enter the second matmul scaled by 448; the output is e4m3 too (Hopper's
-    FP8 kernel writes no bf16), scaled by 448 / max|V| (each output row averages rows of V)."""
-    import math
-
-    import cudnn
-
-    e4m3, fp32, top = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, 448.0
-    b, h, s, d = q.shape
-    handle = cudnn.create_handle()
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
-    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
-    shape, strides = (b, h, s, d), (h * s * d, s * d, d, 1)
-    tq, tk, tv = (graph.tensor(name=n, dim=shape, stride=strides, data_type=e4m3) for n in ("q", "k", "v"))
-    scalar = {"dim": (1, 1, 1, 1), "stride": (1, 1, 1, 1), "data_type": fp32}
-    names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
-    dq, dk, dv, ds, ss, so = (graph.tensor(name=n, **scalar) for n in names)
-    to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=dq, descale_k=dk, descale_v=dv,
-                                           descale_s=ds, scale_s=ss, scale_o=so, is_inference=True,
-                                           attn_scale=1.0 / math.sqrt(d), use_causal_mask=False)
-    to.set_output(True).set_dim(shape).set_stride(strides).set_data_type(e4m3)
-    for amax in (amax_s, amax_o):
-        amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
-    graph.validate()
-    graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    graph.check_support()
-    graph.build_plans()
-    workspace = torch.empty(graph.get_workspace_size(), device=q.device, dtype=torch.uint8)
-    out = torch.empty(shape, device=q.device, dtype=torch.float8_e4m3fn)
-    amaxes = [torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32) for _ in range(2)]
-    p_scale = torch.full((1, 1, 1, 1), top, device=q.device)
-
-    def quantise(x):
-        scale = top / x.abs().amax().float().clamp(min=1e-12)
-        return (x * scale.to(x.dtype)).to(torch.float8_e4m3fn), (1.0 / scale).reshape(1, 1, 1, 1)
-
-    def run(q, k, v):
-        (q8, q_descale), (k8, k_descale), (v8, v_descale) = quantise(q), quantise(k), quantise(v)
-        o_scale = 1.0 / v_descale  # 448 / max|V|, as V's own scale
-        graph.execute({tq: q8, tk: k8, tv: v8, dq: q_descale, dk: k_descale, dv: v_descale, ds: 1.0 / p_scale,
-                       ss: p_scale, so: o_scale, to: out, amax_s: amaxes[0], amax_o: amaxes[1]}, workspace,
-                      handle=handle)
-        return (out.to(torch.float32) / o_scale).to(torch.bfloat16)
-
-    return run
-
-
 # ------------------------------------------------------------------ one fp8 expert
+
+
+def use_attention(model, backend: str) -> None:
+    """A diffusers attention backend for every attention, or `cudnn_fp8` (the experts' 8-bit
+    self-attention, deployments/models/wan/fp8_attention.py) as `attention_backend` sets it."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from deployments.models.wan import fp8_attention
+
+    for block in model.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+    model.set_attention_backend("native" if backend == fp8_attention.NAME else backend)
+    if backend == fp8_attention.NAME:  # self-attention in 8 bits, cross-attention as PyTorch picks
+        fp8_attention.use_fp8_self_attention(model, DEV)
 
 
 def expert(args, width: int, height: int, frames: int) -> dict:
@@ -223,7 +190,7 @@ def expert(args, width: int, height: int, frames: int) -> dict:
     with torch.no_grad():
         for backend in args.backends:
             try:
-                model.set_attention_backend(backend)
+                use_attention(model, backend)
                 reset_peak()
                 times = timed(lambda: model(**inputs), args.repeats)
                 y = model(**inputs)[0]
@@ -237,7 +204,7 @@ def expert(args, width: int, height: int, frames: int) -> dict:
             log(f"expert eager {backend}: {out['eager'][backend]}")
         ok = {b: r for b, r in out["eager"].items() if "median_s" in r}
         best = min(ok, key=lambda b: ok[b]["median_s"])
-        model.set_attention_backend(best)
+        use_attention(model, best)
         model.compile_repeated_blocks(fullgraph=True)
         reset_peak()
         t0 = time.perf_counter()
@@ -302,7 +269,7 @@ def main() -> int:
     ap.add_argument("--size", default="832x480")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="native,_native_cudnn,_native_flash,_native_efficient",
+    ap.add_argument("--backends", default="native,_native_cudnn,_native_flash,_native_efficient,cudnn_fp8",
                     help="diffusers attention backends to time in the expert, comma-separated")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-expert", action="store_true")

@@ -252,7 +252,9 @@ class ExpertConfig(StageBase):
     compute_dtype: DType = "bfloat16"
     compute_dtype_cpu: DType = "float32"
     # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
-    # (plain SDPA). A kernel choice is a config value, never an import side effect.
+    # (plain SDPA). A kernel choice is a config value, never an import side effect. "cudnn_fp8":
+    # self-attention through cuDNN's FP8 flash attention (deployments/models/wan/fp8_attention.py;
+    # needs the nvidia-cudnn-frontend package on a GPU; not in any profile until measured there).
     attention_backend: str | None = None
     # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
     # halving weight memory; files that are already fp8 load as fp8 whatever this says.

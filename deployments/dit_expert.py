@@ -43,6 +43,7 @@ from deployments.common.runtime import (
 )
 from deployments.common.transport import pack, unpack
 from deployments.config import ExpertConfig, SamplerConfig
+from deployments.models.wan import fp8_attention
 from deployments.models.wan.components import latent_shape, load_expert
 from deployments.models.wan.sampler import (
     expert_for_step,
@@ -117,7 +118,9 @@ class DitExpert:
             self.loras.load_permanent(prepared)
         del startup
         release_cached_memory(self.device)  # what loading and quantising freed
-        if cfg.attention_backend:
+        if cfg.attention_backend == fp8_attention.NAME:
+            fp8_attention.use_fp8_self_attention(self.transformer, self.device)
+        elif cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         if cfg.compile:
             self.transformer.compile_repeated_blocks(fullgraph=True)

@@ -1,0 +1,116 @@
+"""8-bit self-attention (`attention_backend: cudnn_fp8`, deployments/models/wan/fp8_attention.py).
+
+On this CPU machine the op runs its `reference` (the FP8 recipe in fp32 with e4m3 rounding); the
+cuDNN kernel it stands for is timed and compared on the GPU by bench/gpu_paths.py. What is pinned
+here: the recipe's error against full precision, the processor's wiring into the experts (same
+output as diffusers' processor within a stated tolerance, every block routed), the op staying one
+opaque call in a compiled block, and a clear start-up error when the GPU package is missing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deployments.config import ExpertConfig, SamplerConfig
+from deployments.dit_expert import DitExpert
+from deployments.models.wan import fp8_attention
+from deployments.models.wan.fp8_attention import FP8_MAX, quantise, reference
+
+SAMPLER = SamplerConfig(scheduler="euler", flow_shift=5.0, num_inference_steps=2, high_steps=1,
+                        sigmas=[1.0, 0.5], guidance_scale=1.0, guidance_scale_2=1.0)
+# The tiny expert's output with 8-bit self-attention against diffusers' fp32 path, relative L2
+# (measured 0.32%: attention is one term among residuals; a wrong scale gives tens of percent).
+EXPERT_TOLERANCE = 0.02
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantise_keeps_layout_and_e4m3_precision():
+    x = torch.randn(2, 50, 3, 16).transpose(1, 2) * 7  # not contiguous: its strides must stay
+    x8, descale = quantise(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.stride() == x.stride() and descale.shape == (1, 1, 1, 1)
+    back = x8.float() * descale
+    assert float(x8.float().abs().max()) == FP8_MAX  # the largest value maps onto e4m3's top
+    big = x.abs() > x.abs().max() / 8  # normal numbers: 3 mantissa bits, half an ulp of error
+    assert float(((back - x).abs() / x.abs())[big].max()) <= 2 ** -4
+    zeros, descale = quantise(torch.zeros(4, 4, 2, 8))
+    assert torch.isfinite(descale).all() and not zeros.float().any()
+
+
+@pytest.mark.parametrize("spread, bound", [(1.0, 0.08), (3.0, 0.16)])
+def test_reference_recipe_error_against_full_precision(spread, bound):
+    """The recipe's error on random inputs (flat attention, the hardest case for an output scaled
+    by max|V|: measured 6.0% and 12.7%; bf16 SDPA is 0.4% and 0.8%), and it does round."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 300, 4, 32, generator=g) * spread for _ in range(2))
+    v = torch.randn(1, 300, 4, 32, generator=g)
+    exact = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    out = reference(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert 0.01 < rel(out, exact) < bound
+
+
+def tiny_inputs(transformer):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, transformer.config.in_channels, 3, 8, 8, generator=g)
+    context = torch.randn(1, 16, transformer.config.text_dim, generator=g)
+    return {"hidden_states": x, "timestep": torch.full((1,), 500.0), "encoder_hidden_states": context,
+            "return_dict": False}
+
+
+def test_processor_routes_every_block_and_matches_diffusers_within_tolerance(monkeypatch):
+    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    inputs = tiny_inputs(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs)[0]
+        assert fp8_attention.use_fp8_self_attention(transformer, torch.device("cpu")) == len(transformer.blocks)
+        calls = []
+        original = fp8_attention.reference
+        monkeypatch.setattr(fp8_attention, "reference", lambda *a: calls.append(a[0].shape) or original(*a))
+        fast = transformer(**inputs)[0]
+    assert len(calls) == len(transformer.blocks)  # self-attention of each block, cross-attention not
+    assert 0 < rel(fast, plain) < EXPERT_TOLERANCE
+
+
+def test_compiled_blocks_keep_the_op_as_one_call():
+    """fullgraph=True fails on a graph break: the custom op must be traceable as one call, with
+    the same result as eager."""
+    transformer = DitExpert(ExpertConfig(role="low"), SAMPLER).transformer
+    fp8_attention.use_fp8_self_attention(transformer, torch.device("cpu"))
+    inputs = tiny_inputs(transformer)
+    with torch.no_grad():
+        eager = transformer(**inputs)[0]
+        torch._dynamo.reset()
+        transformer.compile_repeated_blocks(fullgraph=True)
+        compiled = transformer(**inputs)[0]
+    assert rel(compiled, eager) < 1e-5
+
+
+def test_expert_stage_takes_it_from_the_config():
+    from deployments.common.transport import unpack
+    from deployments.config import EncoderConfig
+    from deployments.encoder import Encoder
+    from helpers import get_dummy_image, get_dummy_params
+
+    cond = Encoder(EncoderConfig()).encode(get_dummy_params(num_inference_steps=2, guidance_scale=1.0,
+                                                            guidance_scale_2=1.0), get_dummy_image())
+    plain = DitExpert(ExpertConfig(role="high"), SAMPLER)
+    fast = DitExpert(ExpertConfig(role="high", attention_backend="cudnn_fp8"), SAMPLER)
+    assert all(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in fast.transformer.blocks)
+    assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in plain.transformer.blocks)
+    a, b = unpack(plain.denoise(cond).latents), unpack(fast.denoise(cond).latents)
+    assert 0 < rel(b, a) < EXPERT_TOLERANCE
+
+
+def test_a_gpu_without_the_cudnn_frontend_is_told_at_start_up(monkeypatch):
+    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # import cudnn -> ImportError
+    with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"))
+    assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
