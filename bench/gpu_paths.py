@@ -7,8 +7,8 @@
   time and error against an fp32 reference;
 - one full-size fp8 expert built the way the stage builds it (block by block, random weights):
   load time and peak memory, then one forward (= one denoise step, no CFG) per attention backend
-  (diffusers' `set_attention_backend`, and our `cudnn_fp8`), then compiled (`compile_repeated_blocks`) with the fastest;
-  peak and resident memory after each;
+  (diffusers' `set_attention_backend`, and our `cudnn_fp8`), then compiled
+  (`compile_repeated_blocks`) with the fastest; peak and resident memory after each;
 - the Wan VAE: decode in bf16 plain / with cuDNN autotuning / channels-last, encode in fp32 / bf16.
 
     python bench/gpu_paths.py [--size 832x480 --frames 81] [--repeats 3] [--skip-expert] [--skip-vae]

@@ -10,8 +10,8 @@ Writes one JSON file (default bench/results/serve-<profile>-<device>.json) and p
 
 Both phases make the same requests: one video request on its own (does the first pay a compile?
 served, it goes as a job, whose events give its stage timeline; one more job follows the
-sequential requests, to compare), --repeats sequential ones, one batch per --video-concurrency (different seeds); an avatar (base
-clip + lip-sync preparation); a warm-up talk turn, then --repeats batches of each
+sequential requests, to compare), --repeats sequential ones, one batch per --video-concurrency
+(different seeds), two at --also-size if given; an avatar (base clip + lip-sync preparation); a warm-up talk turn, then --repeats batches of each
 --turn-concurrency turns at once (time to the first fMP4 byte and to the last; a turn is
 floor(turn_seconds * 25) frames). Phase 1 runs in a subprocess, so its GPU memory is freed before
 phase 2 serves the graph; phase 2 adds the start-up time, the avatar_serve_* metrics from Ray's

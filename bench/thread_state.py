@@ -62,9 +62,7 @@ def expert(args) -> dict:
     ex = dit.DitExpert(cfg.stages.high, cfg.sampler)
     built = time.perf_counter() - t0
     shape = cfg.stages.high.warmup[0]
-    latent = dit.latent_shape(shape.width, shape.height, shape.num_frames)
-    x = torch.zeros(1, ex.transformer.config.in_channels, *latent[2:], device=ex.device, dtype=ex.dtype)
-    ctx = torch.zeros(1, dit.WARMUP_TEXT_LENGTH, ex.transformer.config.text_dim, device=ex.device, dtype=ex.dtype)
+    x, ctx = ex.warmup_inputs(shape.width, shape.height, shape.num_frames)
 
     def forward():
         with torch.no_grad():

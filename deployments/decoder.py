@@ -9,9 +9,8 @@ chunk (one latent frame -> 1, then 4 video frames, as the VAE's own loop does) a
 encodes H.264 while the next chunk decodes, so the MP4 costs only its tail after the last chunk.
 
 Concurrency: one VAE decode at a time per replica, on its one model thread (`self.model`, a
-ModelLock): the Wan VAE keeps
-per-call feature caches on the module. The MP4's tail runs outside the lock, so one request
-finishes its file while the next decodes.
+ModelLock): the Wan VAE keeps per-call feature caches on the module. The MP4's tail runs outside
+the lock, so one request finishes its file while the next decodes.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ and sets the sampler's timesteps; each expert runs the consecutive steps that be
               -> transformer -> flow prediction (1, 16, T, h, w) -> scheduler.step
 
 Concurrency: one denoise step at a time per replica, on its one model thread (`self.model`, a
-ModelLock; the warm-up ran there too, so no request meets a thread that is new to the model), so concurrent
-jobs interleave step by step: each keeps its own latents and sampler, compiled graphs and
-activations are never entered twice, and peak memory is one forward's. A job waiting for the
+ModelLock; the warm-up ran there too, so no request meets a thread that is new to the model), so
+concurrent jobs interleave step by step: each keeps its own latents and sampler, compiled graphs
+and activations are never entered twice, and peak memory is one forward's. A job waiting for the
 expert stays cancellable; a LoRA change takes the same lock and is refused while a job runs.
 
 Start-up LoRAs (`cfg.loras`, e.g. the lightx2v distill LoRA of each expert in the 4-step GGUF
@@ -161,12 +161,17 @@ class DitExpert:
         Two of them: on an H200 the forward after a single compiled warm-up forward still took
         3.06 s against 2.22 s for the next (`bench/thread_state.py --expert`), and the first
         served request paid about that in each expert."""
+        x, context = self.warmup_inputs(width, height, num_frames)
+        for _ in range(WARMUP_FORWARDS):
+            self.model.run(self._forward_synchronised, x, context)
+
+    def warmup_inputs(self, width: int, height: int, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero latents + condition and a full-length text context at a request's shape."""
         shape = latent_shape(width, height, num_frames)
         config = self.transformer.config
         x = torch.zeros(1, config.in_channels, *shape[2:], device=self.device, dtype=self.dtype)
         context = torch.zeros(1, WARMUP_TEXT_LENGTH, config.text_dim, device=self.device, dtype=self.dtype)
-        for _ in range(WARMUP_FORWARDS):
-            self.model.run(self._forward_synchronised, x, context)
+        return x, context
 
     def _forward_synchronised(self, x: torch.Tensor, context: torch.Tensor) -> None:
         self.transformer(hidden_states=x, timestep=torch.full((1,), 999.0, device=self.device),

@@ -7,9 +7,9 @@ Mirrors diffusers' `WanImageToVideoPipeline.encode_prompt` / `prepare_latents` (
 tests compare against) as a stage of its own, so it can sit on its own GPU and stay resident.
 
 Concurrency: one `encode` at a time per replica, on its one model thread (`self.model`, a
-ModelLock). The Wan VAE keeps
-per-call feature caches on the module and fast tokenizers refuse concurrent use, so two requests
-inside it at once would crash or, worse, mix their latents; other requests wait their turn.
+ModelLock). The Wan VAE keeps per-call feature caches on the module and fast tokenizers refuse
+concurrent use, so two requests inside it at once would crash or, worse, mix their latents; other
+requests wait their turn.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Per talk turn (`speak`)
 
 Concurrency: every model call (whisper, UNet + VAE decode of a batch, VAE encode, face models)
 runs through `self.model`, a ModelLock (one at a time, on the replica's one model thread), so
-concurrent talk turns interleave batch by batch on the GPU
-while their CPU work (blending into the frames, H.264) runs in parallel outside it. Compiled
+concurrent talk turns interleave batch by batch on the GPU while their CPU work (blending into
+the frames, H.264) runs in parallel outside it. Compiled
 graphs and the VAE are never entered twice at once; the avatar store has its own lock.
 """
 

@@ -74,6 +74,12 @@ def _cudnn_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return run(query, key, value)
 
 
+def _bhsd(t: torch.Tensor) -> dict:
+    """A (B, S, H, D) tensor as cuDNN's (B, H, S, D) dims, its strides saying the layout."""
+    (b, s, h, d), (sb, ss, sh, sd) = t.shape, t.stride()
+    return {"dim": (b, h, s, d), "stride": (sb, sh, ss, sd)}
+
+
 def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     """A cuDNN FP8 SDPA graph for tensors laid out as these (B, S, H, D) ones -> run(q, k, v)."""
     import cudnn  # nvidia-cudnn-frontend: only where this backend is chosen
@@ -84,10 +90,8 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         handle = _local.handle = cudnn.create_handle()
     graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
 
-    def bhsd(name: str, t: torch.Tensor):  # cuDNN's dims are (B, H, S, D); strides say the layout
-        b, s, h, d = t.shape
-        sb, ss, sh, sd = t.stride()
-        return graph.tensor(name=name, dim=(b, h, s, d), stride=(sb, sh, ss, sd), data_type=e4m3)
+    def bhsd(name: str, t: torch.Tensor):
+        return graph.tensor(name=name, **_bhsd(t), data_type=e4m3)
 
     tq, tk, tv = bhsd("q", query), bhsd("k", key), bhsd("v", value)
     scalar = {"dim": (1, 1, 1, 1), "stride": (1, 1, 1, 1), "data_type": fp32}
@@ -96,9 +100,8 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=dq, descale_k=dk, descale_v=dv,
                                            descale_s=ds, scale_s=ss, scale_o=so, generate_stats=False,
                                            attn_scale=1.0 / math.sqrt(query.shape[-1]), use_causal_mask=False)
-    b, s, h, d = query.shape
-    sb, s_s, sh, sd = query.stride()
-    to.set_output(True).set_dim((b, h, s, d)).set_stride((sb, sh, s_s, sd)).set_data_type(e4m3)
+    layout = _bhsd(query)  # the output is laid out as the query
+    to.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"]).set_data_type(e4m3)
     for amax in (amax_s, amax_o):
         amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
     graph.validate()
