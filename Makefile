@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 # No GPU here: the CPU build of torch (2.13.0 is on this machine's disk). With a GPU, pip's
 # default torch wheel (CUDA). Override with `make TORCH_SPEC=...`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6" || echo "torch==2.13.0")
+# With a GPU also cuDNN's FP8 attention (the fp8 profiles' `attention_backend: cudnn_fp8`); it
+# brings NVIDIA's CUTLASS DSL (~490 MB), unused on CPUs.
+EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "test,fp8-attention" || echo "test")
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test bench clean
@@ -18,7 +21,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# Test-only: the reference the FAN and S3FD ports are compared with. --no-deps: the tests load
 	# only its torch modules, so neither its OpenCV / numba / scipy / scikit-image (~180 MB) nor a
 	# different torch come in (tests/models/test_face_alignment_reference.py).

@@ -203,8 +203,9 @@ LORA_PROFILES = {"wan22-i2v-a14b-gguf-q4km-4step", "wan22-i2v-a14b-gguf-q8-4step
     ("wan22-i2v-a14b-gguf-q4km-4step", "_wan22-a14b-4step"),
     ("wan22-i2v-a14b-gguf-q8-4step", "_wan22-a14b-4step")])
 def test_profiles_differ_from_their_base_only_in_weights(name, parent):
-    """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below); random-a14b
-    also quantises its experts to fp8, as the distill-fp8 profile it stands in for does."""
+    """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below); the
+    distill-fp8 profile runs its experts' self-attention in FP8, and random-a14b, which stands in
+    for it, does that too and quantises its experts to fp8."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
     for serving in (cfg["serving"], shared["serving"]):  # each profile stores its jobs apart
         assert serving.pop("storage_dir").endswith(serving is cfg["serving"] and name or parent)
@@ -214,6 +215,9 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     if name == "random-a14b":
         assert [cfg["stages"][r]["quantize"] for r in ("high", "low")] == ["fp8", "fp8"]
         differ += ("quantize",)
+    if name in ("random-a14b", "wan22-i2v-a14b-distill-fp8"):
+        assert [cfg["stages"][r]["attention_backend"] for r in ("high", "low")] == ["cudnn_fp8"] * 2
+        differ += ("attention_backend",)
     for stage, settings in cfg["stages"].items():
         other = shared["stages"][stage]
         assert {k: v for k, v in settings.items() if k not in differ} == \

@@ -10,6 +10,7 @@ opaque call in a compiled block, and a clear start-up error when the GPU package
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 import torch
@@ -112,5 +113,15 @@ def test_a_gpu_without_the_cudnn_frontend_is_told_at_start_up(monkeypatch):
     transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
     monkeypatch.setitem(sys.modules, "cudnn", None)  # import cudnn -> ImportError
     with pytest.raises(RuntimeError, match="nvidia-cudnn-frontend"):
+        fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"))
+    assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
+
+
+def test_a_gpu_older_than_hopper_is_told_at_start_up(monkeypatch):
+    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    monkeypatch.setitem(sys.modules, "cudnn", types.ModuleType("cudnn"))  # the package is there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(RuntimeError, match=r"Hopper or newer.*A100-SXM4-80GB is 8\.0.*attention_backend: null"):
         fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"))
     assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)

@@ -18,8 +18,10 @@ The numbers, on the GPU and in `reference` (the CPU path and the tests' yardstic
 (on Hopper the FP8 kernel writes its output in e4m3 only; cuDNN keeps a running max and sum per
 block where `reference` takes the row's, so the two agree closely, not bit for bit).
 
-Speed and error on the card are measured by bench/gpu_paths.py (`cudnn_fp8`); a profile turns
-this on only where that shows a gain.
+Speed and error on the card are measured by bench/gpu_paths.py (`cudnn_fp8`). On an H200 at
+32,760 tokens: 30.3 ms per call, quantising included, against 38.2 ms for PyTorch's bf16 cuDNN
+kernel; a compiled fp8 expert step 2.09 s against 2.43 s, its output 2.1% from bf16 attention
+(random full-size weights): the fp8 profiles turn it on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 NAME = "cudnn_fp8"  # the `attention_backend` value that selects this
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448.0
+MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 flash attention: Hopper (sm90) and newer
 _TINY = 1e-12  # an all-zero tensor gets this amax (any positive scale is exact for zeros)
 
 
@@ -184,6 +187,11 @@ def use_fp8_self_attention(transformer, device: torch.device) -> int:
         except ImportError as exc:
             raise RuntimeError(f"attention_backend {NAME!r} needs the nvidia-cudnn-frontend package "
                                f"(pip install nvidia-cudnn-frontend): {exc}") from exc
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:  # cuDNN builds no FP8 attention plan below Hopper
+            raise RuntimeError(f"attention_backend {NAME!r} needs a Hopper or newer GPU (compute capability "
+                               f"{'.'.join(map(str, MIN_CAPABILITY))}+); {torch.cuda.get_device_name(device)} is "
+                               f"{'.'.join(map(str, capability))}: set attention_backend: null for this GPU")
     for block in transformer.blocks:
         block.attn1.set_processor(Fp8SelfAttention())
     return len(transformer.blocks)
