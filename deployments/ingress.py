@@ -375,7 +375,8 @@ class Ingress:
             raise ApiError(409, f"avatar {avatar_id} is {avatar.status}; speech needs it ready", "avatar_id",
                            type="conflict_error")
         pcm = await asyncio.to_thread(self.prepare_audio, audio)  # decoded off the event loop
-        self.metrics.observe_phase("audio_decode", time.perf_counter() - started)
+        decoded = time.perf_counter() - started
+        self.metrics.observe_phase("audio_decode", decoded)
         if self.turns >= self.cfg.max_talk_turns:
             # A live turn that waits is no use: say when to try again instead.
             raise ApiError(429, f"{self.turns} talk turns are streaming, the most this deployment takes; "
@@ -383,14 +384,15 @@ class Ingress:
                            headers={"Retry-After": str(self.cfg.serving.turn_retry_after_s)})
         self.turns += 1
         self.metrics.talk_turns(self.turns)
-        stream = None
+        stream, first_byte, sent = None, None, 0
         try:
             stream = self.lipsync.options(stream=True).stream.remote(avatar.lipsync_id, pcm,
                                                                      start_index=start_index)
             async for chunk in stream:
-                if started is not None:
-                    self.metrics.observe_phase("first_byte", time.perf_counter() - started)
-                    started = None
+                if first_byte is None:
+                    first_byte = time.perf_counter() - started
+                    self.metrics.observe_phase("first_byte", first_byte)
+                sent += len(chunk)
                 yield chunk
         except Exception as exc:
             if isinstance(unwrap(exc), AvatarNotFound):
@@ -402,6 +404,10 @@ class Ingress:
             self.metrics.talk_turns(self.turns)
             if stream is not None:
                 stream.cancel()  # the client left (or the turn ended): stop the stage's generator
+            # Exact times per turn for operators (the metrics keep histogram buckets only); the
+            # lip-sync stage logs its own phases of the same turn.
+            log.info("turn on %s: audio decode %.3f s, first byte %s, %d bytes in %.2f s", avatar_id, decoded,
+                     "none" if first_byte is None else f"{first_byte:.3f} s", sent, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ LoRA admin
 

@@ -166,3 +166,16 @@ def test_seed_minus_one_means_a_random_seed(graph):
         seeds = {c.post("/v1/videos", data={**AVATAR, "seed": "-1"},
                         files={"input_reference": ("p.png", IMAGE, "image/png")}).json()["seed"] for _ in range(3)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_each_turn_logs_its_first_byte_and_size_at_the_ingress(graph, caplog):
+    with TestClient(graph.app()) as c:
+        avatar = wait_ready(c, create(c).json()["id"])
+        with caplog.at_level("INFO", logger="avatar_serve.ingress"):
+            r = c.post(f"/v1/avatars/{avatar['id']}/speech", files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")})
+        assert r.status_code == 200
+        lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("turn on")]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"turn on {avatar['id']}: audio decode 0.")
+        assert "first byte 0." in lines[0] or "first byte 1." in lines[0]
+        assert f"{len(r.content)} bytes in " in lines[0]
