@@ -23,6 +23,8 @@ profile error or a missing weight file (Serve retries a failing build 4 times).
 The cluster is this script's own (`ray start --head --block` on free ports, a child process): it
 is stopped at the end, on errors and on Ctrl-C, without touching other Ray clusters on the machine.
 `--ray-stop` also runs `ray stop --force`, which kills every Ray process of the user.
+`--ray-env VAR=VALUE` starts that cluster with Ray settings such as RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+(recorded as `ray_env`); the in-process phase does not see them.
 """
 
 from __future__ import annotations
@@ -673,6 +675,9 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=900, help="seconds")
     ap.add_argument("--request-timeout", type=float, default=3600, help="per request or avatar, seconds")
     ap.add_argument("--num-gpus", type=int, default=None, help="for `ray start` (default: Ray counts them)")
+    ap.add_argument("--ray-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="an environment variable for `ray start` (so for every Ray process and replica), "
+                         "e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1; repeat for more")
     ap.add_argument("--api-key", default=os.environ.get("AVATAR_SERVE_API_KEY"),
                     help="when the profile sets api_keys (default: $AVATAR_SERVE_API_KEY)")
     ap.add_argument("--ray-stop", action="store_true",
@@ -700,12 +705,17 @@ def main() -> int:
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # Serve is shut down before the node stops
            "RAY_metrics_report_interval_ms": "1000",  # per-level phase breakdowns settle in seconds
            "BENCH_SERVE_T0": str(T0)}
+    try:
+        ray_env = dict(pair.split("=", 1) for pair in args.ray_env)
+    except ValueError:
+        print(f"error: --ray-env takes VAR=VALUE, got {args.ray_env}", file=sys.stderr)
+        return 2
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False)
     report = {"bench": "serve", "profile": args.profile, "overrides": args.overrides, "device": None,
               "git_commit": commit.stdout.strip() or None,
               "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-              "request": request, "startup_s": None, "inprocess": None, "served": None, "stage_metrics": None,
+              "request": request, "ray_env": ray_env, "startup_s": None, "inprocess": None, "served": None, "stage_metrics": None,
               "placement": None, "failures": []}
     ports = {k: free_port() for k in ("gcs", "dashboard", "metrics", "client", "agent")}
     dashboard, base = f"http://127.0.0.1:{ports['dashboard']}", f"http://127.0.0.1:{args.port}"
@@ -736,7 +746,7 @@ def main() -> int:
         if not args.skip_served:
             log("phase 2: served")
             t0 = time.perf_counter()
-            proc = start_ray(args, env, ports, tmp / "ray-start.log")
+            proc = start_ray(args, {**env, **ray_env}, ports, tmp / "ray-start.log")
             wait_dashboard(proc, dashboard, args.startup_timeout, tmp / "ray-start.log")
             report["ray_start_s"] = time.perf_counter() - t0
             log("$ serve deploy")
