@@ -59,11 +59,18 @@ def overrides(storage: Path) -> dict:
                         "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+# Every test runs on Ray Serve as shipped and in its throughput-optimized mode (gRPC between
+# replicas and from the proxy, user code on each replica's event loop: bench/README.md, hops.py),
+# which a deployment turns on in the environment of `ray start`.
+RAY_MODES = {"default": {}, "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+
+
+@pytest.fixture(scope="module", params=list(RAY_MODES))
+def cluster(request, tmp_path_factory):
     """Deploy serve_config.yaml's application (plus the test overrides in its `args`) through the
     dashboard's REST API, as `serve deploy serve_config.yaml` does: Ray Serve imports graph:app and
-    validates `args` into GraphArgs itself."""
+    validates `args` into GraphArgs itself. Ray's processes start with the mode's environment;
+    this driver imported Ray Serve before, so its own handles keep the default mode."""
     import ray
     from ray import serve
 
@@ -72,9 +79,12 @@ def cluster(tmp_path_factory):
     assert spec["import_path"] == "graph:app" and spec["name"] == APP
     spec["args"] = {**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))}
     http, dashboard, metrics = free_port(), free_port(), free_port()
-    ray.init(address="local", num_cpus=4, num_gpus=6, include_dashboard=True, dashboard_port=dashboard,
-             _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 500},
-             log_to_driver=False)
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in RAY_MODES[request.param].items():
+            env.setenv(name, value)
+        ray.init(address="local", num_cpus=4, num_gpus=6, include_dashboard=True, dashboard_port=dashboard,
+                 _metrics_export_port=metrics, _system_config={"metrics_report_interval_ms": 500},
+                 log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http})
         r = httpx.put(f"http://127.0.0.1:{dashboard}/api/serve/applications/", timeout=60,
@@ -89,7 +99,7 @@ def cluster(tmp_path_factory):
             assert time.monotonic() < deadline, "the application did not start"
             time.sleep(1)
         yield {"url": f"http://127.0.0.1:{http}", "dashboard": f"http://127.0.0.1:{dashboard}",
-               "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+               "metrics": f"http://127.0.0.1:{metrics}/metrics", "mode": request.param}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -125,6 +135,24 @@ def first_step(client, job_id):
         for line in r.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["event"] == "step":
                 return
+
+
+def test_the_replicas_run_in_the_clusters_ray_serve_mode(cluster):
+    """The mode reaches the replicas (the processes Ray starts inherit `ray start`'s environment)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    class Environment:
+        def __call__(self) -> str | None:
+            import os
+
+            return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+
+    handle = serve.run(Environment.bind(), name="environment", route_prefix=None)
+    try:
+        assert handle.remote().result(timeout_s=60) == RAY_MODES[cluster["mode"]].get("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    finally:
+        serve.delete("environment")
 
 
 def test_sync_video_over_http(client):
