@@ -8,6 +8,7 @@ ingress gets its HTTP skin (deployments/api/routes.py).
 
 # No `from __future__ import annotations` here: Ray Serve reads `app`'s parameter annotation at
 # run time to validate serve_config.yaml's `args` into GraphArgs.
+import logging
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -33,8 +34,51 @@ class GraphArgs(BaseModel):
                                       description="merged into the profile, e.g. placement")
 
 
-def deployment(cls: type, name: str, placement: Placement):
-    """Wrap a Ray-free stage class as a deployment with the placement from its config."""
+LOGGER = "avatar_serve"  # the stages' loggers are avatar_serve.<stage>
+
+
+class ToServeLog(logging.Handler):
+    """Hands the stages' log records to the replica's Serve logger (`ray.serve`: its file under
+    the session's logs/serve/, each line tagged with deployment and replica, shown by the
+    dashboard), at its level. Serve sets that logger up when the replica starts, after the worker
+    process exists, so it is looked up per record. Flushed per record: Serve may buffer up to a
+    thousand records (RAY_SERVE_THROUGHPUT_OPTIMIZED), and ours are a few per job or turn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        serve_log = logging.getLogger("ray.serve")
+        if serve_log.isEnabledFor(record.levelno):
+            serve_log.handle(record)
+            for handler in serve_log.handlers:
+                handler.flush()
+
+
+def log_to_serve() -> None:
+    """Route the stages' logs to Serve's replica log (each replica runs it before its stage is
+    built). Without it their INFO records (job lifecycle, turn times, memory at start-up) were
+    dropped: nothing configures the root logger in a Ray worker, and Python's last-resort handler
+    passes WARNING and up only."""
+    log = logging.getLogger(LOGGER)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(isinstance(h, ToServeLog) for h in log.handlers):
+        log.addHandler(ToServeLog())
+
+
+def replica_class(cls: type) -> type:
+    """`cls` as Serve builds it in a replica: the logs routed first. A subclass made here, so Ray
+    ships it by value. (Ray's worker_process_setup_hook is applied from a job's runtime_env
+    only, not from a deployment's.)"""
+
+    def __init__(self, *args, **kwargs):
+        log_to_serve()
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
+
+
+def deployment(cls: type, name: str, placement: Placement, http: bool = False):
+    """Wrap a Ray-free stage class as a deployment with the placement from its config; `http`:
+    the HTTP ingress (its FastAPI app served by Serve)."""
     actor = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     if placement.accelerator_type:
         actor["accelerator_type"] = placement.accelerator_type
@@ -48,6 +92,9 @@ def deployment(cls: type, name: str, placement: Placement):
         replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
     else:
         replicas = {"num_replicas": placement.replicas}
+    cls = replica_class(cls)
+    if http:  # Serve's ingress wrapper on top: its __init__ is async, ours is not
+        cls = serve.ingress()(cls)
     return serve.deployment(cls, name=name, max_ongoing_requests=placement.max_ongoing_requests,
                             ray_actor_options=actor, **replicas)
 
@@ -59,7 +106,7 @@ def build_from_config(cfg: GraphConfig) -> Application:
     low = deployment(DitExpert, "DitExpertLow", s.low.placement).bind(s.low, cfg.sampler)
     decoder = deployment(Decoder, "Decoder", s.decoder.placement).bind(s.decoder)
     lipsync = deployment(LipSync, "LipSync", s.lipsync.placement).bind(s.lipsync)
-    ingress = deployment(serve.ingress()(with_http(Ingress)), "Ingress", s.ingress.placement)
+    ingress = deployment(with_http(Ingress), "Ingress", s.ingress.placement, http=True)
     return ingress.bind(encoder, high, low, decoder, cfg, lipsync)
 
 

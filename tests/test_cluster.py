@@ -430,6 +430,26 @@ def test_avatar_and_streamed_speech_over_http(client):
     assert client.delete(f"/v1/avatars/{avatar_id}").json()["deleted"] is True
 
 
+def test_the_stages_info_logs_reach_the_serve_replica_logs(client):
+    """Each job's life and each turn's times, logged at INFO by the ingress and lip-sync (after
+    the avatar test's turns and the jobs before it), are in the replicas' Serve log files."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 30
+    while True:
+        text = {f.name: f.read_text(errors="replace") for f in logs.glob("replica_*.log")}
+        ingress = "".join(t for name, t in text.items() if "_Ingress_" in name)
+        lipsync = "".join(t for name, t in text.items() if "_LipSync_" in name)
+        found = (re.search(r"turn on avatar_\w+: audio decode [\d.]+ s, first byte [\d.]+ s, \d+ bytes in", ingress),
+                 re.search(r"video_\w+ completed after \d+ s", ingress),
+                 re.search(r"turn on \w+: \d+ frames in [\d.]+ s", lipsync))
+        if all(found) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(found), ([bool(f) for f in found], sorted(text))
+
+
 def lipsync_replicas() -> int:
     from ray import serve
 

@@ -184,3 +184,53 @@ def test_each_replica_process_starts_with_few_malloc_arenas():
     assert "runtime_env" not in deployment(LipSync, "Decoder", cfg.stages.decoder.placement).ray_actor_options
     with pytest.raises(ValidationError, match="malloc_arena_max"):
         load_profile("tiny", {"stages": {"lipsync": {"placement": {"malloc_arena_max": 0}}}})
+
+
+def test_the_stages_info_logs_reach_the_replicas_serve_log():
+    """graph.log_to_serve (run by each replica before its stage is built) hands avatar_serve.*
+    records to the `ray.serve` logger Serve set up for the replica, at that logger's level,
+    flushed; the deployment's class is the stage's own, subclassed to run it first."""
+    import logging
+
+    from deployments.config import Placement
+    from deployments.lipsync import LipSync
+    from graph import deployment, log_to_serve
+
+    served = deployment(LipSync, "LipSync", Placement()).func_or_class
+    assert issubclass(served, LipSync) and served is not LipSync and served.__name__ == "LipSync"
+    assert served.__init__ is not LipSync.__init__
+    package, serve_log = logging.getLogger("avatar_serve"), logging.getLogger("ray.serve")
+    saved = (package.level, package.propagate, list(package.handlers), serve_log.level, list(serve_log.handlers))
+    flushed = []
+
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record.getMessage())
+
+        def flush(self):
+            flushed.append(len(self.records))
+
+    kept = Kept()
+    try:
+        log_to_serve()
+        log_to_serve()  # a second call adds no second handler
+        assert [type(h).__name__ for h in package.handlers].count("ToServeLog") == 1
+        serve_log.handlers[:] = [kept]  # what Serve installs when the replica starts
+        serve_log.setLevel(logging.INFO)
+        logging.getLogger("avatar_serve.ingress").info("turn on a: first byte %.3f s", 0.2)
+        logging.getLogger("avatar_serve.queue").debug("not at INFO")
+        serve_log.setLevel(logging.WARNING)  # a deployment's logging_config raises the level
+        logging.getLogger("avatar_serve.lipsync").info("dropped at WARNING")
+        logging.getLogger("avatar_serve.lipsync").warning("kept at WARNING")
+        assert kept.records == ["turn on a: first byte 0.200 s", "kept at WARNING"]
+        assert flushed == [1, 2]
+    finally:
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+        package.handlers[:] = saved[2]
+        serve_log.setLevel(saved[3])
+        serve_log.handlers[:] = saved[4]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("avatar_serve.fp8")
 
 FP8 = torch.float8_e4m3fn
 # Largest finite e4m3fn value: scales map each row's amax onto it.
