@@ -20,13 +20,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import statistics
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from serve import free_port, spread  # bench/serve.py's, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
@@ -39,16 +39,6 @@ def parse_mode(text: str) -> tuple[str, dict]:
             raise SystemExit(f"mode {name!r}: expected one of {sorted(MODES)} or NAME:VAR=VALUE,...")
         return name, MODES[name]
     return name, dict(pair.split("=", 1) for pair in env.split(","))
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(args) -> dict:
