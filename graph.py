@@ -22,6 +22,7 @@ from deployments.dit_expert import DitExpert
 from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.lipsync import LipSync
+from deployments.media.audio import SAMPLE_RATE
 from deployments.models.download import check_weights_present
 from deployments.profiles import load_profile
 
@@ -76,6 +77,42 @@ def replica_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
 
 
+# How the ingress's calls travel. Ray Serve sends a handle call either by reference (a Ray actor
+# call: arguments and results in the object store, a response passed to the next stage as a
+# reference, never through the ingress) or by value over gRPC, which its throughput-optimized
+# mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) makes the default: faster per call, but each message
+# at most RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH bytes (4 MiB), and a response passed on is
+# fetched into the caller first. The stages' calls carry conditioning, latents and clips (tens of
+# MB at 480p): in that mode they failed ("AioRpcError") until they went by reference, as here,
+# in every mode. A talk turn's messages are small (its PCM, then fMP4 pieces), so turns keep the
+# cluster's transport, unless the longest audio the profile admits would not fit a message.
+# `_by_reference` is DeploymentHandle.options' own switch (underscored in Ray 2.60, the only one).
+PCM_BYTES_PER_SECOND = SAMPLE_RATE * 4  # float32 mono, as the ingress sends it
+
+
+def grpc_message_limit() -> int:
+    from ray.serve._private import constants
+
+    return constants.RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
+
+
+def by_reference(handle):
+    return None if handle is None else handle.options(_by_reference=True)
+
+
+def ingress_replica_class(cls: type) -> type:
+    """The ingress as its replica builds it (on top of `replica_class`): stage calls by reference,
+    talk turns through the cluster's transport when the longest admitted audio fits a message."""
+
+    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):
+        cls.__init__(self, *map(by_reference, (encoder, high, low, decoder)), cfg, by_reference(lipsync))
+        turn_bytes = cfg.limits.max_audio_seconds * PCM_BYTES_PER_SECOND
+        if lipsync is not None and turn_bytes < grpc_message_limit() // 2:  # half: room for the rest
+            self.turn_lipsync = lipsync
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
+
+
 def deployment(cls: type, name: str, placement: Placement, http: bool = False):
     """Wrap a Ray-free stage class as a deployment with the placement from its config; `http`:
     the HTTP ingress (its FastAPI app served by Serve)."""
@@ -93,8 +130,8 @@ def deployment(cls: type, name: str, placement: Placement, http: bool = False):
     else:
         replicas = {"num_replicas": placement.replicas}
     cls = replica_class(cls)
-    if http:  # Serve's ingress wrapper on top: its __init__ is async, ours is not
-        cls = serve.ingress()(cls)
+    if http:  # the ingress; Serve's ingress wrapper on top: its __init__ is async, ours is not
+        cls = serve.ingress()(ingress_replica_class(cls))
     return serve.deployment(cls, name=name, max_ongoing_requests=placement.max_ongoing_requests,
                             ray_actor_options=actor, **replicas)
 

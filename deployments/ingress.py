@@ -115,6 +115,9 @@ class Ingress:
     def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):
         self.encoder, self.high, self.low, self.decoder = encoder, high, low, decoder
         self.lipsync = lipsync  # None: a deployment without the lip-sync stage
+        # The handle a talk turn streams through: graph.py may give turns a faster transport than
+        # the stage-to-stage calls that carry tensors (in process, the same handle).
+        self.turn_lipsync = lipsync
         self.cfg = cfg
         serving = cfg.serving
         self.metrics = IngressMetrics()
@@ -386,8 +389,8 @@ class Ingress:
         self.metrics.talk_turns(self.turns)
         stream, first_byte, sent = None, None, 0
         try:
-            stream = self.lipsync.options(stream=True).stream.remote(avatar.lipsync_id, pcm,
-                                                                     start_index=start_index)
+            stream = self.turn_lipsync.options(stream=True).stream.remote(avatar.lipsync_id, pcm,
+                                                                          start_index=start_index)
             async for chunk in stream:
                 if first_byte is None:
                     first_byte = time.perf_counter() - started

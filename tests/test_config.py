@@ -234,3 +234,36 @@ def test_the_stages_info_logs_reach_the_replicas_serve_log():
         package.handlers[:] = saved[2]
         serve_log.setLevel(saved[3])
         serve_log.handlers[:] = saved[4]
+
+
+def test_the_ingress_sends_stage_calls_by_reference_and_turns_by_the_clusters_transport(tmp_path, monkeypatch):
+    """In a replica the ingress's stage handles go by reference (tensors through the object store,
+    whatever transport the cluster defaults to); talk turns keep the handle as Ray made it while
+    the longest audio the profile admits fits half a gRPC message, else by reference too."""
+    import graph
+    from deployments.ingress import Ingress
+
+    class Handle:
+        def __init__(self, name, by_reference=None):
+            self.name, self.by_reference = name, by_reference
+
+        def options(self, **options):
+            return Handle(self.name, options.get("_by_reference"))
+
+    stages = ("encoder", "high", "low", "decoder", "lipsync")
+    cfg = load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)}, "limits": {"max_audio_seconds": 10}})
+    served = graph.ingress_replica_class(Ingress)
+    assert issubclass(served, Ingress) and served.__name__ == "Ingress"
+
+    def build(limit: int) -> Ingress:
+        monkeypatch.setattr(graph, "grpc_message_limit", lambda: limit)
+        handles = {name: Handle(name) for name in stages}
+        ingress = served(*(handles[n] for n in stages[:4]), cfg, handles["lipsync"])
+        assert [getattr(ingress, n).name for n in stages] == list(stages)
+        assert all(getattr(ingress, n).by_reference is True for n in stages)
+        return ingress
+
+    assert build(4 * 1024 * 1024).turn_lipsync.by_reference is None  # 10 s of PCM: 640 KB
+    assert build(1024 * 1024).turn_lipsync.by_reference is True
+    without = served(*(Handle(n) for n in stages[:4]), cfg, None)
+    assert without.lipsync is None and without.turn_lipsync is None
