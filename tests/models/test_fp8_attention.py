@@ -72,8 +72,8 @@ def test_processor_routes_every_block_and_matches_diffusers_within_tolerance(mon
         plain = transformer(**inputs)[0]
         assert fp8_attention.use_fp8_self_attention(transformer, torch.device("cpu")) == len(transformer.blocks)
         calls = []
-        original = fp8_attention.reference
-        monkeypatch.setattr(fp8_attention, "reference", lambda *a: calls.append(a[0].shape) or original(*a))
+        original = fp8_attention.sdpa_reference
+        monkeypatch.setattr(fp8_attention, "sdpa_reference", lambda *a: calls.append(a[0].shape) or original(*a))
         fast = transformer(**inputs)[0]
     assert len(calls) == len(transformer.blocks)  # self-attention of each block, cross-attention not
     assert 0 < rel(fast, plain) < EXPERT_TOLERANCE
@@ -125,3 +125,45 @@ def test_a_gpu_older_than_hopper_is_told_at_start_up(monkeypatch):
     with pytest.raises(RuntimeError, match=r"Hopper or newer.*A100-SXM4-80GB is 8\.0.*attention_backend: null"):
         fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"))
     assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
+
+
+def test_attention_on_a_cpu_is_the_recipe_and_the_kernel_op_returns_scaled_e4m3():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    assert torch.equal(fp8_attention.attention(q, k, v), reference(q, k, v))
+    (q8, dq), (k8, dk), (v8, dv) = quantise(q), quantise(k), quantise(v)
+    out8 = torch.ops.avatar_serve.fp8_sdpa(q8, k8, v8, dq, dk, dv)
+    assert out8.dtype == torch.float8_e4m3fn and out8.shape == q.shape and out8.is_contiguous()
+    assert float(out8.float().abs().max()) <= FP8_MAX  # O scaled by 448 / max|V| stays in range
+
+
+def test_no_buildable_cudnn_plan_is_a_clear_error(monkeypatch):
+    """cuDNN may offer plans none of which builds (a driver or cuDNN too old for the kernel): the
+    first forward says so and names the way out, instead of failing inside the frontend."""
+
+    class Graph:
+        def __init__(self, **_):
+            pass
+
+        def tensor(self, **_):
+            return self
+
+        def sdpa_fp8(self, **_):
+            return self, None, self, self
+
+        def __getattr__(self, name):  # set_output, set_dim, validate, ...: chainable no-ops
+            return lambda *a, **k: self
+
+        def get_execution_plan_count(self):
+            return 2
+
+        def build_plan_at_index(self, index):
+            raise RuntimeError(f"plan {index}: not supported")
+
+    fake = types.SimpleNamespace(data_type=types.SimpleNamespace(FP8_E4M3=1, FLOAT=2), pygraph=Graph,
+                                 heur_mode=types.SimpleNamespace(A=0, B=1, FALLBACK=2), create_handle=object)
+    monkeypatch.setitem(sys.modules, "cudnn", fake)
+    monkeypatch.setattr(fp8_attention, "_local", fp8_attention.threading.local())
+    tensors = [quantise(torch.randn(1, 8, 2, 16))[0] for _ in range(3)] + [torch.ones(1, 1, 1, 1)] * 3
+    with pytest.raises(RuntimeError, match=r"no FP8 attention plan.*\(1, 8, 2, 16\).*attention_backend: null"):
+        fp8_attention._build(*tensors)

@@ -6,17 +6,19 @@ its 2.45 s on an H200 with PyTorch's fastest kernel (cuDNN, bf16; bench/README.m
 attention is what is left to gain there. PyTorch's SDPA has no 8-bit path, SageAttention >= 2
 and FlashAttention-3's FP8 kernels are not on PyPI; cuDNN's FP8 flash attention is, through the
 `nvidia-cudnn-frontend` package (optional: `pip install nvidia-cudnn-frontend`). Hand-written
-here is only what that package lacks: the per-tensor scaling around it, a torch custom op (so a
-compiled block keeps it as one opaque call) and the processor that routes the experts'
-self-attention to it. Cross-attention (512 text tokens, well under 1% of a step) stays on
-diffusers' path.
+here is only what that package lacks: the per-tensor scaling around the kernel (plain torch code,
+so a compiled block fuses it with the projections, RMSNorm and rotary embedding around it), a
+torch custom op for the kernel alone (one opaque call in a compiled block), the choice of the
+fastest of the plans cuDNN offers (timed once per shape, at warm-up) and the processor that
+routes the experts' self-attention to it. Cross-attention (512 text tokens, well under 1% of a
+step) stays on diffusers' path.
 
 The numbers, on the GPU and in `reference` (the CPU path and the tests' yardstick):
     Q, K, V -> e4m3, one scale each: 448 / max|x|
     S = Q K^T / sqrt(d); P = exp(S - rowmax S) -> e4m3 (scale 448); O = (P V) / rowsum
     O -> e4m3 with scale 448 / max|V| (a row of O averages rows of V, so |O| <= max|V|), -> bf16
 (on Hopper the FP8 kernel writes its output in e4m3 only; cuDNN keeps a running max and sum per
-block where `reference` takes the row's, so the two agree closely, not bit for bit).
+block where `sdpa_reference` takes the row's, so the two agree closely, not bit for bit).
 
 Speed and error on the card are measured by bench/gpu_paths.py (`cudnn_fp8`). On an H200 at
 32,760 tokens: 30.3 ms per call, quantising included, against 38.2 ms for PyTorch's bf16 cuDNN
@@ -26,11 +28,14 @@ kernel; a compiled fp8 expert step 2.09 s against 2.43 s, its output 2.1% from b
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+log = logging.getLogger("avatar_serve.fp8_attention")
 
 NAME = "cudnn_fp8"  # the `attention_backend` value that selects this
 FP8 = torch.float8_e4m3fn
@@ -46,10 +51,19 @@ def quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / descale).to(FP8), descale.float().reshape(1, 1, 1, 1)
 
 
-def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """The FP8 recipe above in fp32 with explicit e4m3 rounding: (B, S, H, D) x3 -> (B, S, H, D)
-    in query's dtype. Memory is O(S^2) per head: for tests and CPUs, not for full-size clips."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention of (B, S, H, D) tensors with 8-bit inputs (module docstring) -> (B, S,
+    H, D) in query's dtype. The scaling around the kernel is plain torch code, so in a compiled
+    block it fuses with what produces Q, K, V and consumes O; the kernel is one opaque op."""
     (q8, dq), (k8, dk), (v8, dv) = quantise(query), quantise(key), quantise(value)
+    out8 = torch.ops.avatar_serve.fp8_sdpa(q8, k8, v8, dq, dk, dv)
+    return (out8.float() * dv).to(query.dtype)  # O was scaled by 1 / dv = 448 / max|V|
+
+
+def sdpa_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                   dv: torch.Tensor) -> torch.Tensor:
+    """The kernel's recipe in fp32 with explicit e4m3 rounding: e4m3 (B, S, H, D) x3 and their
+    descales -> O in e4m3, scaled by 1 / dv. Memory is O(S^2) per head: for tests and CPUs."""
     q = (q8.float() * dq).transpose(1, 2)  # (B, H, S, D)
     k = (k8.float() * dk).transpose(1, 2)
     v = (v8.float() * dv).transpose(1, 2)
@@ -58,23 +72,33 @@ def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     total = p.sum(dim=-1, keepdim=True)
     p = (p * FP8_MAX).to(FP8).float() / FP8_MAX
     out = (p @ v) / total
-    out_scale = 1.0 / dv  # 448 / max|V|
-    out = (out * out_scale).to(FP8).float() / out_scale
-    return out.transpose(1, 2).to(query.dtype).contiguous()
+    return (out / dv).to(FP8).transpose(1, 2).contiguous()
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The whole FP8 recipe on (B, S, H, D) tensors, on any device: what `attention` computes on
+    a CPU, the yardstick of the tests."""
+    (q8, dq), (k8, dk), (v8, dv) = quantise(query), quantise(key), quantise(value)
+    return (sdpa_reference(q8, k8, v8, dq, dk, dv).float() * dv).to(query.dtype)
 
 
 # cuDNN handles and built plans belong to one thread (cuDNN's plans are not thread-safe); a stage
 # runs its model on one thread (ModelLock), so each replica builds a shape's plan once.
 _local = threading.local()
+# What choosing a plan measured, per shape: {(B, S, H, D): {"plans": {name: ms}, "chosen": name}}
+# (for logs and bench/gpu_paths.py).
+PLAN_TIMES: dict[tuple, dict] = {}
+_TIMING_RUNS = 3  # per plan, after one warm-up run
 
 
-def _cudnn_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _cudnn_sdpa(*tensors: torch.Tensor) -> torch.Tensor:
     graphs = _local.__dict__.setdefault("graphs", {})
-    signature = (query.device.index, *(tuple(t.shape) + tuple(t.stride()) for t in (query, key, value)))
+    q8, k8, v8 = tensors[:3]
+    signature = (q8.device.index, *(tuple(t.shape) + tuple(t.stride()) for t in (q8, k8, v8)))
     run = graphs.get(signature)
     if run is None:
-        run = graphs[signature] = _build(query, key, value)
-    return run(query, key, value)
+        run = graphs[signature] = _build(*tensors)
+    return run(*tensors)
 
 
 def _bhsd(t: torch.Tensor) -> dict:
@@ -83,8 +107,11 @@ def _bhsd(t: torch.Tensor) -> dict:
     return {"dim": (b, h, s, d), "stride": (sb, sh, ss, sd)}
 
 
-def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-    """A cuDNN FP8 SDPA graph for tensors laid out as these (B, S, H, D) ones -> run(q, k, v)."""
+def _build(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+           dv: torch.Tensor):
+    """A cuDNN FP8 SDPA graph for tensors laid out as these (B, S, H, D) ones -> run(...). Of the
+    execution plans cuDNN's heuristics offer, each that builds is timed once on these inputs and
+    the fastest kept (cuDNN's first choice is not always its fastest; this runs at warm-up)."""
     import cudnn  # nvidia-cudnn-frontend: only where this backend is chosen
 
     e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
@@ -96,53 +123,80 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     def bhsd(name: str, t: torch.Tensor):
         return graph.tensor(name=name, **_bhsd(t), data_type=e4m3)
 
-    tq, tk, tv = bhsd("q", query), bhsd("k", key), bhsd("v", value)
+    tq, tk, tv = bhsd("q", q8), bhsd("k", k8), bhsd("v", v8)
     scalar = {"dim": (1, 1, 1, 1), "stride": (1, 1, 1, 1), "data_type": fp32}
-    dq, dk, dv, ds, ss, so = (graph.tensor(name=n, **scalar) for n in
-                              ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"))
-    to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=dq, descale_k=dk, descale_v=dv,
-                                           descale_s=ds, scale_s=ss, scale_o=so, generate_stats=False,
-                                           attn_scale=1.0 / math.sqrt(query.shape[-1]), use_causal_mask=False)
-    layout = _bhsd(query)  # the output is laid out as the query
+    tdq, tdk, tdv, tds, tss, tso = (graph.tensor(name=n, **scalar) for n in
+                                    ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"))
+    to, _, amax_s, amax_o = graph.sdpa_fp8(q=tq, k=tk, v=tv, descale_q=tdq, descale_k=tdk, descale_v=tdv,
+                                           descale_s=tds, scale_s=tss, scale_o=tso, generate_stats=False,
+                                           attn_scale=1.0 / math.sqrt(q8.shape[-1]), use_causal_mask=False)
+    layout = _bhsd(torch.empty(q8.shape, device="meta"))  # the output: contiguous (B, S, H, D)
     to.set_output(True).set_dim(layout["dim"]).set_stride(layout["stride"]).set_data_type(e4m3)
     for amax in (amax_s, amax_o):
         amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
     graph.validate()
     graph.build_operation_graph()
-    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
     graph.check_support()
-    graph.build_plans()
-    device = query.device
-    workspace = torch.empty(graph.get_workspace_size(), device=device, dtype=torch.uint8)
+    built = []
+    for index in range(graph.get_execution_plan_count()):
+        try:
+            graph.build_plan_at_index(index)
+            built.append((index, graph.get_plan_name_at_index(index)))
+        except Exception as exc:  # a plan this GPU or install cannot build: cuDNN offers the others
+            log.debug("fp8 attention: plan %d not built: %s", index, exc)
+    if not built:
+        raise RuntimeError(f"cuDNN offered no FP8 attention plan that builds for shape {tuple(q8.shape)} "
+                           f"on {q8.device}; set attention_backend: null to use bf16 attention")
+    device = q8.device
+    workspace = torch.empty(max(graph.get_workspace_size_plan_at_index(i) for i, _ in built),
+                            device=device, dtype=torch.uint8)
     amaxes = [torch.empty(1, 1, 1, 1, device=device, dtype=torch.float32) for _ in range(2)]
     p_scale = torch.full((1, 1, 1, 1), FP8_MAX, device=device)
     p_descale = 1.0 / p_scale
 
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        (q8, q_descale), (k8, k_descale), (v8, v_descale) = quantise(q), quantise(k), quantise(v)
-        out_scale = 1.0 / v_descale  # 448 / max|V|
-        out = torch.empty_like(q8)
+    def execute(index: int, q8, k8, v8, dq, dk, dv) -> torch.Tensor:
+        out = torch.empty(q8.shape, dtype=q8.dtype, device=device)  # as the fake says: contiguous
         cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
-        graph.execute({tq: q8, tk: k8, tv: v8, dq: q_descale, dk: k_descale, dv: v_descale, ds: p_descale,
-                       ss: p_scale, so: out_scale, to: out, amax_s: amaxes[0], amax_o: amaxes[1]},
-                      workspace, handle=handle)
-        return (out.float() * v_descale).to(q.dtype).contiguous()
+        graph.execute_plan_at_index({tq: q8, tk: k8, tv: v8, tdq: dq, tdk: dk, tdv: dv, tds: p_descale,
+                                     tss: p_scale, tso: 1.0 / dv, to: out, amax_s: amaxes[0], amax_o: amaxes[1]},
+                                    workspace, index=index, handle=handle)
+        return out
 
-    return run
+    chosen, name = built[0]
+    if len(built) > 1:
+        times = {}
+        for index, plan in built:
+            execute(index, q8, k8, v8, dq, dk, dv)  # warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(_TIMING_RUNS):
+                execute(index, q8, k8, v8, dq, dk, dv)
+            end.record()
+            end.synchronize()
+            times[(index, plan)] = start.elapsed_time(end) / _TIMING_RUNS
+        chosen, name = min(times, key=times.get)
+        PLAN_TIMES[tuple(q8.shape)] = {"plans": {f"{i}:{p}": round(ms, 3) for (i, p), ms in times.items()},
+                                       "chosen": f"{chosen}:{name}"}
+        log.info("fp8 attention at %s: plan %s, %.2f ms (of %s)", tuple(q8.shape), name, times[(chosen, name)],
+                 ", ".join(f"{p} {ms:.2f} ms" for (_, p), ms in times.items()))
+    return lambda *tensors: execute(chosen, *tensors)
 
 
-@torch.library.custom_op("avatar_serve::fp8_attention", mutates_args=())
-def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention of (B, S, H, D) tensors with 8-bit inputs (module docstring): cuDNN on
-    a GPU, `reference` elsewhere. -> contiguous (B, S, H, D) in query's dtype."""
-    if query.device.type == "cuda":
-        return _cudnn_attention(query, key, value)
-    return reference(query, key, value)
+@torch.library.custom_op("avatar_serve::fp8_sdpa", mutates_args=())
+def fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+             dv: torch.Tensor) -> torch.Tensor:
+    """The 8-bit kernel alone: e4m3 (B, S, H, D) Q, K, V and their (1, 1, 1, 1) fp32 descales ->
+    O in e4m3 (B, S, H, D), contiguous, scaled by 1 / dv. cuDNN on a GPU, `sdpa_reference`
+    elsewhere."""
+    if q8.device.type == "cuda":
+        return _cudnn_sdpa(q8, k8, v8, dq, dk, dv)
+    return sdpa_reference(q8, k8, v8, dq, dk, dv)
 
 
-@fp8_attention.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return query.new_empty(query.shape)  # contiguous, as both implementations return
+@fp8_sdpa.register_fake
+def _(q8, k8, v8, dq, dk, dv) -> torch.Tensor:
+    return torch.empty(q8.shape, dtype=q8.dtype, device=q8.device)  # contiguous, as both return
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -174,7 +228,7 @@ class Fp8SelfAttention:
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-        out = torch.ops.avatar_serve.fp8_attention(query, key, value).flatten(2, 3).type_as(query)
+        out = attention(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
