@@ -255,7 +255,7 @@ class ExpertConfig(StageBase):
     # (plain SDPA). A kernel choice is a config value, never an import side effect. "cudnn_fp8":
     # self-attention through cuDNN's FP8 flash attention (deployments/models/wan/fp8_attention.py;
     # Hopper or newer and the nvidia-cudnn-frontend package; the fp8 profiles set it: an H200 step
-    # 2.43 s -> 2.09 s compiled, the expert's output 2.1% from bf16 attention, bench/README.md).
+    # 2.43 s -> 1.98 s compiled, the expert's output 2.1% from bf16 attention, bench/README.md).
     attention_backend: str | None = None
     # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
     # halving weight memory; files that are already fp8 load as fp8 whatever this says.
