@@ -279,6 +279,48 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     return out | await measure(args, video, create_avatar, turn)
 
 
+async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
+    """Phase 1b (in a subprocess, --diffusers-baseline): diffusers' WanImageToVideoPipeline as a
+    user runs it, in one process: plain experts and VAE (bf16, eager, unquantised) from the
+    profile's weights (random ones: the same seeds), the encoder stage's text encoder, the same
+    request and sampler. Its first call, then --repeats more (different seeds); up to the
+    pipeline's float frames (no MP4: ours include the mux)."""
+    import torch
+    from stages import diffusers_pipeline, pipeline_kwargs, plain_modules  # bench/stages.py, beside this file
+
+    from deployments.common.runtime import resolve_device
+    from deployments.encoder import Encoder
+    from deployments.ingress import Ingress
+    from deployments.profiles import load_profile
+
+    cfg = load_profile(args.profile, args.overrides)
+    t0 = time.perf_counter()
+    encoder = Encoder(cfg.stages.encoder)
+    device = resolve_device(cfg.stages.high.device)
+    pipe = diffusers_pipeline(cfg, encoder, *plain_modules(cfg, device))
+    pipe.to(device)
+    out = {"what": "diffusers WanImageToVideoPipeline, plain experts and VAE (bf16 on a GPU), eager",
+           "load_s": time.perf_counter() - t0}
+    prepare = Ingress(None, None, None, None, cfg).prepare  # the request validated as the graph does
+
+    def run(seed: int) -> float:
+        params, pixels = prepare({**request, "seed": seed}, image)
+        kwargs = pipeline_kwargs(params, pixels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        pipe(**kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        log("diffusers baseline: the first request, then sequential")
+        out["first_s"] = run(0)
+        out["sequential_s"] = spread([run(1 + i) for i in range(args.repeats)])
+    return out
+
+
 async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict, phases=None) -> dict:
     """Phase 2: the same requests over HTTP."""
     from deployments.api.client import AvatarClient  # here, not inside a timed request
@@ -626,6 +668,11 @@ def summary(report: dict, args) -> str:
             f"{fmt(dig(b, 'first_byte_s', 'median'))}, {fmt(dig(b, 'fps_per_turn', 'median'), '.1f')}, "
             f"{fmt(dig(b, 'video', 's'), '.1f')}" for b in beside]))
     extra = []
+    if base := report.get("diffusers_baseline"):
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in (report.get("vs_diffusers") or {}).items())
+        extra.append(f"diffusers' pipeline in process: first {fmt(base.get('first_s'))} s, sequential median "
+                     f"{fmt(dig(base, 'sequential_s', 'median'))} s; ours / diffusers (sequential medians): "
+                     f"{ratios or '-'}")
     for n in [] if args.skip_turns else map(str, args.turn_concurrency):
         got = dig(report, "served", "turns", "concurrency", n, "phases_mean_s") or {}
         if got:
@@ -668,6 +715,10 @@ def main() -> int:
                     help="then batches of this many turns at once while a video request runs (0: skip)")
     ap.add_argument("--beside-delay", type=float, default=3.0, help="seconds between starting that video and the turns")
     ap.add_argument("--warmup-turns", type=int, default=2, help="concurrent warm-up turns (one per lip-sync replica)")
+    ap.add_argument("--diffusers-baseline", action="store_true",
+                    help="also time diffusers' one-process pipeline (plain bf16 experts and VAE, eager) on the "
+                         "same request, in its own subprocess after the in-process phase")
+    ap.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-inprocess", action="store_true")
     ap.add_argument("--skip-served", action="store_true", help="phase 1 alone (in process)")
     ap.add_argument("--skip-video", action="store_true")
@@ -693,6 +744,9 @@ def main() -> int:
         result = asyncio.run(inprocess(args, request, image, audio))
         print(json.dumps({**result, "failures": FAILURES}, default=str))
         return 0
+    if args.baseline_worker:  # phase 1b, likewise
+        print(json.dumps(asyncio.run(diffusers_baseline(args, request, image)), default=str))
+        return 0
 
     with socket.socket() as s:
         try:
@@ -715,7 +769,8 @@ def main() -> int:
     report = {"bench": "serve", "profile": args.profile, "overrides": args.overrides, "device": None,
               "git_commit": commit.stdout.strip() or None,
               "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-              "request": request, "ray_env": ray_env, "startup_s": None, "inprocess": None, "served": None, "stage_metrics": None,
+              "request": request, "ray_env": ray_env, "startup_s": None, "inprocess": None, "diffusers_baseline": None,
+              "served": None, "stage_metrics": None,
               "placement": None, "failures": []}
     ports = {k: free_port() for k in ("gcs", "dashboard", "metrics", "client", "agent")}
     dashboard, base = f"http://127.0.0.1:{ports['dashboard']}", f"http://127.0.0.1:{args.port}"
@@ -742,6 +797,14 @@ def main() -> int:
                 report["failures"] += [f"in-process: {f}" for f in report["inprocess"].pop("failures")]
             except (IndexError, ValueError, KeyError):
                 report["failures"].append(f"in-process: exit {p.returncode}, no result (see above)")
+        if args.diffusers_baseline:
+            log("phase 1b: diffusers' pipeline (a subprocess)")
+            worker = [sys.executable, __file__, *sys.argv[1:], "--baseline-worker"]
+            p = subprocess.run(worker, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+            try:
+                report["diffusers_baseline"] = json.loads(p.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                report["failures"].append(f"diffusers baseline: exit {p.returncode}, no result (see above)")
 
         if not args.skip_served:
             log("phase 2: served")
@@ -786,6 +849,10 @@ def main() -> int:
         signal.signal(signal.SIGTERM, previous_sigterm)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    baseline = dig(report, "diffusers_baseline", "sequential_s", "median")
+    if baseline:  # ours over diffusers', sequential medians of the same request
+        ours = {k: dig(report, k, "video", "sequential", "latency_s", "median") for k in ("inprocess", "served")}
+        report["vs_diffusers"] = {k: v / baseline for k, v in ours.items() if v}
     if report["device"] is None:  # no in-process phase: the GPU a stage reports, else cpu
         infos = (dig(report, "placement", "stages") or {}).values()
         gpus = [i["gpu_name"] for i in infos if isinstance(i, dict) and i.get("gpu_name")]

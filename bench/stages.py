@@ -51,6 +51,39 @@ def timed(fn, device, repeats: int, warmup: int = 1):
                  "runs": len(times)}
 
 
+def plain_modules(cfg, device: torch.device):
+    """diffusers as a user runs it: its own experts and VAE from the profile's weights (random
+    ones: the same seeds as the graph's), bf16 on a GPU (fp32 on a CPU), eager, unquantised."""
+    from deployments.models.wan.components import load_expert, load_vae
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformers = tuple(load_expert(cfg.stages.high.weights, role, dtype, device) for role in ("high", "low"))
+    return transformers, load_vae(cfg.stages.decoder.weights, dtype, device)
+
+
+def diffusers_pipeline(cfg, encoder, transformers, vae) -> WanImageToVideoPipeline:
+    """diffusers' WanImageToVideoPipeline with the encoder stage's tokenizer and text encoder,
+    these experts and VAE, and the profile's sampler (its sigmas too)."""
+    scheduler = make_scheduler(cfg.sampler)
+    if cfg.sampler.sigmas is not None:
+        st = scheduler.set_timesteps
+        scheduler.set_timesteps = lambda n, device=None: st(sigmas=cfg.sampler.sigmas, device=device)
+    pipe = WanImageToVideoPipeline(tokenizer=encoder.tokenizer, text_encoder=encoder.text_encoder, vae=vae,
+                                   scheduler=scheduler, transformer=transformers[0],
+                                   transformer_2=transformers[1], boundary_ratio=cfg.sampler.boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_kwargs(params, pixels: np.ndarray) -> dict:
+    """The pipeline's arguments for one of our validated requests (frames as float arrays)."""
+    return dict(image=PIL.Image.fromarray(pixels), prompt=params.prompt, negative_prompt=params.negative_prompt,
+                height=params.height, width=params.width, num_frames=params.num_frames,
+                num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+                guidance_scale_2=params.guidance_scale_2,
+                generator=torch.Generator().manual_seed(params.seed), output_type="np")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="tiny")
@@ -106,26 +139,11 @@ def main() -> int:
     if not args.no_baseline:
         # diffusers' one-process pipeline on the same modules and settings (output_type="np" and
         # our uint8 conversion + mux are excluded from both sides' denoise numbers alike).
-        scheduler = make_scheduler(cfg.sampler)
-        if cfg.sampler.sigmas is not None:
-            st = scheduler.set_timesteps
-            scheduler.set_timesteps = lambda n, device=None: st(sigmas=cfg.sampler.sigmas, device=device)
         transformers, vae = (high.transformer, low.transformer), dec.vae
         if args.plain_baseline:
-            from deployments.models.wan.components import load_expert, load_vae
-
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            transformers = tuple(load_expert(cfg.stages.high.weights, role, dtype, device) for role in ("high", "low"))
-            vae = load_vae(cfg.stages.decoder.weights, dtype, device)
-        pipe = WanImageToVideoPipeline(tokenizer=enc.tokenizer, text_encoder=enc.text_encoder, vae=vae,
-                                       scheduler=scheduler, transformer=transformers[0],
-                                       transformer_2=transformers[1], boundary_ratio=cfg.sampler.boundary_ratio)
-        pipe.set_progress_bar_config(disable=True)
-        kwargs = dict(image=PIL.Image.fromarray(pixels), prompt=params.prompt,
-                      negative_prompt=params.negative_prompt, height=params.height, width=params.width,
-                      num_frames=params.num_frames, num_inference_steps=params.num_inference_steps,
-                      guidance_scale=params.guidance_scale, guidance_scale_2=params.guidance_scale_2,
-                      generator=torch.Generator().manual_seed(params.seed), output_type="np")
+            transformers, vae = plain_modules(cfg, device)
+        pipe = diffusers_pipeline(cfg, enc, transformers, vae)
+        kwargs = pipeline_kwargs(params, pixels)
         _, results["diffusers_pipeline_baseline"] = timed(lambda: pipe(**kwargs), device, args.repeats)
 
     report = {
