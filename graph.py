@@ -113,18 +113,21 @@ def ingress_replica_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
 
 
-def deployment(cls: type, name: str, placement: Placement, http: bool = False):
+def deployment(cls: type, name: str, placement: Placement, http: bool = False, env: dict | None = None):
     """Wrap a Ray-free stage class as a deployment with the placement from its config; `http`:
-    the HTTP ingress (its FastAPI app served by Serve)."""
+    the HTTP ingress (its FastAPI app served by Serve); `env`: more environment variables for
+    its replicas."""
     actor = {"num_cpus": placement.num_cpus, "num_gpus": placement.num_gpus}
     if placement.accelerator_type:
         actor["accelerator_type"] = placement.accelerator_type
     if placement.resources:
         actor["resources"] = dict(placement.resources)
+    env = dict(env or {})
     if placement.malloc_arena_max is not None:
         # In the worker's environment before it starts: glibc reads it once, at the first malloc.
-        # Serve merges these env_vars with an application-level runtime_env's.
-        actor["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(placement.malloc_arena_max)}}
+        env["MALLOC_ARENA_MAX"] = str(placement.malloc_arena_max)
+    if env:  # Serve merges these env_vars with an application-level runtime_env's
+        actor["runtime_env"] = {"env_vars": env}
     if placement.autoscaling is not None:
         replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
     else:
@@ -136,13 +139,23 @@ def deployment(cls: type, name: str, placement: Placement, http: bool = False):
                             ray_actor_options=actor, **replicas)
 
 
+def stage_env(stage) -> dict:
+    """A model stage's environment: torch.compile's cache folder (StageBase.compile_cache_dir),
+    read by torch when it first compiles, in the replica."""
+    return {"TORCHINDUCTOR_CACHE_DIR": stage.compile_cache_dir} if stage.compile_cache_dir else {}
+
+
 def build_from_config(cfg: GraphConfig) -> Application:
     s = cfg.stages
-    encoder = deployment(Encoder, "Encoder", s.encoder.placement).bind(s.encoder)
-    high = deployment(DitExpert, "DitExpertHigh", s.high.placement).bind(s.high, cfg.sampler)
-    low = deployment(DitExpert, "DitExpertLow", s.low.placement).bind(s.low, cfg.sampler)
-    decoder = deployment(Decoder, "Decoder", s.decoder.placement).bind(s.decoder)
-    lipsync = deployment(LipSync, "LipSync", s.lipsync.placement).bind(s.lipsync)
+
+    def stage(cls, name, stage_cfg):
+        return deployment(cls, name, stage_cfg.placement, env=stage_env(stage_cfg))
+
+    encoder = stage(Encoder, "Encoder", s.encoder).bind(s.encoder)
+    high = stage(DitExpert, "DitExpertHigh", s.high).bind(s.high, cfg.sampler)
+    low = stage(DitExpert, "DitExpertLow", s.low).bind(s.low, cfg.sampler)
+    decoder = stage(Decoder, "Decoder", s.decoder).bind(s.decoder)
+    lipsync = stage(LipSync, "LipSync", s.lipsync).bind(s.lipsync)
     ingress = deployment(with_http(Ingress), "Ingress", s.ingress.placement, http=True)
     return ingress.bind(encoder, high, low, decoder, cfg, lipsync)
 

@@ -183,6 +183,13 @@ class StageBase(_Strict):
     # Shapes run once at start-up (Encoder, DitExpert, Decoder), so no user request pays for
     # compiling or autotuning; the replica reports ready only after them.
     warmup: list[WarmupShape] = Field(default_factory=list)
+    # torch.compile's on-disk cache for this stage's replicas (TORCHINDUCTOR_CACHE_DIR in their
+    # environment, set by graph.py): compiled graphs and kernels outlive a restart, so a replica
+    # that starts again on the same disk skips most of its compile (one H200, the fp8 profile:
+    # ready in 74 s with a warm cache against 250 s cold; bench/README.md). `load_profile`
+    # defaults it to `<serving.storage_dir>/compile-cache`; None leaves torch's default, a folder
+    # under /tmp that a new container does not have. Several replicas may share it.
+    compile_cache_dir: str | None = None
 
     # The random architectures this stage's models come in.
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "a14b")

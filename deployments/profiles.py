@@ -133,6 +133,9 @@ def validate_profile(raw: dict) -> GraphConfig:
     # Prepared avatars beside the jobs by default, so an avatar the ingress lists as ready after a
     # restart is still there for the lip-sync stage (a restarted replica reloads it from the folder).
     stages["lipsync"].setdefault("avatar_cache_dir", os.path.join(serving["storage_dir"], "avatars"))
+    # Compiled graphs and kernels beside them too, so a restart does not compile again.
+    for name in MODEL_STAGES:
+        stages[name].setdefault("compile_cache_dir", os.path.join(serving["storage_dir"], "compile-cache"))
     for field in ("api_keys", "admin_keys"):  # keys from the environment, read once here
         env_name = serving.get(f"{field}_env", ServingConfig.model_fields[f"{field}_env"].default)
         if env_name and os.environ.get(env_name):

@@ -267,3 +267,22 @@ def test_the_ingress_sends_stage_calls_by_reference_and_turns_by_the_clusters_tr
     assert build(1024 * 1024).turn_lipsync.by_reference is True
     without = served(*(Handle(n) for n in stages[:4]), cfg, None)
     assert without.lipsync is None and without.turn_lipsync is None
+
+
+def test_each_model_stage_compiles_into_a_cache_beside_the_jobs(tmp_path):
+    """torch.compile's cache folder (TORCHINDUCTOR_CACHE_DIR) goes into each model stage's replica
+    environment, by default under the storage root, so a restarted replica finds its compiled
+    kernels; null leaves torch's own default; the ingress gets none."""
+    from deployments.config import MODEL_STAGES
+    from deployments.dit_expert import DitExpert
+    from graph import deployment, stage_env
+
+    cfg = load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)},
+                                "stages": {"decoder": {"compile_cache_dir": None}}})
+    want = str(tmp_path / "compile-cache")
+    assert {n: getattr(cfg.stages, n).compile_cache_dir for n in MODEL_STAGES} == {
+        n: None if n == "decoder" else want for n in MODEL_STAGES}
+    got = deployment(DitExpert, "DitExpertHigh", cfg.stages.high.placement, env=stage_env(cfg.stages.high))
+    assert got.ray_actor_options["runtime_env"]["env_vars"] == {"TORCHINDUCTOR_CACHE_DIR": want,
+                                                                  "MALLOC_ARENA_MAX": "2"}
+    assert stage_env(cfg.stages.decoder) == {}

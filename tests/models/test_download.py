@@ -19,7 +19,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import GraphConfig, MuseTalkWeights
+from deployments.config import MODEL_STAGES, GraphConfig, MuseTalkWeights
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
 from deployments.profiles import CONFIG_DIR, load_profile, profile_names, read_profile, validate_profile
@@ -207,8 +207,11 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     distill-fp8 profile runs its experts' self-attention in FP8, and random-a14b, which stands in
     for it, does that too and quantises its experts to fp8."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
-    for serving in (cfg["serving"], shared["serving"]):  # each profile stores its jobs apart
-        assert serving.pop("storage_dir").endswith(serving is cfg["serving"] and name or parent)
+    for profile, title in ((cfg, name), (shared, parent)):  # each profile stores jobs and compiles apart
+        storage = profile["serving"].pop("storage_dir")
+        assert storage.endswith(title)
+        for stage in MODEL_STAGES:
+            assert profile["stages"][stage].pop("compile_cache_dir") == f"{storage}/compile-cache"
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
     differ = ("weights", "loras") if name in LORA_PROFILES else ("weights",)
