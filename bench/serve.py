@@ -286,7 +286,7 @@ async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
     request and sampler. Its first call, then --repeats more (different seeds); up to the
     pipeline's float frames (no MP4: ours include the mux)."""
     import torch
-    from stages import diffusers_pipeline, pipeline_kwargs, plain_modules  # bench/stages.py, beside this file
+    from stages import diffusers_pipeline, pipeline_kwargs, plain_modules, sync  # bench/stages.py
 
     from deployments.common.runtime import resolve_device
     from deployments.encoder import Encoder
@@ -306,12 +306,10 @@ async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
     def run(seed: int) -> float:
         params, pixels = prepare({**request, "seed": seed}, image)
         kwargs = pipeline_kwargs(params, pixels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t = time.perf_counter()
         pipe(**kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter() - t
 
     with torch.no_grad():

@@ -56,9 +56,13 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     """Non-causal attention of (B, S, H, D) tensors with 8-bit inputs (module docstring) -> (B, S,
     H, D) in query's dtype. The scaling around the kernel is plain torch code, so in a compiled
     block it fuses with what produces Q, K, V and consumes O; the kernel is one opaque op."""
+    return _scaled(torch.ops.avatar_serve.fp8_sdpa, query, key, value)
+
+
+def _scaled(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Q, K, V -> e4m3 with their descales -> `kernel` -> O back in query's dtype."""
     (q8, dq), (k8, dk), (v8, dv) = quantise(query), quantise(key), quantise(value)
-    out8 = torch.ops.avatar_serve.fp8_sdpa(q8, k8, v8, dq, dk, dv)
-    return (out8.float() * dv).to(query.dtype)  # O was scaled by 1 / dv = 448 / max|V|
+    return (kernel(q8, k8, v8, dq, dk, dv).float() * dv).to(query.dtype)  # O was scaled by 1 / dv
 
 
 def sdpa_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
@@ -79,8 +83,7 @@ def sdpa_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: tor
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The whole FP8 recipe on (B, S, H, D) tensors, on any device: what `attention` computes on
     a CPU, the yardstick of the tests."""
-    (q8, dq), (k8, dk), (v8, dv) = quantise(query), quantise(key), quantise(value)
-    return (sdpa_reference(q8, k8, v8, dq, dk, dv).float() * dv).to(query.dtype)
+    return _scaled(sdpa_reference, query, key, value)
 
 
 # cuDNN handles and built plans belong to one thread (cuDNN's plans are not thread-safe); a stage
