@@ -167,3 +167,27 @@ def test_no_buildable_cudnn_plan_is_a_clear_error(monkeypatch):
     tensors = [quantise(torch.randn(1, 8, 2, 16))[0] for _ in range(3)] + [torch.ones(1, 1, 1, 1)] * 3
     with pytest.raises(RuntimeError, match=r"no FP8 attention plan.*\(1, 8, 2, 16\).*attention_backend: null"):
         fp8_attention._build(*tensors)
+
+
+def test_fp8_expert_denoises_requests_at_once_as_alone():
+    """Ray runs a replica's sync methods in a thread pool: several denoise calls of the fp8-attention
+    expert at once (different seeds, sizes and frame counts) give each the latents it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deployments.common.transport import unpack
+    from deployments.config import EncoderConfig
+    from deployments.encoder import Encoder
+    from helpers import get_dummy_image, get_dummy_params
+
+    encoder = Encoder(EncoderConfig())
+    shapes = [(32, 16, 5, 1), (16, 32, 9, 2), (48, 32, 5, 3), (32, 32, 13, 4)]
+    conds = [encoder.encode(get_dummy_params(width=w, height=h, num_frames=f, seed=seed, num_inference_steps=2,
+                                             guidance_scale=1.0, guidance_scale_2=1.0), get_dummy_image(seed))
+             for w, h, f, seed in shapes]
+    expert = DitExpert(ExpertConfig(role="high", attention_backend="cudnn_fp8"), SAMPLER)
+    alone = [unpack(expert.denoise(c).latents) for c in conds]
+    for _ in range(2):
+        with ThreadPoolExecutor(len(conds)) as pool:
+            together = list(pool.map(lambda c: unpack(expert.denoise(c).latents), conds))
+        for a, b in zip(alone, together):
+            assert torch.equal(a, b)
