@@ -38,7 +38,7 @@ from deployments.common.runtime import (
 from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
 from deployments.media.video import Mp4Writer, encode_mp4
-from deployments.models.wan.components import load_vae
+from deployments.models.wan.components import load_vae, set_conv_format
 
 log = logging.getLogger("avatar_serve.decoder")
 
@@ -53,14 +53,6 @@ def vae_norm_constants(vae, dtype: torch.dtype, device) -> tuple[torch.Tensor, t
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
     return mean, std
-
-
-def set_conv_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
-    """Every 3-D convolution's weight in `memory_format` (`Module.to(memory_format=...)` refuses
-    the VAE: it has 4-D weights too)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

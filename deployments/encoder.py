@@ -36,7 +36,7 @@ from deployments.common.runtime import (
 )
 from deployments.common.transport import pack, torch_dtype
 from deployments.config import EncoderConfig
-from deployments.models.wan.components import load_text_encoder, load_vae
+from deployments.models.wan.components import load_text_encoder, load_vae, set_conv_format
 
 log = logging.getLogger("avatar_serve.encoder")
 
@@ -87,6 +87,8 @@ class Encoder:
         self.tokenizer, self.text_encoder = load_text_encoder(cfg.weights, self.text_dtype, self.device,
                                                               cfg.weights_dir)
         self.vae = load_vae(cfg.weights, self.vae_dtype, self.device, cfg.weights_dir)
+        if cfg.channels_last and self.device.type == "cuda":
+            set_conv_format(self.vae, torch.channels_last_3d)
         self.temporal = self.vae.config.scale_factor_temporal
         self.spatial = self.vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.spatial)

@@ -113,6 +113,14 @@ def load_vae(weights, dtype: torch.dtype, device, weights_dir: str | None = None
     raise TypeError(f"VAE cannot load weights of kind {weights.kind!r}")
 
 
+def set_conv_format(model: torch.nn.Module, memory_format: torch.memory_format) -> None:
+    """Every 3-D convolution's weight in `memory_format` (`Module.to(memory_format=...)` refuses
+    the VAE: it has 4-D weights too)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+
+
 def load_expert(weights, role: str, dtype: torch.dtype, device,
                 weights_dir: str | None = None, quantize: str = "none") -> WanTransformer3DModel:
     """The high-noise expert is diffusers' `transformer`, the low-noise one `transformer_2`.
