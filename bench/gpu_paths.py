@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from deployments.common.runtime import memory_report, release_cached_memory  # noqa: E402
 from deployments.config import RandomWeights  # noqa: E402
-from deployments.decoder import set_conv_format  # noqa: E402
-from deployments.models.wan.components import latent_shape, load_expert, load_vae  # noqa: E402
+from deployments.models.wan.components import latent_shape, load_expert, load_vae, set_conv_format  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -134,28 +133,49 @@ def attention(args, tokens: int) -> dict:
     try:
         import importlib.metadata as md
 
-        from deployments.models.wan import fp8_attention  # the experts' 8-bit attention, (B, S, H, D)
+        from fa3_fwd_interface import flash_attn_func
 
-        def fp8(q, k, v, run=fp8_attention.attention):
-            return run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        def fa3(q, k, v):
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-        times = timed(lambda: fp8(q, k, v), args.repeats + 2)  # the first call chooses cuDNN's plan
-        o = fp8(q, k, v)
-        fused = torch.compile(fp8_attention.attention)  # the scaling fused, as in a compiled block
-        compiled = timed(lambda: fp8(q, k, v, fused), args.repeats + 2)
-        quantised = [fp8_attention.quantise(t.transpose(1, 2)) for t in (q, k, v)]
-        kernel = timed(lambda: torch.ops.avatar_serve.fp8_sdpa(*(t for t, _ in quantised),
-                                                                *(d for _, d in quantised)), args.repeats + 2)
-        out["backends"]["cudnn_fp8"] = {**summary(times), "version": md.version("nvidia-cudnn-frontend"),
-                                        "tflops": flops / statistics.median(times) / 1e12,
-                                        "rel_error": rel(o[:, :, :1024], ref),
-                                        "compiled_median_s": statistics.median(compiled),
-                                        "kernel_alone_median_s": statistics.median(kernel),
-                                        "kernel_alone_tflops": flops / statistics.median(kernel) / 1e12,
-                                        "plans": fp8_attention.PLAN_TIMES.get((1, tokens, heads, dim))}
-    except Exception as exc:  # not installed, or no FP8 attention engine for this GPU
-        out["backends"]["cudnn_fp8"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-    log(f"attention cudnn_fp8: {out['backends']['cudnn_fp8']}")
+        times = timed(lambda: fa3(q, k, v), args.repeats + 2)
+        o = fa3(q, k, v)
+        out["backends"]["fa3_bf16"] = {**summary(times), "version": md.version("fa3-fwd"),
+                                       "tflops": flops / statistics.median(times) / 1e12,
+                                       "rel_error": rel(o[:, :, :1024], ref)}
+    except Exception as exc:  # not installed, or its kernels do not load here
+        out["backends"]["fa3_bf16"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    log(f"attention fa3_bf16: {out['backends']['fa3_bf16']}")
+    from deployments.models.wan import fp8_attention  # the experts' 8-bit attention, (B, S, H, D)
+
+    eight_bit = {fp8_attention.NAME: (fp8_attention.attention, fp8_attention.quantise,
+                                      torch.ops.avatar_serve.fp8_sdpa, "nvidia-cudnn-frontend"),
+                 fp8_attention.FA3_NAME: (fp8_attention.attention_fa3, fp8_attention.quantise_per_head,
+                                          torch.ops.avatar_serve.fa3_fp8_sdpa, "fa3-fwd")}
+    for name, (function, quantise, op, package) in eight_bit.items():
+        try:
+            import importlib.metadata as md
+
+            def fp8(q, k, v, run=function):
+                return run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+            times = timed(lambda: fp8(q, k, v), args.repeats + 2)  # cuDNN: the first call chooses its plan
+            o = fp8(q, k, v)
+            fused = torch.compile(function)  # the scaling fused, as in a compiled block
+            compiled = timed(lambda: fp8(q, k, v, fused), args.repeats + 2)
+            quantised = [quantise(t.transpose(1, 2)) for t in (q, k, v)]
+            kernel = timed(lambda: op(*(t for t, _ in quantised), *(d for _, d in quantised)), args.repeats + 2)
+            out["backends"][name] = {**summary(times), "version": md.version(package),
+                                     "tflops": flops / statistics.median(times) / 1e12,
+                                     "rel_error": rel(o[:, :, :1024], ref),
+                                     "compiled_median_s": statistics.median(compiled),
+                                     "kernel_alone_median_s": statistics.median(kernel),
+                                     "kernel_alone_tflops": flops / statistics.median(kernel) / 1e12,
+                                     "plans": fp8_attention.PLAN_TIMES.get((1, tokens, heads, dim))
+                                     if name == fp8_attention.NAME else None}
+        except Exception as exc:  # not installed, or no FP8 attention engine for this GPU
+            out["backends"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        log(f"attention {name}: {out['backends'][name]}")
     return out
 
 
@@ -163,17 +183,18 @@ def attention(args, tokens: int) -> dict:
 
 
 def use_attention(model, backend: str) -> None:
-    """A diffusers attention backend for every attention, or `cudnn_fp8` (the experts' 8-bit
-    self-attention, deployments/models/wan/fp8_attention.py) as `attention_backend` sets it."""
+    """A diffusers attention backend for every attention, or `cudnn_fp8` / `fa3_fp8` (the experts'
+    8-bit self-attention, deployments/models/wan/fp8_attention.py) as `attention_backend` sets it."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from deployments.models.wan import fp8_attention
 
     for block in model.blocks:
         block.attn1.set_processor(WanAttnProcessor())
-    model.set_attention_backend("native" if backend == fp8_attention.NAME else backend)
-    if backend == fp8_attention.NAME:  # self-attention in 8 bits, cross-attention as PyTorch picks
-        fp8_attention.use_fp8_self_attention(model, DEV)
+    eight_bit = backend in fp8_attention.BACKENDS
+    model.set_attention_backend("native" if eight_bit else backend)
+    if eight_bit:  # self-attention in 8 bits, cross-attention as PyTorch picks
+        fp8_attention.use_fp8_self_attention(model, DEV, backend)
 
 
 def expert(args, width: int, height: int, frames: int) -> dict:
@@ -212,20 +233,53 @@ def expert(args, width: int, height: int, frames: int) -> dict:
                                      **gib(memory_report(dev))}
             log(f"expert eager {backend}: {out['eager'][backend]}")
         ok = {b: r for b, r in out["eager"].items() if "median_s" in r}
-        best = min(ok, key=lambda b: ok[b]["median_s"])
-        use_attention(model, best)
-        model.compile_repeated_blocks(fullgraph=True)
-        reset_peak()
-        t0 = time.perf_counter()
-        model(**inputs)
-        sync()
-        first = time.perf_counter() - t0
-        times = timed(lambda: model(**inputs), args.repeats, warmup=0)
-        y = model(**inputs)[0]
-        out["compiled"] = {"attention_backend": best, "first_call_s": first, **summary(times),
-                           "rel_vs_eager_first": rel(y, reference), **gib(memory_report(dev))}
-        log(f"expert compiled: {out['compiled']}")
+        fastest = min(ok, key=lambda b: ok[b]["median_s"])
+        # Compiled: the fastest eager backend, and each 8-bit one besides (they differ most compiled).
+        out["compiled_by_backend"] = {}
+        for backend in dict.fromkeys([fastest, *(b for b in ok if b in args.compile_backends)]):
+            torch._dynamo.reset()
+            use_attention(model, backend)
+            model.compile_repeated_blocks(fullgraph=True)
+            reset_peak()
+            t0 = time.perf_counter()
+            model(**inputs)
+            sync()
+            first = time.perf_counter() - t0
+            times = timed(lambda: model(**inputs), args.repeats, warmup=0)
+            y = model(**inputs)[0]
+            result = {"attention_backend": backend, "first_call_s": first, **summary(times),
+                      "rel_vs_eager_first": rel(y, reference), **gib(memory_report(dev))}
+            if args.profile:
+                result["profile"] = kernel_profile(lambda: model(**inputs))
+            out["compiled_by_backend"][backend] = result
+            log(f"expert compiled {backend}: { {k: v for k, v in result.items() if k != 'profile'} }")
+        out["compiled"] = min(out["compiled_by_backend"].values(), key=lambda r: r["median_s"])
     return out
+
+
+def kernel_profile(fn, top: int = 25) -> dict:
+    """One call of `fn` under torch.profiler: GPU time by kind of kernel (attention, GEMM, the
+    rest) and the `top` kernels by total time. Where a step's time goes, to aim the next change."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEV.type == "cuda"
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    kinds = {"attention": ("fmha", "flash", "attn", "sdpa", "cudnn_generated"),
+             "gemm": ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "sm90_", "cublas")}
+    by_kind, kernels = {"attention": 0.0, "gemm": 0.0, "other": 0.0}, []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if not us or event.count == 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+        by_kind[kind] += us / 1e6
+        kernels.append({"name": event.key[:160], "kind": kind, "calls": event.count, "total_s": us / 1e6})
+    kernels.sort(key=lambda k: -k["total_s"])
+    return {"by_kind_s": by_kind, "total_s": sum(by_kind.values()), "top": kernels[:top]}
 
 
 # ------------------------------------------------------------------ VAE
@@ -269,6 +323,15 @@ def vae(args, width: int, height: int, frames: int) -> dict:
                 out["encode"][name] = {**summary(times), "rel_vs_float32": rel(encoded[name], encoded["float32"]),
                                        "peak_allocated_gib": peak_gib()}
                 log(f"vae encode {name}: {out['encode'][name]}")
+        set_conv_format(vae_fp32, torch.channels_last_3d)  # what the decoder does, for the encoder
+        x = video.to(dev, torch.float32)
+        reset_peak()
+        times = timed(lambda: vae_fp32.encode(x).latent_dist.mode(), args.repeats)
+        y = vae_fp32.encode(x).latent_dist.mode().float()
+        out["encode"]["float32+channels_last+benchmark"] = {**summary(times),
+                                                          "rel_vs_float32": rel(y, encoded["float32"]),
+                                                          "peak_allocated_gib": peak_gib()}
+        log(f"vae encode float32+channels_last+benchmark: {out['encode']['float32+channels_last+benchmark']}")
     torch.backends.cudnn.benchmark = False
     return out
 
@@ -280,6 +343,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="native,_native_cudnn,_native_flash,_native_efficient,cudnn_fp8",
                     help="diffusers attention backends to time in the expert, comma-separated")
+    ap.add_argument("--compile-backends", default="cudnn_fp8,fa3_fp8",
+                    help="backends compiled besides the fastest eager one, comma-separated")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one compiled step per backend: GPU time by kind of kernel")
     ap.add_argument("--skip-attention", action="store_true")
     ap.add_argument("--skip-expert", action="store_true")
     ap.add_argument("--skip-vae", action="store_true")
@@ -288,6 +355,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
+    args.compile_backends = [b for b in args.compile_backends.split(",") if b]
     global DEV
     DEV = torch.device(args.device)
     if DEV.type == "cuda" and not torch.cuda.is_available():

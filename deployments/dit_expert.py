@@ -118,8 +118,8 @@ class DitExpert:
             self.loras.load_permanent(prepared)
         del startup
         release_cached_memory(self.device)  # what loading and quantising freed
-        if cfg.attention_backend == fp8_attention.NAME:
-            fp8_attention.use_fp8_self_attention(self.transformer, self.device)
+        if cfg.attention_backend in fp8_attention.BACKENDS:
+            fp8_attention.use_fp8_self_attention(self.transformer, self.device, cfg.attention_backend)
         elif cfg.attention_backend:
             self.transformer.set_attention_backend(cfg.attention_backend)
         if cfg.compile:

@@ -39,6 +39,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 log = logging.getLogger("avatar_serve.fp8_attention")
 
 NAME = "cudnn_fp8"  # the `attention_backend` value that selects this
+FA3_NAME = "fa3_fp8"  # FlashAttention-3's FP8 forward instead (package `fa3-fwd`): see `attention_fa3`
+BACKENDS = (NAME, FA3_NAME)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448.0
 MIN_CAPABILITY = (9, 0)  # cuDNN's FP8 flash attention: Hopper (sm90) and newer
@@ -57,6 +59,24 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     H, D) in query's dtype. The scaling around the kernel is plain torch code, so in a compiled
     block it fuses with what produces Q, K, V and consumes O; the kernel is one opaque op."""
     return _scaled(torch.ops.avatar_serve.fp8_sdpa, query, key, value)
+
+
+def quantise_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, S, H, D) -> (e4m3 (B, S, H, D), descale (B, H) fp32): one scale per batch item and
+    head (max|x| over its tokens onto 448), the granularity FlashAttention-3's FP8 kernel takes."""
+    # Over D first (contiguous), then over S: one reduction over (S, D) at once compiles to a
+    # strided read at a tenth of the card's bandwidth (bench/gpu_paths.py --profile: 66 ms a step).
+    amax = x.abs().amax(dim=3).amax(dim=1).float().clamp(min=_TINY)
+    descale = (amax / FP8_MAX).to(x.dtype)  # the one divided by, exactly as stored in fp32
+    return (x / descale[:, None, :, None]).to(FP8), descale.float()
+
+
+def attention_fa3(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`attention` through FlashAttention-3's FP8 forward kernel (`attention_backend: fa3_fp8`):
+    Q, K, V in e4m3 with one scale per head (`quantise_per_head`), O straight out of the kernel in
+    bf16 (no 8-bit output as cuDNN's on Hopper) -> (B, S, H, D) in query's dtype."""
+    (q8, dq), (k8, dk), (v8, dv) = (quantise_per_head(t) for t in (query, key, value))
+    return torch.ops.avatar_serve.fa3_fp8_sdpa(q8, k8, v8, dq, dk, dv).to(query.dtype)
 
 
 def _scaled(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -84,6 +104,31 @@ def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     """The whole FP8 recipe on (B, S, H, D) tensors, on any device: what `attention` computes on
     a CPU, the yardstick of the tests."""
     return _scaled(sdpa_reference, query, key, value)
+
+
+# FlashAttention-3's FP8 softmax shifts the row max by 8 in base 2, so P lies in [0, 256] and
+# uses e4m3's range (its softmax.h, Max_offset); the row sums are taken before P is rounded.
+_FA3_P_SCALE = 256.0
+
+
+def fa3_sdpa_reference(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                       dv: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-3's FP8 recipe in fp32 with explicit e4m3 rounding: e4m3 (B, S, H, D) x3 and
+    (B, H) descales -> O (B, S, H, D) bf16. O(S^2) memory per head: for tests and CPUs."""
+    def real(t8, d):
+        return (t8.float() * d[:, None, :, None]).transpose(1, 2)  # (B, H, S, D)
+
+    q, k, v = real(q8, dq), real(k8, dk), real(v8, dv)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * _FA3_P_SCALE
+    out = (p.to(FP8).float() @ v) / p.sum(dim=-1, keepdim=True)
+    return out.transpose(1, 2).contiguous().to(torch.bfloat16)
+
+
+def reference_fa3(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`attention_fa3`'s whole recipe on any device (the CPU path and the tests' yardstick)."""
+    (q8, dq), (k8, dk), (v8, dv) = (quantise_per_head(t) for t in (query, key, value))
+    return fa3_sdpa_reference(q8, k8, v8, dq, dk, dv).to(query.dtype)
 
 
 # cuDNN handles and built plans belong to one thread (cuDNN's plans are not thread-safe); a stage
@@ -203,6 +248,23 @@ def _(q8, k8, v8, dq, dk, dv) -> torch.Tensor:
     return torch.empty(q8.shape, dtype=q8.dtype, device=q8.device)  # contiguous, as both return
 
 
+@torch.library.custom_op("avatar_serve::fa3_fp8_sdpa", mutates_args=())
+def fa3_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                 dv: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-3's FP8 forward alone: e4m3 (B, S, H, D) Q, K, V and (B, H) fp32 descales ->
+    O (B, S, H, D) bf16, contiguous. The `fa3-fwd` package on a GPU, `fa3_sdpa_reference` elsewhere."""
+    if q8.device.type == "cuda":
+        from fa3_fwd_interface import flash_attn_func  # package fa3-fwd: only where chosen
+
+        return flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv).contiguous()
+    return fa3_sdpa_reference(q8, k8, v8, dq, dk, dv)
+
+
+@fa3_fp8_sdpa.register_fake
+def _(q8, k8, v8, dq, dk, dv) -> torch.Tensor:
+    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's rotary embedding on (B, S, H, D), as diffusers' WanAttnProcessor applies it (there a
     nested function, so not importable)."""
@@ -218,8 +280,9 @@ class Fp8SelfAttention:
     """diffusers' WanAttnProcessor with the self-attention through `fp8_attention`. Anything
     else (cross-attention, a mask, fused projections, I2V image keys) goes to the plain processor."""
 
-    def __init__(self):
+    def __init__(self, kernel=attention):
         self.plain = WanAttnProcessor()
+        self.kernel = kernel  # `attention` (cuDNN) or `attention_fa3`
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -232,24 +295,33 @@ class Fp8SelfAttention:
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-        out = attention(query, key, value).flatten(2, 3).type_as(query)
+        out = self.kernel(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def use_fp8_self_attention(transformer, device: torch.device) -> int:
-    """Route every block's self-attention (`attn1`) through `Fp8SelfAttention`; -> blocks changed.
-    Call before compiling. On a GPU the cuDNN frontend must import (checked here, at start-up)."""
+# What each backend imports on a GPU, and how to install it (checked at start-up).
+_PACKAGES = {NAME: ("cudnn", "nvidia-cudnn-frontend"), FA3_NAME: ("fa3_fwd_interface", "fa3-fwd")}
+
+
+def use_fp8_self_attention(transformer, device: torch.device, backend: str = NAME) -> int:
+    """Route every block's self-attention (`attn1`) through `Fp8SelfAttention` with `backend`'s
+    kernel (one of BACKENDS); -> blocks changed. Call before compiling. On a GPU the backend's
+    package must import and the GPU be Hopper or newer (checked here, at start-up)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown 8-bit attention backend {backend!r}; one of {', '.join(BACKENDS)}")
     if device.type == "cuda":
+        module, package = _PACKAGES[backend]
         try:
-            import cudnn  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(f"attention_backend {NAME!r} needs the nvidia-cudnn-frontend package "
-                               f"(pip install nvidia-cudnn-frontend): {exc}") from exc
+            __import__(module)
+        except (ImportError, OSError) as exc:  # OSError: its CUDA libraries do not load here
+            raise RuntimeError(f"attention_backend {backend!r} needs the {package} package "
+                               f"(pip install {package}): {exc}") from exc
         capability = torch.cuda.get_device_capability(device)
-        if capability < MIN_CAPABILITY:  # cuDNN builds no FP8 attention plan below Hopper
-            raise RuntimeError(f"attention_backend {NAME!r} needs a Hopper or newer GPU (compute capability "
+        if capability < MIN_CAPABILITY:  # neither kernel has FP8 attention below Hopper
+            raise RuntimeError(f"attention_backend {backend!r} needs a Hopper or newer GPU (compute capability "
                                f"{'.'.join(map(str, MIN_CAPABILITY))}+); {torch.cuda.get_device_name(device)} is "
                                f"{'.'.join(map(str, capability))}: set attention_backend: null for this GPU")
+    kernel = attention if backend == NAME else attention_fa3
     for block in transformer.blocks:
-        block.attn1.set_processor(Fp8SelfAttention())
+        block.attn1.set_processor(Fp8SelfAttention(kernel))
     return len(transformer.blocks)
