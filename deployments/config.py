@@ -263,10 +263,11 @@ class ExpertConfig(StageBase):
     compute_dtype: DType = "bfloat16"
     compute_dtype_cpu: DType = "float32"
     # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
-    # (plain SDPA). A kernel choice is a config value, never an import side effect. "cudnn_fp8":
-    # self-attention through cuDNN's FP8 flash attention (deployments/models/wan/fp8_attention.py;
-    # Hopper or newer and the nvidia-cudnn-frontend package; the fp8 profiles set it: an H200 step
-    # 2.43 s -> 1.98 s compiled, the expert's output 2.1% from bf16 attention, bench/README.md).
+    # (plain SDPA). A kernel choice is a config value, never an import side effect. 8-bit
+    # self-attention (deployments/models/wan/fp8_attention.py; Hopper or newer): "fa3_fp8",
+    # FlashAttention-3's FP8 forward (package fa3-fwd; the fp8 profiles set it: an H200 step 2.43 s
+    # -> 1.89 s compiled), or "cudnn_fp8", cuDNN's (nvidia-cudnn-frontend; 2.01 s, the expert's
+    # output 1.65% from bf16 attention; fa3_fp8's 1.4% from it; bench/README.md).
     attention_backend: str | None = None
     # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
     # halving weight memory; files that are already fp8 load as fp8 whatever this says.

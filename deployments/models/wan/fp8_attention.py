@@ -1,30 +1,33 @@
-"""8-bit self-attention for the Wan experts: cuDNN's FP8 flash attention (`attention_backend:
-cudnn_fp8`).
+"""8-bit self-attention for the Wan experts: `attention_backend: fa3_fp8` (FlashAttention-3's FP8
+forward kernel) or `cudnn_fp8` (cuDNN's FP8 flash attention).
 
 Why: at 832x480x81 an expert step's self-attention (40 calls over 32,760 tokens) takes 1.51 s of
 its 2.45 s on an H200 with PyTorch's fastest kernel (cuDNN, bf16; bench/README.md), and 8-bit
-attention is what is left to gain there. PyTorch's SDPA has no 8-bit path, SageAttention >= 2
-and FlashAttention-3's FP8 kernels are not on PyPI; cuDNN's FP8 flash attention is, through the
-`nvidia-cudnn-frontend` package (optional: `pip install nvidia-cudnn-frontend`). Hand-written
-here is only what that package lacks: the per-tensor scaling around the kernel (plain torch code,
-so a compiled block fuses it with the projections, RMSNorm and rotary embedding around it), a
-torch custom op for the kernel alone (one opaque call in a compiled block), the choice of the
-fastest of the plans cuDNN offers (timed once per shape, at warm-up) and the processor that
-routes the experts' self-attention to it. Cross-attention (512 text tokens, well under 1% of a
-step) stays on diffusers' path.
+attention is what is left to gain there. PyTorch's SDPA has no 8-bit path and SageAttention >= 2
+is not on PyPI; two 8-bit kernels are: FlashAttention-3's forward, packaged for torch's stable ABI
+as `fa3-fwd`, and cuDNN's, through `nvidia-cudnn-frontend` (optional: the `fp8-attention` extra).
+Hand-written here is only what those packages lack: the scaling around each kernel (plain torch
+code, so a compiled block fuses it with the projections, RMSNorm and rotary embedding around it),
+a torch custom op per kernel (one opaque call in a compiled block), for cuDNN the choice of the
+fastest of the plans it offers (timed once per shape, at warm-up), and the processor that routes
+the experts' self-attention to them. Cross-attention (512 text tokens, well under 1% of a step)
+stays on diffusers' path.
 
-The numbers, on the GPU and in `reference` (the CPU path and the tests' yardstick):
-    Q, K, V -> e4m3, one scale each: 448 / max|x|
-    S = Q K^T / sqrt(d); P = exp(S - rowmax S) -> e4m3 (scale 448); O = (P V) / rowsum
-    O -> e4m3 with scale 448 / max|V| (a row of O averages rows of V, so |O| <= max|V|), -> bf16
-(on Hopper the FP8 kernel writes its output in e4m3 only; cuDNN keeps a running max and sum per
-block where `sdpa_reference` takes the row's, so the two agree closely, not bit for bit).
+The numbers, on the GPU and in the references (the CPU path and the tests' yardstick):
+    cudnn_fp8: Q, K, V -> e4m3, one scale per tensor (448 / max|x|)
+        S = Q K^T / sqrt(d); P = exp(S - rowmax S) -> e4m3 (scale 448); O = (P V) / rowsum
+        O -> e4m3 with scale 448 / max|V| (a row of O averages rows of V, so |O| <= max|V|), -> bf16
+        (on Hopper cuDNN's FP8 kernel writes its output in e4m3 only)
+    fa3_fp8: Q, K, V -> e4m3, one scale per head; P = 256 exp(S - rowmax S) -> e4m3; O in bf16
+(the kernels keep a running max and sum per block where the references take the row's, so the
+two agree closely, not bit for bit).
 
-Speed and error on the card are measured by bench/gpu_paths.py (`cudnn_fp8`). On an H200 at
-32,760 tokens: the kernel 25.2 ms with the plan chosen here (28.6 ms with cuDNN's first choice),
-30.3 ms with the scaling done eagerly around it, against 38.2 ms for PyTorch's bf16 cuDNN kernel;
-a compiled fp8 expert step 1.98 s against 2.43 s, its output 2.1% from bf16 attention (random
-full-size weights): the fp8 profiles turn it on.
+Speed and error on the card are measured by bench/gpu_paths.py. On an H200 at 32,760 tokens:
+fa3_fp8's kernel 23.6 ms, cuDNN's 25.2-26.7 ms with the plan chosen here (28.6 ms with its first
+choice), PyTorch's bf16 cuDNN kernel 38.2 ms; a compiled fp8 expert step 1.89 s (fa3_fp8) and
+2.01 s (cudnn_fp8) against 2.43 s in bf16; cudnn_fp8's expert output is 1.65% from bf16
+attention's, fa3_fp8's 1.4% from cudnn_fp8's (random full-size weights): the fp8 profiles take
+fa3_fp8.
 """
 
 from __future__ import annotations
