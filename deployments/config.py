@@ -211,8 +211,8 @@ class EncoderConfig(StageBase):
     text_encoder_dtype_cpu: DType = "float32"
     vae_dtype: DType = "float32"
     # Channels-last 3-D convolution weights on a GPU (no effect on a CPU), as `decoder.channels_last`.
-    # Measured on an H200 (random full-size VAE, 832x480x81, fp32): encode 1.72 s -> 1.16 s, the
-    # latents 0.1% from the plain path (another cuDNN algorithm; bench/README.md, bench/gpu_paths.py).
+    # Measured on H200s (random full-size VAE, 832x480x81, fp32): encode 1.72 s -> 1.54 s (1.16 s
+    # in one run), the latents 0.1% from the plain path (other cuDNN algorithms; bench/README.md).
     channels_last: bool = False
     max_sequence_length: int = Field(512, ge=1)
     # What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's
