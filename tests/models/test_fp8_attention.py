@@ -172,6 +172,19 @@ def test_a_gpu_older_than_hopper_is_told_at_start_up(monkeypatch):
     assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
 
 
+def test_fa3_on_a_gpu_newer_than_hopper_is_told_at_start_up(monkeypatch):
+    """FlashAttention-3's kernels are built for sm90 alone; a Blackwell card gets cuDNN's named."""
+    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.ModuleType("fa3_fwd_interface"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    with pytest.raises(RuntimeError, match=r"Hopper GPUs .*9\.x.*B200 is 10\.0.*attention_backend: cudnn_fp8"):
+        fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"), "fa3_fp8")
+    assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
+    monkeypatch.setitem(sys.modules, "cudnn", types.ModuleType("cudnn"))  # cuDNN's kernel is taken there
+    assert fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"), "cudnn_fp8") == len(transformer.blocks)
+
+
 def test_an_unknown_backend_is_refused():
     transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
     with pytest.raises(ValueError, match=r"'sage_fp8'.*cudnn_fp8, fa3_fp8"):

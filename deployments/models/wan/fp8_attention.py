@@ -324,6 +324,10 @@ def use_fp8_self_attention(transformer, device: torch.device, backend: str = NAM
             raise RuntimeError(f"attention_backend {backend!r} needs a Hopper or newer GPU (compute capability "
                                f"{'.'.join(map(str, MIN_CAPABILITY))}+); {torch.cuda.get_device_name(device)} is "
                                f"{'.'.join(map(str, capability))}: set attention_backend: null for this GPU")
+        if backend == FA3_NAME and capability[0] != 9:  # FlashAttention-3's kernels are Hopper's (sm90) only
+            raise RuntimeError(f"attention_backend {backend!r} runs on Hopper GPUs (compute capability 9.x) only; "
+                               f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}: "
+                               f"set attention_backend: {NAME} (cuDNN's FP8 attention) for this GPU")
     kernel = attention if backend == NAME else attention_fa3
     for block in transformer.blocks:
         block.attn1.set_processor(Fp8SelfAttention(kernel))
