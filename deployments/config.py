@@ -215,6 +215,9 @@ class EncoderConfig(StageBase):
     # in one run), the latents 0.1% from the plain path (other cuDNN algorithms; bench/README.md).
     channels_last: bool = False
     max_sequence_length: int = Field(512, ge=1)
+    # How many recent prompts' embeddings the encoder keeps (on its device: 4 MiB each for
+    # umT5-XXL at 512 tokens); a repeated prompt skips the text encoder. 0 = none.
+    prompt_cache_size: int = Field(16, ge=0, le=4096)
     # What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's
     # image2video.py replaces "" with its `sample_neg_prompt` (wan/configs/shared_config.py), which
     # the full-size profiles set here; "" (the tiny profile) encodes the empty prompt.

@@ -15,7 +15,9 @@ requests wait their turn.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 import PIL.Image
@@ -97,6 +99,12 @@ class Encoder:
         # pipeline does (bit-for-bit the same condition).
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+        # The embeddings of recent prompts, newest last (`prompt_cache_size`): a prompt's embedding
+        # depends on its text alone, so a repeated one -- the default negative prompt of every CFG
+        # request, a product's prompt template -- skips the text encoder and gets the same tensor.
+        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompts_lock = threading.Lock()
+        self.prompt_cache_hits = 0
         self.metrics = StageMetrics("encoder")
         self.model = ModelLock(self.metrics.observe_wait, name="encoder")
         for shape in cfg.warmup:
@@ -110,11 +118,28 @@ class Encoder:
 
     # ------------------------------------------------------------------ text
 
-    @torch.no_grad()
     def encode_text(self, prompt: str) -> torch.Tensor:
-        """prompt -> (1, L, D) in the text encoder's dtype, zeroed past the prompt's tokens."""
+        """prompt -> (1, L, D) in the text encoder's dtype, zeroed past the prompt's tokens: a
+        tensor of the caller's own, from the cache when the prompt was seen lately."""
+        text = prompt_clean(prompt)
+        with self._prompts_lock:
+            cached = self._prompts.get(text)
+            if cached is not None:
+                self._prompts.move_to_end(text)
+                self.prompt_cache_hits += 1
+                return cached.clone()
+        hidden = self._encode_text(text)
+        if self.cfg.prompt_cache_size:
+            with self._prompts_lock:
+                self._prompts[text] = hidden.clone()
+                while len(self._prompts) > self.cfg.prompt_cache_size:
+                    self._prompts.popitem(last=False)  # the least recently used
+        return hidden
+
+    @torch.no_grad()
+    def _encode_text(self, text: str) -> torch.Tensor:
         length = self.cfg.max_sequence_length
-        tokens = self.tokenizer([prompt_clean(prompt)], padding="max_length", max_length=length,
+        tokens = self.tokenizer([text], padding="max_length", max_length=length,
                                 truncation=True, add_special_tokens=True,
                                 return_attention_mask=True, return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
@@ -177,4 +202,5 @@ class Encoder:
         check_resident("encoder", self.text_encoder, self.vae)
 
     def info(self) -> dict:
-        return {**placement_info(self.device), "startup_s": self.startup_s}
+        return {**placement_info(self.device), "startup_s": self.startup_s,
+                "prompt_cache": {"prompts": len(self._prompts), "hits": self.prompt_cache_hits}}
