@@ -172,6 +172,28 @@ def test_a_gpu_older_than_hopper_is_told_at_start_up(monkeypatch):
     assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
 
 
+def test_a_backend_package_that_is_there_but_does_not_load_is_told_apart(monkeypatch):
+    """A wheel built for another CUDA or torch fails at import with an OSError (a missing
+    libcudart.so.13) or ImportError (undefined symbol): start-up says it is installed and names
+    the other backend, not 'pip install' again."""
+    import builtins
+
+    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name == "fa3_fwd_interface":
+            raise OSError("libcudart.so.13: cannot open shared object file: No such file or directory")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "fa3_fwd_interface", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing)
+    with pytest.raises(RuntimeError, match=r"fa3-fwd package is installed but does not load.*libcudart\.so\.13"
+                                           r".*attention_backend: cudnn_fp8 or null"):
+        fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"), "fa3_fp8")
+    assert not any(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in transformer.blocks)
+
+
 def test_fa3_on_a_gpu_newer_than_hopper_is_told_at_start_up(monkeypatch):
     """FlashAttention-3's kernels are built for sm90 alone; a Blackwell card gets cuDNN's named."""
     transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer

@@ -316,9 +316,14 @@ def use_fp8_self_attention(transformer, device: torch.device, backend: str = NAM
         module, package = _PACKAGES[backend]
         try:
             __import__(module)
-        except (ImportError, OSError) as exc:  # OSError: its CUDA libraries do not load here
+        except ModuleNotFoundError as exc:
             raise RuntimeError(f"attention_backend {backend!r} needs the {package} package "
                                f"(pip install {package}): {exc}") from exc
+        except (ImportError, OSError) as exc:  # installed, but its compiled kernels do not load here
+            other = FA3_NAME if backend == NAME else NAME
+            raise RuntimeError(f"attention_backend {backend!r}: the {package} package is installed but does not "
+                               f"load with this torch and CUDA (fa3-fwd is built for CUDA 13 and torch's stable "
+                               f"ABI, torch >= 2.10): {exc}; set attention_backend: {other} or null") from exc
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:  # neither kernel has FP8 attention below Hopper
             raise RuntimeError(f"attention_backend {backend!r} needs a Hopper or newer GPU (compute capability "
