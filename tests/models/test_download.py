@@ -219,7 +219,7 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
         assert [cfg["stages"][r]["quantize"] for r in ("high", "low")] == ["fp8", "fp8"]
         differ += ("quantize",)
     if name in ("random-a14b", "wan22-i2v-a14b-distill-fp8"):
-        assert [cfg["stages"][r]["attention_backend"] for r in ("high", "low")] == ["cudnn_fp8"] * 2
+        assert [cfg["stages"][r]["attention_backend"] for r in ("high", "low")] == ["fa3_fp8"] * 2
         differ += ("attention_backend",)
     for stage, settings in cfg["stages"].items():
         other = shared["stages"][stage]
