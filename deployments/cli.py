@@ -299,7 +299,8 @@ def explain(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     if isinstance(exc, ServerUnreachable):
         hint = ""
         if "refused" in exc.reason:
-            hint = ("; start it with `.venv/bin/serve run serve_config.yaml`, or give --url"
+            hint = ("; start it with `.venv/bin/serve run serve_config.yaml` (AVATAR_SERVE_API_KEYS set), "
+                    "or give --url"
                     if any(h in exc.url for h in ("127.0.0.1", "localhost")) else "; check --url")
         return f"{exc}{hint}"
     if isinstance(exc, ClientError):

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Union
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
+# What an API key may hold: visible ASCII, no spaces or commas (commas separate keys in a variable).
+KEY_CHARS = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 
 
 class _Strict(BaseModel):
@@ -511,19 +515,49 @@ class ServingConfig(_Strict):
     # Finished results are deleted after this age, and oldest-first beyond this total size.
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     max_result_bytes: int = Field(20 * 1024**3, gt=0)
-    # Bearer-token API keys; when any is set, every route but /healthz needs one. Keys may also
-    # come from the environment variable named by `api_keys_env` (comma-separated), read once
-    # when the profile is loaded.
-    api_keys: list[str] = Field(default_factory=list)
-    api_keys_env: str | None = "AVATAR_SERVE_API_KEYS"
-    # The admin routes (/v1/admin/...) need one of these keys (or, with no key of either kind
-    # configured, nothing: a development setup); API keys do not grant them. Also from the
-    # environment variable `admin_keys_env`.
-    admin_keys: list[str] = Field(default_factory=list)
-    admin_keys_env: str | None = "AVATAR_SERVE_ADMIN_KEYS"
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Bearer-token API keys; when any key is configured, every route but /healthz and /readyz needs "
+        "one. Keys from every source apply together: this list, the environment variable named by "
+        "`api_keys_env` and the file `api_keys_file`, all read once where the application is built "
+        "(`serve run graph:app` builds it in your shell; `serve run serve_config.yaml`, `serve deploy` "
+        "and a `ray start` cluster build it in a Ray worker, which has the environment of `ray start` "
+        "plus the application's runtime_env, not the environment of the `serve` command). The keys "
+        "then travel to the ingress inside this config, wherever its replica runs."))
+    api_keys_env: str | None = Field("AVATAR_SERVE_API_KEYS", description=(
+        "An environment variable of comma-separated API keys (see api_keys). Set but holding no key "
+        "(e.g. ','): start-up stops."))
+    api_keys_file: str | None = Field(None, description=(
+        "A file of API keys, one a line (lines starting with '#' are comments). Set but missing, unreadable or "
+        "without a key: start-up stops; it never runs open instead."))
+    require_api_keys: bool = Field(False, description=(
+        "Start only with at least one API key found; otherwise start-up stops with an "
+        "error naming where it looked. serve_config.yaml sets it, so a key given where the "
+        "application cannot see it never leaves the server open."))
+    admin_keys: list[str] = Field(default_factory=list, description=(
+        "Keys for the admin routes (/v1/admin/...), which API keys do not grant; from the same "
+        "kinds of sources as api_keys. With no key of either kind configured, the admin routes are "
+        "open like the rest (a development setup)."))
+    admin_keys_env: str | None = Field("AVATAR_SERVE_ADMIN_KEYS", description="like api_keys_env, for admin keys")
+    admin_keys_file: str | None = Field(None, description="like api_keys_file, for admin keys")
     # LoRA files are loaded only from inside these folders (symlinks resolved first); a relative
     # path is taken inside the first. Empty: LoRA loading is off.
     lora_dirs: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _keys_usable(self) -> ServingConfig:
+        for key in (*self.api_keys, *self.admin_keys):
+            if not KEY_CHARS.fullmatch(key):
+                raise ValueError("an API or admin key must be visible ASCII characters without spaces or "
+                                 "commas (it travels in an Authorization header)")
+        if self.require_api_keys and not self.api_keys:
+            raise ValueError(
+                "serving.require_api_keys is set but no API key was found where the application was "
+                f"built: none in serving.api_keys, in the environment variable {self.api_keys_env}, or "
+                "in serving.api_keys_file. On a `ray start` cluster the application is built by a Ray "
+                "worker with the environment of `ray start`, not of `serve run` / `serve deploy`: give "
+                "the keys in serve_config.yaml (runtime_env: {env_vars: {AVATAR_SERVE_API_KEYS: ...}}), "
+                "in serving.api_keys_file, or set the variable when starting Ray")
+        return self
 
 
 class GraphConfig(_Strict):

@@ -101,9 +101,36 @@ def load_profile(profile: str = "tiny", overrides: dict[str, Any] | None = None)
     return validate_profile(raw)
 
 
+def read_keys(serving: dict, kind: str) -> list[str]:
+    """The `kind` ("api" or "admin") keys of the environment variable and the file that `serving`
+    names, read here, once, in the process that builds the application. A source that is
+    configured but yields no key stops start-up: a server never runs open by accident."""
+    keys = []
+    env_name = serving.get(f"{kind}_keys_env", ServingConfig.model_fields[f"{kind}_keys_env"].default)
+    if env_name and os.environ.get(env_name):
+        found = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
+        if not found:
+            raise ValueError(f"the environment variable {env_name} is set but holds no key "
+                             "(comma-separated keys expected)")
+        keys += found
+    path = serving.get(f"{kind}_keys_file")
+    if path:
+        try:
+            text = Path(path).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"serving.{kind}_keys_file {path!r} cannot be read ({exc}); the server "
+                             "does not start without the keys it was given") from None
+        found = [k for k in map(str.strip, text.splitlines()) if k and not k.startswith("#")]
+        if not found:
+            raise ValueError(f"serving.{kind}_keys_file {path!r} holds no key (one a line expected)")
+        keys += found
+    return keys
+
+
 def validate_profile(raw: dict) -> GraphConfig:
     """A profile's merged YAML -> GraphConfig: the roles follow the expert slots, `weights_dir`
-    and the audio limit reach the stages, API keys from the environment are added."""
+    and the audio limit reach the stages, API and admin keys from their environment variables and
+    files are added (read_keys)."""
     raw = copy.deepcopy(raw)
     preset = raw.get("placement")
     if preset is not None:
@@ -136,9 +163,6 @@ def validate_profile(raw: dict) -> GraphConfig:
     # Compiled graphs and kernels beside them too, so a restart does not compile again.
     for name in MODEL_STAGES:
         stages[name].setdefault("compile_cache_dir", os.path.join(serving["storage_dir"], "compile-cache"))
-    for field in ("api_keys", "admin_keys"):  # keys from the environment, read once here
-        env_name = serving.get(f"{field}_env", ServingConfig.model_fields[f"{field}_env"].default)
-        if env_name and os.environ.get(env_name):
-            keys = [k.strip() for k in os.environ[env_name].split(",") if k.strip()]
-            serving[field] = list(serving.get(field) or []) + keys
+    for kind in ("api", "admin"):
+        serving[f"{kind}_keys"] = list(serving.get(f"{kind}_keys") or []) + read_keys(serving, kind)
     return GraphConfig.model_validate(raw)

@@ -20,6 +20,7 @@ import yaml
 
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
+from deployments.profiles import deep_merge
 from helpers import (
     durations,
     free_port,
@@ -82,7 +83,8 @@ def cluster(request, tmp_path_factory):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     spec = config["applications"][0]
     assert spec["import_path"] == "graph:app" and spec["name"] == APP
-    spec["args"] = {**spec["args"], "overrides": overrides(tmp_path_factory.mktemp("store"))}
+    test_overrides = overrides(tmp_path_factory.mktemp("store"))
+    spec["args"] = {**spec["args"], "overrides": deep_merge(spec["args"].get("overrides", {}), test_overrides)}
     http, dashboard, metrics = free_port(), free_port(), free_port()
     with pytest.MonkeyPatch.context() as env:
         for name, value in RAY_MODES[request.param].items():

@@ -166,7 +166,10 @@ def bearer(request: Request) -> str:
 
 
 def matches(token: str, keys: list[str]) -> bool:
-    return bool(token) and any(hmac.compare_digest(token, k) for k in keys)
+    """Constant-time comparison of bytes: a header may hold any byte (Starlette decodes it as
+    latin-1), and compare_digest refuses str with characters past ASCII."""
+    given = token.encode("utf-8", "surrogateescape")
+    return bool(token) and any(hmac.compare_digest(given, k.encode()) for k in keys)
 
 
 def require_key(request: Request, ingress: IngressDep) -> None:

@@ -3,6 +3,7 @@ with audio. The same flow over real HTTP on a Ray cluster is in tests/test_clust
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -176,6 +177,7 @@ def test_each_turn_logs_its_first_byte_and_size_at_the_ingress(graph, caplog):
         assert r.status_code == 200
         lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("turn on")]
         assert len(lines) == 1, lines
-        assert lines[0].startswith(f"turn on {avatar['id']}: audio decode 0.")
-        assert "first byte 0." in lines[0] or "first byte 1." in lines[0]
-        assert f"{len(r.content)} bytes in " in lines[0]
+        # The line's shape, not its times (a loaded machine makes any bound flaky): each field a number.
+        number = r"\d+\.\d+"
+        assert re.fullmatch(rf"turn on {avatar['id']}: audio decode {number} s, first byte {number} s, "
+                            rf"{len(r.content)} bytes in {number} s", lines[0]), lines[0]

@@ -5,6 +5,7 @@ envelope for unknown routes and methods, uploads as multipart or JSON, and auth.
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -164,3 +165,53 @@ def test_auth_protects_every_route_but_healthz(tmp_path):
 def test_api_keys_from_environment(monkeypatch):
     monkeypatch.setenv("AVATAR_SERVE_API_KEYS", "k1, k2")
     assert load_profile("tiny").serving.api_keys == ["k1", "k2"]
+
+
+def test_keys_from_every_source_apply_together(monkeypatch, tmp_path):
+    monkeypatch.setenv("AVATAR_SERVE_API_KEYS", "from-env")
+    monkeypatch.setenv("MY_ADMIN_KEYS", "root-env")
+    (tmp_path / "keys").write_text("# one key a line\nfrom-file\n\n  other-file  \n")
+    (tmp_path / "admin").write_text("root-file\n")
+    serving = load_profile("tiny", {"serving": {
+        "api_keys": ["inline"], "api_keys_file": str(tmp_path / "keys"), "require_api_keys": True,
+        "admin_keys_env": "MY_ADMIN_KEYS", "admin_keys_file": str(tmp_path / "admin")}}).serving
+    assert serving.api_keys == ["inline", "from-env", "from-file", "other-file"]
+    assert serving.admin_keys == ["root-env", "root-file"]
+
+
+@pytest.mark.parametrize("serving, env, expected", [
+    # keys required, none anywhere: the message says where it looked and what a ray start cluster sees
+    ({"require_api_keys": True}, {}, "require_api_keys is set but no API key was found"),
+    ({"require_api_keys": True}, {}, "runtime_env"),
+    # admin keys do not open the API routes' requirement
+    ({"require_api_keys": True, "admin_keys": ["root"]}, {}, "no API key was found"),
+    # a variable set to separators only: configured, yet no key
+    ({}, {"AVATAR_SERVE_API_KEYS": " , ,"}, "AVATAR_SERVE_API_KEYS is set but holds no key"),
+    ({}, {"AVATAR_SERVE_ADMIN_KEYS": ","}, "AVATAR_SERVE_ADMIN_KEYS is set but holds no key"),
+    # a key file that is missing or empty
+    ({"api_keys_file": "/nonexistent/keys"}, {}, "api_keys_file '/nonexistent/keys' cannot be read"),
+    ({"admin_keys_file": "EMPTY"}, {}, "holds no key"),
+    # a key that could never arrive in a header
+    ({"api_keys": ["with space"]}, {}, "visible ASCII"),
+    ({"api_keys": ["clé"]}, {}, "visible ASCII"),
+])
+def test_keys_configured_but_unusable_stop_start_up(monkeypatch, tmp_path, serving, env, expected):
+    for name in ("AVATAR_SERVE_API_KEYS", "AVATAR_SERVE_ADMIN_KEYS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if serving.get("admin_keys_file") == "EMPTY":
+        (tmp_path / "empty").write_text("# nothing here\n\n")
+        serving = {**serving, "admin_keys_file": str(tmp_path / "empty")}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_profile("tiny", {"serving": serving})
+
+
+def test_a_header_with_bytes_past_ascii_gets_401_not_500(tmp_path):
+    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "api_keys": ["s3cret"]}}))
+    with TestClient(graph.app()) as c:
+        for value in (b"Bearer \xff\xfe", "Bearer clé".encode("latin-1"), "Bearer s3cr\u00e9t".encode("utf-8")):
+            r = c.get("/v1/models", headers=[(b"authorization", value)])
+            assert r.status_code == 401, value
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert c.get("/v1/admin/loras", headers=[(b"authorization", b"Bearer \xe9")]).status_code == 401
