@@ -23,74 +23,76 @@ class ModelLock:
     Ray Serve runs a replica's sync methods in a thread pool, so several requests are inside one
     stage object at once. Model work that is not re-entrant -- diffusers' VAEs keep per-call
     feature caches on the module, fast tokenizers refuse concurrent use, compiled graphs and LoRA
-    switches change shared state -- runs through this lock: `run(fn, ...)` from a thread, or
-    `await arun(fn, ...)` from a coroutine, where waiting stays cancellable (a cancelled request
-    leaves the line without running). `on_wait(seconds)` reports how long each caller waited.
+    switches change shared state -- runs through this: `run(fn, ...)` from a thread, or
+    `await arun(fn, ...)` from a coroutine. Calls queue first in, first out on a one-thread
+    executor (the queue is the lock), so requests that alternate their calls interleave: two jobs
+    on one expert take turns step by step. A call still queued when its coroutine is cancelled is
+    taken out of the line and never runs. `on_wait(seconds)` reports how long each call waited
+    for the thread.
 
     The work itself runs on one thread that the lock owns (the stage's warm-up too), whichever
     thread asked for it. PyTorch keeps CUDA library state per thread -- cuDNN's attention plans
     (a thread_local cache in ATen's cudnn/MHA.cpp), cuDNN and cuBLAS handles -- so model work on a
     thread that has not run the model before builds it again: 50-80 ms per attention shape on an
     H200 (bench/thread_state.py), paid by a request whenever the pool hands it a new thread. One
-    thread also keeps two calls apart by construction: a call that was abandoned (its caller
-    cancelled) still finishes before the next one starts.
+    thread also keeps two calls apart by construction: a call that was abandoned once it had
+    started still finishes before the next one starts.
     """
 
-    def __init__(self, on_wait: Callable[[float], None] | None = None, poll_s: float = 0.002,
-                 name: str = "model"):
-        self._lock = threading.Lock()
-        self._on_wait, self._poll_s = on_wait, poll_s
+    def __init__(self, on_wait: Callable[[float], None] | None = None, name: str = "model"):
+        self._on_wait = on_wait
         # The model thread computes with the torch thread count of the stage that made it (set by
         # `apply_threads` before; OpenMP's setting is per thread).
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.set_num_threads,
                                         initargs=(torch.get_num_threads(),))
         self.thread_id = self._pool.submit(threading.get_ident).result()
+        self._busy = 0  # calls queued or running (`locked`)
+        self._count = threading.Lock()
 
     def run(self, fn: Callable, *args, **kwargs):
-        """`fn(*args, **kwargs)` on the model thread, holding the lock; blocks the calling thread.
-        Called from the model thread itself (work that `run` started calls into more model work),
-        it runs at once: the lock is already held for it."""
+        """`fn(*args, **kwargs)` on the model thread, after the calls queued before it; blocks
+        the calling thread. Called from the model thread itself (work that `run` started calls
+        into more model work), it runs at once."""
         if threading.get_ident() == self.thread_id:
             return fn(*args, **kwargs)
-        started = time.perf_counter()
-        with self._lock:
-            self._waited(started)
-            return self._submit(fn, args, kwargs).result()
+        return self._submit(fn, args, kwargs).result()
 
     async def arun(self, fn: Callable, *args, **kwargs):
-        """As `run`, from a coroutine: the event loop stays free while waiting for the lock (a
-        cancelled waiter simply stops waiting) and while the work runs. Work that has started is
-        not interrupted: a caller cancelled meanwhile gets CancelledError once it is done."""
-        # threading.Lock has no awaitable acquire; poll it so that the event loop stays free.
-        started = time.perf_counter()
-        while not self._lock.acquire(blocking=False):
-            await asyncio.sleep(self._poll_s)
+        """As `run`, from a coroutine: the event loop stays free while the call waits and runs. A
+        caller cancelled while its call waits takes the call out of the line; work that has
+        started is not interrupted: the caller gets CancelledError once it is done."""
+        future = self._submit(fn, args, kwargs)
+        work = asyncio.wrap_future(future)
         try:
-            self._waited(started)
-            work = asyncio.wrap_future(self._submit(fn, args, kwargs))
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                await asyncio.wait([work])  # the lock is held until the work is done
-                raise
-        finally:
-            self._lock.release()
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not future.cancel():  # already running: let it finish before the next call starts
+                await asyncio.wait([work])
+            raise
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        """Whether a call is queued or running."""
+        return self._busy > 0
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict):
         grad = torch.is_grad_enabled()  # per thread in torch: the caller's `no_grad` goes along
+        queued = time.perf_counter()
 
         def call():
+            if self._on_wait is not None:
+                self._on_wait(time.perf_counter() - queued)
             with torch.set_grad_enabled(grad):
                 return fn(*args, **kwargs)
 
-        return self._pool.submit(call)
+        with self._count:
+            self._busy += 1
+        future = self._pool.submit(call)
+        future.add_done_callback(self._done)  # cancelled calls too
+        return future
 
-    def _waited(self, started: float) -> None:
-        if self._on_wait is not None:
-            self._on_wait(time.perf_counter() - started)
+    def _done(self, _future) -> None:
+        with self._count:
+            self._busy -= 1
 
 
 async def in_threads(items: Iterator):
