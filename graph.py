@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 
-from deployments.api.routes import with_http
+from deployments.api.routes import build_app
 from deployments.config import GraphConfig, Placement
 from deployments.decoder import Decoder
 from deployments.dit_expert import DitExpert
@@ -65,18 +65,6 @@ def log_to_serve() -> None:
         log.addHandler(ToServeLog())
 
 
-def replica_class(cls: type) -> type:
-    """`cls` as Serve builds it in a replica: the logs routed first. A subclass made here, so Ray
-    ships it by value. (Ray's worker_process_setup_hook is applied from a job's runtime_env
-    only, not from a deployment's.)"""
-
-    def __init__(self, *args, **kwargs):
-        log_to_serve()
-        cls.__init__(self, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
-
-
 # How the ingress's calls travel. Ray Serve sends a handle call either by reference (a Ray actor
 # call: arguments and results in the object store, a response passed to the next stage as a
 # reference, never through the ingress) or by value over gRPC, which its throughput-optimized
@@ -100,17 +88,36 @@ def by_reference(handle):
     return None if handle is None else handle.options(_by_reference=True)
 
 
-def ingress_replica_class(cls: type) -> type:
-    """The ingress as its replica builds it (on top of `replica_class`): stage calls by reference,
-    talk turns through the cluster's transport when the longest admitted audio fits a message."""
+def turn_handle(lipsync, cfg: GraphConfig):
+    """The handle a talk turn streams through: Ray's own while the longest admitted audio fits
+    half a gRPC message (room for the rest of the call), else by reference like the stage calls."""
+    if lipsync is None:
+        return None
+    turn_bytes = cfg.limits.max_audio_seconds * PCM_BYTES_PER_SECOND
+    return lipsync if turn_bytes < grpc_message_limit() // 2 else by_reference(lipsync)
 
-    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):
-        cls.__init__(self, *map(by_reference, (encoder, high, low, decoder)), cfg, by_reference(lipsync))
-        turn_bytes = cfg.limits.max_audio_seconds * PCM_BYTES_PER_SECOND
-        if lipsync is not None and turn_bytes < grpc_message_limit() // 2:  # half: room for the rest
-            self.turn_lipsync = lipsync
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
+def replica_class(cls: type, ingress: bool = False) -> type:
+    """`cls` as its replicas build it -- one subclass, made here, so Ray ships it by value. Every
+    replica routes the stages' logs to Serve's before its stage is built. The ingress's replica
+    also gets its handles with their transport decided (by reference; the turn handle by
+    `turn_handle`) and its HTTP app (deployments/api/routes.py), which Serve asks for once the
+    replica is built. (Ray's worker_process_setup_hook is applied from a job's runtime_env only,
+    not from a deployment's, hence the subclass.)"""
+    if not ingress:
+        def __init__(self, *args, **kwargs):
+            log_to_serve()
+            cls.__init__(self, *args, **kwargs)
+
+        return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__})
+
+    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):  # noqa: F811
+        log_to_serve()
+        cls.__init__(self, *map(by_reference, (encoder, high, low, decoder)), cfg,
+                     lipsync=by_reference(lipsync), turn_lipsync=turn_handle(lipsync, cfg))
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__,
+                                       "__serve_build_asgi_app__": build_app})
 
 
 def deployment(cls: type, name: str, placement: Placement, http: bool = False, env: dict | None = None):
@@ -132,9 +139,9 @@ def deployment(cls: type, name: str, placement: Placement, http: bool = False, e
         replicas = {"autoscaling_config": placement.autoscaling.model_dump()}
     else:
         replicas = {"num_replicas": placement.replicas}
-    cls = replica_class(cls)
-    if http:  # the ingress; Serve's ingress wrapper on top: its __init__ is async, ours is not
-        cls = serve.ingress()(ingress_replica_class(cls))
+    cls = replica_class(cls, ingress=http)
+    if http:  # Serve's own ASGI wrapper on top: it serves what __serve_build_asgi_app__ returns
+        cls = serve.ingress()(cls)
     return serve.deployment(cls, name=name, max_ongoing_requests=placement.max_ongoing_requests,
                             ray_actor_options=actor, **replicas)
 
@@ -145,18 +152,25 @@ def stage_env(stage) -> dict:
     return {"TORCHINDUCTOR_CACHE_DIR": stage.compile_cache_dir} if stage.compile_cache_dir else {}
 
 
+def deployment_name(cls: type, stage: str) -> str:
+    """A stage's deployment name, from its class and its config key (the stage's one name in
+    config, metrics, threads and logs): the class's name, plus the key where one class serves two
+    stages (DitExpertHigh, DitExpertLow)."""
+    return cls.__name__ if cls.__name__.lower() == stage else cls.__name__ + stage.title()
+
+
 def build_from_config(cfg: GraphConfig) -> Application:
-    s = cfg.stages
+    def stage(cls: type, key: str, *args):
+        stage_cfg = getattr(cfg.stages, key)
+        return deployment(cls, deployment_name(cls, key), stage_cfg.placement,
+                          env=stage_env(stage_cfg)).bind(stage_cfg, *args)
 
-    def stage(cls, name, stage_cfg):
-        return deployment(cls, name, stage_cfg.placement, env=stage_env(stage_cfg))
-
-    encoder = stage(Encoder, "Encoder", s.encoder).bind(s.encoder)
-    high = stage(DitExpert, "DitExpertHigh", s.high).bind(s.high, cfg.sampler)
-    low = stage(DitExpert, "DitExpertLow", s.low).bind(s.low, cfg.sampler)
-    decoder = stage(Decoder, "Decoder", s.decoder).bind(s.decoder)
-    lipsync = stage(LipSync, "LipSync", s.lipsync).bind(s.lipsync)
-    ingress = deployment(with_http(Ingress), "Ingress", s.ingress.placement, http=True)
+    encoder = stage(Encoder, "encoder")
+    high = stage(DitExpert, "high", cfg.sampler)
+    low = stage(DitExpert, "low", cfg.sampler)
+    decoder = stage(Decoder, "decoder")
+    lipsync = stage(LipSync, "lipsync")
+    ingress = deployment(Ingress, deployment_name(Ingress, "ingress"), cfg.stages.ingress.placement, http=True)
     return ingress.bind(encoder, high, low, decoder, cfg, lipsync)
 
 

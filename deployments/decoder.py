@@ -163,14 +163,14 @@ class Decoder:
         latents = self._final_latents(state)
         with self.metrics.timed("decode"):
             frames = Frames(frames=self.decode_uint8(latents), fps=state.params.fps)
-        log.info("job %s: decoded %d frames", state.params.job_id, frames.num_frames)
+        log.info("%s: decoded %d frames", state.params.request_id, frames.num_frames)
         return frames
 
     def decode_mp4(self, state: DenoiseState) -> bytes:
         """-> H.264 MP4 bytes at the request's frame rate. Metrics: `decode` is the decode (with
         the encoding of all but the last chunk overlapped), `mux` what is left after it."""
         data, chunks = self._mp4(self._final_latents(state), state.params.fps, self.metrics.timed)
-        log.info("job %s: decoded and muxed %d chunks", state.params.job_id, chunks)
+        log.info("%s: decoded and muxed %d chunks", state.params.request_id, chunks)
         return data
 
     def _mp4(self, latents: torch.Tensor, fps: int, timed=None) -> tuple[bytes, int]:

@@ -53,7 +53,7 @@ from deployments.models.wan.sampler import (
     set_timesteps,
 )
 
-log = logging.getLogger("avatar_serve.dit_expert")
+log = logging.getLogger("avatar_serve.dit_expert")  # each line names the expert: high or low
 
 # The text context a request brings is padded to the encoder's max_sequence_length (512 for Wan).
 WARMUP_TEXT_LENGTH = 512
@@ -125,14 +125,14 @@ class DitExpert:
         if cfg.compile:
             self.transformer.compile_repeated_blocks(fullgraph=True)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
-        self.metrics = StageMetrics(f"dit_{cfg.role}")
-        self.model = ModelLock(self.metrics.observe_wait, name=f"dit-{cfg.role}")
+        self.metrics = StageMetrics(cfg.role)  # the expert's one name: its config key, high or low
+        self.model = ModelLock(self.metrics.observe_wait, name=cfg.role)
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         for shape in cfg.warmup:
             self.warm_up(shape.width, shape.height, shape.num_frames)
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
-        log_memory(log, f"{self.role} expert", self.device)
+        log_memory(log, self.role, self.device)
 
     def _prepare_startup_loras(self) -> list:
         """`cfg.loras` read and checked against this expert (all of them before any is applied:
@@ -149,7 +149,7 @@ class DitExpert:
                     for lora in self.cfg.loras]
         for p in prepared:
             stats = fuse_deltas(self.transformer, p)
-            (log.warning if p.skipped_allowed else log.info)("%s expert: %s", self.role, describe(p, stats))
+            (log.warning if p.skipped_allowed else log.info)("%s: %s", self.role, describe(p, stats))
             p.deltas = {}  # fused: free the file's tensors
         return prepared
 
@@ -268,7 +268,7 @@ class DitExpert:
             while self._owns_next(run):
                 record = await self.model.arun(self._step, run)
                 yield record
-            log.info("job %s: %s expert ran steps up to %d of %d", cond.params.job_id, self.role,
+            log.info("%s: %s ran steps up to %d of %d", cond.params.request_id, self.role,
                      run.index, run.state.total_steps)
             yield self._finish(run)
 
@@ -285,7 +285,7 @@ class DitExpert:
     def _lora_change(self, change) -> dict:
         def locked():
             if self.active_runs:
-                raise LoraBusyError(f"the {self.role} expert is running {self.active_runs} job(s); "
+                raise LoraBusyError(f"expert {self.role} is running {self.active_runs} job(s); "
                                     "LoRAs change between jobs, retry shortly")
             change()  # LoraError (bad target, no matching keys, ...) leaves the model untouched
 
@@ -311,7 +311,7 @@ class DitExpert:
         return {"role": self.role, "active": self._loras.active(), "loaded": self._loras.loaded()}
 
     def check_health(self) -> None:
-        check_resident(f"dit-{self.role}", self.transformer)
+        check_resident(self.role, self.transformer)
 
     def info(self) -> dict:
         return {**placement_info(self.device), "role": self.role, "steps_run": self.steps_run,

@@ -185,7 +185,7 @@ class Encoder:
         """VideoParams + uint8 image (H, W, 3) -> Conditioning (numpy payload)."""
         with self.metrics.timed("encode"):
             cond = self.model.run(self._encode, params, image)
-        log.info("job %s: encoded prompt and first frame", params.job_id)
+        log.info("%s: encoded prompt and first frame", params.request_id)
         return cond
 
     def _encode(self, params: VideoParams, image: np.ndarray) -> Conditioning:

@@ -49,9 +49,9 @@ from deployments.api.protocol import (
 from deployments.api.queue import JobQueue, NoProgress, Progress
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
-from deployments.common.payloads import StepRecord, VideoParams
+from deployments.common.payloads import Speech, StepRecord, VideoParams
 from deployments.config import GraphConfig
-from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio
+from deployments.media.audio import admit_speech
 
 log = logging.getLogger("avatar_serve.ingress")
 
@@ -112,12 +112,12 @@ class VideoResult:
 
 
 class Ingress:
-    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None):
+    def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None, turn_lipsync=None):
         self.encoder, self.high, self.low, self.decoder = encoder, high, low, decoder
         self.lipsync = lipsync  # None: a deployment without the lip-sync stage
-        # The handle a talk turn streams through: graph.py may give turns a faster transport than
-        # the stage-to-stage calls that carry tensors (in process, the same handle).
-        self.turn_lipsync = lipsync
+        # The handle a talk turn streams through (graph.py gives turns their own transport, apart
+        # from the stage calls that carry tensors); None: the lip-sync handle itself.
+        self.turn_lipsync = turn_lipsync or lipsync
         self.cfg = cfg
         serving = cfg.serving
         self.metrics = IngressMetrics()
@@ -148,13 +148,14 @@ class Ingress:
             pixels = np.asarray(image)
             if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
                 raise ApiError(422, "image must be uint8 (H, W, 3)", "input_reference")
-        params = resolve(request, self.cfg, job_id=job_id or new_job_id(),
+        params = resolve(request, self.cfg, request_id=job_id or new_job_id(),
                          image_size=(pixels.shape[1], pixels.shape[0]))
         return params, pixels
 
-    def prepare_audio(self, data: bytes | None, param: str = "audio") -> np.ndarray | None:
-        """Uploaded speech -> float32 PCM, 16 kHz mono, or ApiError. Decoded here, on the CPU,
-        stopping once it passes the limit, so a bad file never reaches the lip-sync stage."""
+    def prepare_audio(self, data: bytes | None, param: str = "audio") -> Speech | None:
+        """Uploaded speech -> admitted Speech (float32 PCM, 16 kHz mono), or ApiError. Decoded and
+        checked here, on the CPU, stopping once it passes the limit, so a bad file never reaches
+        the lip-sync stage, which takes the Speech as checked."""
         if data is None:
             return None
         if self.lipsync is None:
@@ -165,8 +166,7 @@ class Ingress:
         if len(data) > limits.max_audio_bytes:
             raise ApiError(413, f"the audio is {len(data)} bytes; the limit is {limits.max_audio_bytes}", param)
         try:
-            pcm = decode_audio(data, limits.max_audio_seconds, SAMPLE_RATE)
-            return check_pcm(pcm, limits.max_audio_seconds, self.cfg.stages.lipsync.fps)
+            return admit_speech(data, limits.max_audio_seconds, self.cfg.stages.lipsync.fps)
         except AudioLengthError as exc:
             raise ApiError(422, f"{param}: {exc}", param) from None
         except AudioError as exc:
@@ -190,7 +190,7 @@ class Ingress:
 
     async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress, calls: list):
         """encode -> high -> low: the final DenoiseState."""
-        log.info("job %s: %dx%d, %d frames, %d steps, seed %d", params.job_id, params.width,
+        log.info("%s: %dx%d, %d frames, %d steps, seed %d", params.request_id, params.width,
                  params.height, params.num_frames, params.num_inference_steps, params.seed)
         progress.stage("encode")
         cond = dispatched(calls, self.encoder.encode.remote(params, image))
@@ -200,16 +200,16 @@ class Ingress:
         return state
 
     async def run(self, params: VideoParams, image: np.ndarray, output: Literal["mp4", "frames"] = "mp4",
-                  progress: Progress | None = None, audio: np.ndarray | None = None) -> VideoResult:
+                  progress: Progress | None = None, audio: Speech | None = None) -> VideoResult:
         """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
-        `audio` (16 kHz PCM), the decoded clip goes straight to the lip-sync stage instead."""
+        `audio` (admitted speech), the decoded clip goes straight to the lip-sync stage instead."""
         progress = progress or NoProgress()
         async with cancel_on_exit() as calls:
             state = await self._denoised(params, image, progress, calls)
             if audio is not None:
                 clip = dispatched(calls, self.decoder.decode.remote(state))
                 progress.stage("lipsync")
-                info = dispatched(calls, self.lipsync.create_avatar_from.remote(clip))
+                info = dispatched(calls, self.lipsync.create_avatar.remote(clip))
                 if output == "frames":
                     frames = await dispatched(calls, self.lipsync.lipsync_frames.remote(info, audio))
                     return VideoResult(params=params, frames=frames.frames)
@@ -221,14 +221,14 @@ class Ingress:
             return VideoResult(params=params, mp4=await dispatched(calls, self.decoder.decode_mp4.remote(state)))
 
     async def _validated(self, request: VideoRequest | dict, image: bytes | np.ndarray,
-                         audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, np.ndarray | None]:
+                         audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, Speech | None]:
         """`prepare` and `prepare_audio` in a worker thread: decoding an upload never holds up the
         event loop (other requests, /healthz)."""
         params, pixels = await asyncio.to_thread(self.prepare, request, image)
         return params, pixels, await asyncio.to_thread(self.prepare_audio, audio)
 
     def _job(self, params: VideoParams, has_audio: bool) -> Job:
-        return Job(id=params.job_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
+        return Job(id=params.request_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                    size=f"{params.width}x{params.height}", seconds=f"{params.num_frames / params.fps:g}",
                    num_frames=params.num_frames, fps=params.fps, seed=params.seed,
                    num_inference_steps=params.num_inference_steps, has_audio=has_audio)
@@ -308,8 +308,10 @@ class Ingress:
             raise ApiError(404, "this deployment has no lip-sync stage, so no avatars", None, type="not_found_error")
 
     @staticmethod
-    def avatar_key(image: bytes, params: VideoParams, face_box, profile: str) -> str:
-        settings = {k: v for k, v in vars(params).items() if k not in ("job_id",)}
+    def avatar_id_for(image: bytes, params: VideoParams, face_box, profile: str) -> str:
+        """The public id of an avatar: a hash of everything that makes it (the same inputs give
+        the same avatar). Not the lip-sync stage's `prepared_id`, a hash of the clip it prepared."""
+        settings = {k: v for k, v in vars(params).items() if k != "request_id"}
         digest = hashlib.sha256(image)
         digest.update(json.dumps({"params": settings, "face_box": face_box and list(face_box),
                                   "profile": profile}, sort_keys=True).encode())
@@ -326,12 +328,12 @@ class Ingress:
                 raise invalid(exc) from None
         params, pixels, _ = await self._validated(request.video(), image)
         check_face_box(request.face_box, params)
-        key = self.avatar_key(image, params, request.face_box, self.cfg.name)
+        key = self.avatar_id_for(image, params, request.face_box, self.cfg.name)
         existing = self.records.avatars.get(key)
         if existing is not None and existing.status not in ("failed", "cancelled"):
             return existing.public(), False
         self.queue.admit()
-        params = VideoParams(**{**vars(params), "job_id": key})
+        params = VideoParams(**{**vars(params), "request_id": key})
         avatar = AvatarRecord(id=key, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                               size=f"{params.width}x{params.height}", num_frames=params.num_frames,
                               seed=params.seed)
@@ -341,8 +343,8 @@ class Ingress:
                 state = await self._denoised(params, pixels, progress, calls)
                 clip = dispatched(calls, self.decoder.decode.remote(state))  # decoder -> lip-sync directly
                 progress.stage("lipsync")
-                info = await dispatched(calls, self.lipsync.create_avatar_from.remote(clip, request.face_box))
-            avatar.lipsync_id, avatar.fps, avatar.cycle_frames = info.avatar_id, info.fps, 2 * info.num_frames
+                info = await dispatched(calls, self.lipsync.create_avatar.remote(clip, request.face_box))
+            avatar.prepared_id, avatar.fps, avatar.cycle_frames = info.prepared_id, info.fps, 2 * info.num_frames
             avatar.ready_at = int(time.time())
 
         self.records.add(avatar)
@@ -361,8 +363,8 @@ class Ingress:
         self.queue.cancel(avatar_id)
         avatar = self.records.delete_avatar(avatar_id)
         self.queue.forget(avatar_id)
-        if avatar.lipsync_id and not self.records.shares_lipsync_id(avatar.lipsync_id):
-            await self.lipsync.delete_avatar.remote(avatar.lipsync_id)
+        if avatar.prepared_id and not self.records.shares_prepared_id(avatar.prepared_id):
+            await self.lipsync.delete_avatar.remote(avatar.prepared_id)
         return Deleted(id=avatar_id, object="avatar.deleted")
 
     async def speak(self, avatar_id: str, audio: bytes | None, start_index: int = 0) -> AsyncIterator[bytes]:
@@ -389,7 +391,7 @@ class Ingress:
         self.metrics.talk_turns(self.turns)
         stream, first_byte, sent = None, None, 0
         try:
-            stream = self.turn_lipsync.options(stream=True).stream.remote(avatar.lipsync_id, pcm,
+            stream = self.turn_lipsync.options(stream=True).stream.remote(avatar.prepared_id, pcm,
                                                                           start_index=start_index)
             async for chunk in stream:
                 if first_byte is None:

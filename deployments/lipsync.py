@@ -1,500 +1,153 @@
-"""LipSync stage: MuseTalk v1.5 re-implemented on diffusers / transformers.
+"""LipSync stage: MuseTalk v1.5 over prepared avatars, serving the talk turn and video jobs' audio.
 
-Per avatar (once, cached: deployments/models/musetalk/avatar.py)
-    base clip -> face boxes -> 256x256 crops -> VAE latents [masked | reference] (N, 8, 32, 32)
+The models and what they compute are deployments/models/musetalk/pipeline.py; this stage holds
+them resident and adds what serving needs: prepared avatars (avatar.py's store, shared by the
+replicas through `avatar_cache_dir`), speech admission, fragmented MP4 out, metrics.
 
-Per talk turn (`speak`)
-    PCM 16 kHz (S,) -> 30 s pieces -> whisper-tiny encoder, all 5 hidden states
-        -> (T, 5, 384), T = 50 per second, concatenated over the pieces
-    video frame i (25 fps) -> 10 encoder frames around it -> (50, 384) + sinusoidal positions
-    UNet (timestep 0, one step) on the avatar's (B, 8, 32, 32) with audio as encoder states
-        -> (B, 4, 32, 32) -> / 0.18215 -> VAE decode -> (B, 3, 256, 256) -> uint8 crops
-        -> resized into the face box and blended into the base frame -> uint8 (B, H, W, 3)
-
-`speak` is a generator of frame chunks (`batch_size` frames each) so the caller can stream;
-`speak_fmp4` turns those chunks into fragmented-MP4 bytes as they are made.
+    create_avatar   Frames (the decoder's base clip, passed straight from it) -> AvatarInfo
+    speak           prepared avatar + speech -> fragmented MP4 pieces (H.264 + AAC) as made
+    stream          `speak` for DeploymentHandle callers (the talk turn, streamed)
+    lipsync_mp4     `speak` whole, for video jobs with audio
+    lipsync_frames  the lip-synced frames themselves (Python API)
 
 Concurrency: every model call (whisper, UNet + VAE decode of a batch, VAE encode, face models)
 runs through `self.model`, a ModelLock (one at a time, on the replica's one model thread), so
 concurrent talk turns interleave batch by batch on the GPU while their CPU work (blending into
-the frames, H.264) runs in parallel outside it. Compiled
-graphs and the VAE are never entered twice at once; the avatar store has its own lock.
+the frames, H.264) runs in parallel outside it. The avatar store has its own lock.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from deployments.common.errors import AvatarNotFound, MissingWeightsError
-from deployments.common.metrics import StageMetrics
-from deployments.common.payloads import AvatarInfo, Frames
+from deployments.common.errors import AvatarNotFound
+from deployments.common.metrics import StageMetrics, TurnClock
+from deployments.common.payloads import AvatarInfo, Frames, Speech
 from deployments.common.runtime import (
     ModelLock,
     apply_threads,
     check_resident,
-    dtype_for,
     in_threads,
     log_memory,
     placement_info,
     resolve_device,
 )
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
-from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
+from deployments.config import LipSyncConfig
+from deployments.media.audio import admit_speech, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
-from deployments.models.faces.face_parsing import load_face_parser, parse_faces, parsing_region
-from deployments.models.hub import resolve_file
-from deployments.models.musetalk.avatar import (
-    AvatarStore,
-    CenterBox,
-    FaceDetector,
-    LandmarkFaceDetector,
-    PreparedAvatar,
-    blend_face,
-    crops_to_pixels,
-    lower_face_mask,
-    masked_for_unet,
-    prepare_avatar,
-)
-from deployments.models.musetalk.blend_mask import (
-    expanded_crop_box,
-    jaw_blend_mask,
-    parser_inputs,
-    to_crop_coordinates,
-)
-from deployments.models.musetalk.components import SEED_OFFSET, load_models
-from deployments.models.musetalk.features import (
-    AUDIO_DIM,
-    HIDDEN_STATES,
-    AudioFeatures,
-    positional_encoding,
-    window_length,
-)
-from deployments.models.musetalk.paste import PasteBack
+from deployments.models.musetalk.avatar import AvatarStore, FaceDetector, PreparedAvatar
+from deployments.models.musetalk.pipeline import MuseTalkPipeline
 
 log = logging.getLogger("avatar_serve.lipsync")
 
-
-class TurnClock:
-    """Seconds from the start of a talk turn to the first time each phase is reached."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.marks: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        if phase not in self.marks:
-            self.marks[phase] = time.perf_counter() - self.started
-
-
-def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
-    """Dtype policy: one compute dtype for whisper, UNet and VAE: `dtype` (fp16, as MuseTalk's
-    `--use_float16`) on a GPU, `dtype_cpu` (fp32) on a CPU. Audio features and latents are cast
-    to it at the model boundary; the positional encoding is added in fp32 first."""
-    return dtype_for(device, cfg.dtype, cfg.dtype_cpu)
-
-
-# ------------------------------------------------------------------ the stage
+Avatar = str | PreparedAvatar | AvatarInfo  # a prepared avatar, or its `prepared_id`
+Audio = Speech | np.ndarray | bytes  # admitted speech, float PCM at 16 kHz, or an audio file
 
 
 class LipSync:
-    """MuseTalk lip-sync over prepared avatars. `vae_encodes` counts VAE encoder calls (avatar
-    preparation is the only place that encodes; a cache hit adds none)."""
-
     def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None):
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
+        self.metrics = StageMetrics("lipsync")
+        self.model = ModelLock(self.metrics.observe_wait, name="lipsync")
+        self.device = resolve_device(cfg.device)
         first = min(cfg.first_batch_size, cfg.batch_size)
-        if first <= cfg.mp4_keyframe_interval + 1 and torch.cuda.is_available():  # LipSyncConfig.first_batch_size
+        if first <= cfg.mp4_keyframe_interval + 1 and self.device.type == "cuda":  # LipSyncConfig.first_batch_size
             log.warning("lip-sync: a first batch of %d frames with mp4_keyframe_interval %d: a turn's first "
                         "bytes wait for its second batch (first_batch_size %d would send them with the first)",
                         first, cfg.mp4_keyframe_interval, cfg.mp4_keyframe_interval + 2)
-        self.metrics = StageMetrics("lipsync")
-        self.model = ModelLock(self.metrics.observe_wait)
-        self.device = resolve_device(cfg.device)
-        self.dtype = lipsync_dtype(cfg, self.device)
-        self.feature_extractor, self.whisper, self.unet, self.vae = load_models(
-            cfg.weights, self.dtype, self.device, cfg.weights_dir)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
+        # The models, warmed up on the model thread (`run`) when on a GPU.
+        self.pipeline = MuseTalkPipeline(cfg, self.device, run=self.model.run, detector=detector)
         self.fps = cfg.fps
-        if detector is None:
-            detector = self._landmark_detector(cfg) if cfg.face_detector == "landmarks" \
-                else CenterBox(tuple(cfg.center_box))
-        self.detector = detector
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
-        self.mask = lower_face_mask(cfg.blend_upper_ratio, cfg.blend_feather)
-        self.face_parser = None
-        if cfg.blend_mask == "face_parsing":
-            self.face_parser = load_face_parser(self._face_parser_path(cfg), self.device, self.dtype,
-                                                seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
-        self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(self.device)
-        self._pastes: OrderedDict = OrderedDict()  # (avatar id, channels) -> PasteBack, through self.model
-        self.vae_encodes = 0  # counted through self.model
-        self.frames_generated = 0  # counted through self.model
-        self.memory_format = torch.contiguous_format
-        self.compiled = False
-        if self.device.type == "cuda":
-            self._speed_settings(cfg)
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
-        log_memory(log, "lip-sync", self.device)
-
-    def _landmark_detector(self, cfg: LipSyncConfig) -> LandmarkFaceDetector:
-        """S3FD face box + FAN 68 landmarks, combined by MuseTalk's rule (avatar.box_from_landmarks).
-        Random models for random weights (tests); local files for MuseTalk weights."""
-        from deployments.models.faces.fan import landmarks_68, load_fan
-        from deployments.models.faces.s3fd import largest_face_box, load_s3fd
-
-        weights = cfg.weights
-        if isinstance(weights, RandomWeights):
-            s3fd_path = fan_path = None
-            stacks = 1 if weights.arch == "tiny" else 4
-        elif isinstance(weights, MuseTalkWeights) and weights.s3fd and weights.fan:
-            for path in (weights.s3fd, weights.fan):
-                if not os.path.isfile(path):
-                    raise MissingWeightsError(path)
-            s3fd_path, fan_path, stacks = weights.s3fd, weights.fan, 4
-        else:
-            raise ValueError("face_detector 'landmarks' needs weights.s3fd and weights.fan (local files)")
-        seed = getattr(weights, "seed", 0)
-        s3fd = load_s3fd(s3fd_path, self.device, seed=seed + SEED_OFFSET["s3fd"])
-        fan = load_fan(fan_path, self.device, seed=seed + SEED_OFFSET["fan"], num_modules=stacks)
-        fallback = CenterBox(tuple(cfg.center_box))
-
-        def box(frame: np.ndarray):
-            found = self.model.run(largest_face_box, s3fd, frame)
-            return found if found is not None else fallback(frame)
-
-        def landmarks(frame: np.ndarray, face_box):
-            return self.model.run(landmarks_68, fan, frame, face_box)
-
-        return LandmarkFaceDetector(box=box, landmarks=landmarks, model_name="s3fd+fan")
-
-    @staticmethod
-    def _face_parser_path(cfg: LipSyncConfig):
-        """The BiSeNet state dict for `blend_mask: face_parsing`; None (random) for random weights."""
-        weights = cfg.weights
-        if isinstance(weights, RandomWeights):
-            return None
-        if isinstance(weights, MuseTalkWeights) and weights.face_parser:
-            # Not on MuseTalk's Hub repo (its download script fetches it from Google Drive): a
-            # local file path, or a file of `repo` when that is a local folder.
-            if os.path.isfile(weights.face_parser):
-                return weights.face_parser
-            return resolve_file(weights.repo, weights.face_parser, cfg.weights_dir)
-        raise ValueError("blend_mask 'face_parsing' needs weights.face_parser (the BiSeNet file)")
-
-    def face_parsing_masks(self, frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """uint8 frames (N, H, W, 3) + face boxes (N, 4) -> MuseTalk v1.5's blend masks, uint8
-        (N, 256, 256) in crop coordinates (deployments/models/musetalk/blend_mask.py): the parser
-        reads the 1.5x square crop around each box; its jaw region, cut to the box, cleared above
-        the crop's centre and blurred, weighs the generated face."""
-        crop_boxes = [expanded_crop_box(box) for box in boxes]
-        masks = []
-        for i in range(0, len(frames), self.cfg.batch_size):
-            inputs = parser_inputs(frames[i:i + self.cfg.batch_size], crop_boxes[i:i + self.cfg.batch_size])
-            class_map = self.model.run(parse_faces, self.face_parser, inputs, batch_size=self.cfg.batch_size)
-            for region, box, crop_box in zip(parsing_region(class_map, "jaw"), boxes[i:], crop_boxes[i:]):
-                masks.append(to_crop_coordinates(jaw_blend_mask(region, box, crop_box,
-                                                                self.cfg.blend_upper_ratio)))
-        return np.stack(masks)
-
-    def _speed_settings(self, cfg: LipSyncConfig) -> None:
-        """GPU-only settings from the config (each measured in bench/README.md)."""
-        if cfg.cudnn_benchmark:
-            # Every batch has the same crop shape, so cuDNN's per-shape autotuning pays off at
-            # once. Process-wide, which is fine: this replica runs this stage alone.
-            torch.backends.cudnn.benchmark = True
-        if cfg.channels_last:
-            self.memory_format = torch.channels_last
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            self.unet = torch.compile(self.unet, dynamic=False)
-            self.vae.decoder = torch.compile(self.vae.decoder, dynamic=False)
-            self.compiled = True
-        # Warm up at start-up (compiling takes minutes), not in a user's first talk turn: one pass
-        # per batch size a turn uses, and one whisper piece.
-        window = window_length(self.fps) * HIDDEN_STATES
-        for size in sorted({cfg.first_batch_size, cfg.batch_size}):
-            latents = torch.zeros(size, 8, 32, 32)
-            self.generate_on_device(latents, torch.zeros(size, window, AUDIO_DIM))
-        self.encode_audio_piece(np.zeros(SAMPLE_RATE, np.float32))
-        torch.cuda.synchronize(self.device)
-
-    # ------------------------------------------------------------------ models
-
-    @torch.no_grad()
-    def encode_crops(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 crops (B, 256, 256, 3) -> float32 (B, 8, 32, 32): VAE latents of the crop with
-        its lower half masked, then of the whole crop, times the scaling factor.
-
-        The posterior mean is used (MuseTalk samples; the SD VAE's posterior std is tiny, and the
-        mean makes preparation deterministic).
-        """
-        out = []
-        for i in range(0, crops.shape[0], self.cfg.batch_size):
-            part = crops[i:i + self.cfg.batch_size]
-            pixels = np.concatenate([masked_for_unet(part), crops_to_pixels(part)])
-            masked, reference = self.model.run(self._encode_pixels, pixels)
-            out.append(torch.cat([masked, reference], dim=1).numpy())
-        return np.concatenate(out)
-
-    def _encode_pixels(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """`encode_crops`' model work (on the model thread): latents of the masked and the whole
-        crops, on the host."""
-        self.vae_encodes += 1
-        x = torch.from_numpy(pixels).to(self.device, self.dtype)
-        latents = self.vae.encode(x).latent_dist.mode() * self.scaling_factor
-        return latents.float().cpu().chunk(2)
-
-    @torch.no_grad()
-    def encode_audio_piece(self, pcm: np.ndarray) -> torch.Tensor:
-        """Up to 30 s of 16 kHz PCM -> (1500, 5, 384) fp32: every hidden state of the whisper
-        encoder (embeddings + each layer; the last one layer-normed) over the padded piece."""
-        mel = self.feature_extractor(pcm, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-        hidden = self.model.run(self._whisper, mel)
-        if len(hidden) != HIDDEN_STATES:
-            raise RuntimeError(f"whisper gave {len(hidden)} hidden states, expected {HIDDEN_STATES}")
-        return torch.stack(hidden, dim=2)[0].float()
-
-    def _whisper(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.whisper(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
-
-    def audio_features(self, pcm: np.ndarray) -> AudioFeatures:
-        return AudioFeatures(self.encode_audio_piece, pcm, self.fps)
-
-    def generate_on_device(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """One MuseTalk step: latents (B, 8, 32, 32) + audio windows (B, 50, 384)
-        -> uint8 face crops (B, 256, 256, 3), left on the stage's device (queued, not waited for)."""
-        return self.model.run(self._generate, latents, audio)
-
-    @torch.no_grad()
-    def _generate(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """`generate_on_device` on the model thread (through `self.model`)."""
-        latents = torch.as_tensor(latents).to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
-        audio = (audio.to(self.device, torch.float32) + self.pe[:audio.shape[1]]).to(self.dtype)
-        n = latents.shape[0]
-        sizes = sorted({self.cfg.first_batch_size, self.cfg.batch_size})
-        if self.compiled and n < sizes[-1]:
-            # Compiled graphs are specialised to their batch sizes: pad a short batch up to one.
-            pad = next(size for size in sizes if size >= n) - n
-            latents = torch.cat([latents, latents[-1:].expand(pad, -1, -1, -1)])
-            audio = torch.cat([audio, audio[-1:].expand(pad, -1, -1)])
-        timestep = torch.zeros(1, device=self.device, dtype=torch.long)
-        pred = self.unet(latents, timestep, encoder_hidden_states=audio).sample  # (B, 4, 32, 32)
-        image = self.vae.decode(pred / self.scaling_factor).sample  # (B, 3, 256, 256) in [-1, 1]
-        image = ((image[:n].float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1)
-
-    def generate(self, latents: np.ndarray | torch.Tensor, audio: torch.Tensor) -> np.ndarray:
-        """`generate_on_device`, as numpy uint8 (B, 256, 256, 3)."""
-        return self.generate_on_device(latents, audio).cpu().numpy()
-
-    def _to_host(self, crops: torch.Tensor):
-        """Start copying device crops to host memory -> (tensor, event to wait on before reading).
-        On a GPU the copy is queued behind the batch that made them, so the CPU can blend one
-        batch while the GPU computes the next."""
-        if crops.device.type != "cuda":
-            return crops, None
-        host = torch.empty(crops.shape, dtype=crops.dtype, pin_memory=True)
-        host.copy_(crops, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        log_memory(log, "lipsync", self.device)
 
     # ------------------------------------------------------------------ avatars
 
-    def settings(self) -> dict:
-        """What the prepared latents depend on besides the frames (part of the content hash)."""
-        out = {"weights": self.cfg.weights.model_dump(mode="json"), "dtype": str(self.dtype)}
-        if self.cfg.blend_mask != "feathered":  # (the feathered mask's bytes are hashed already)
-            out.update(blend_mask=self.cfg.blend_mask, blend_upper_ratio=self.cfg.blend_upper_ratio)
-        return out
+    def create_avatar(self, clip: Frames, face_box=None) -> AvatarInfo:
+        """A base clip (uint8 frames + their fps; in the graph the decoder's response, passed here
+        directly so the clip never visits the ingress) -> the prepared avatar's AvatarInfo. The
+        same frames and settings give the same `prepared_id`, from the cache (no VAE work).
+        face_box: (x1, y1, x2, y2) in pixels for every frame, or (N, 4); None: the detector."""
+        with self.metrics.timed("create_avatar"):
+            return self.pipeline.prepare(clip.frames, clip.fps, self.store, face_box).info
 
-    def prepare_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> PreparedAvatar:
-        """Base clip uint8 (N, H, W, 3) at `fps` -> PreparedAvatar (from the cache when the same
-        frames and settings were prepared before: no VAE work then).
-
-        face_box: (x1, y1, x2, y2) in pixels for every frame, or (N, 4); None uses the detector.
-        """
-        return prepare_avatar(frames, fps, self.encode_crops, self.store, self.settings(),
-                              self.detector, face_box=face_box, extra_margin=self.cfg.extra_margin,
-                              mask=self.face_parsing_masks if self.face_parser is not None else self.mask,
-                              fps=self.fps)
-
-    def create_avatar(self, frames: np.ndarray, fps: float = 16, face_box=None) -> AvatarInfo:
-        """`prepare_avatar` for remote callers: returns only the small AvatarInfo."""
-        return self.prepare_avatar(frames, fps, face_box).info
-
-    def create_avatar_from(self, clip: Frames, face_box=None) -> AvatarInfo:
-        """The decoder's output (uint8 frames + their fps) -> prepared avatar. In the graph the
-        decoder's response is passed here directly, so the base clip never visits the ingress."""
-        with self.metrics.timed("prepare"):
-            return self.create_avatar(clip.frames, clip.fps, face_box)
-
-    def get_avatar(self, avatar: str | PreparedAvatar | AvatarInfo) -> PreparedAvatar:
-        if isinstance(avatar, AvatarInfo):
-            avatar = avatar.avatar_id
+    def get_avatar(self, avatar: Avatar) -> PreparedAvatar:
         if isinstance(avatar, PreparedAvatar):
             return avatar
-        found = self.store.get(avatar)
+        prepared_id = avatar.prepared_id if isinstance(avatar, AvatarInfo) else avatar
+        found = self.store.get(prepared_id)
         if found is None:
-            raise AvatarNotFound(avatar)
+            raise AvatarNotFound(prepared_id)
         return found
 
-    def delete_avatar(self, avatar_id: str) -> bool:
-        def forget():
-            for key in [k for k in self._pastes if k[0] == avatar_id]:
-                del self._pastes[key]
+    def delete_avatar(self, prepared_id: str) -> bool:
+        self.pipeline.forget(prepared_id)
+        return self.store.delete(prepared_id)
 
-        self.model.run(forget)
-        return self.store.delete(avatar_id)
+    # ------------------------------------------------------------------ speech
 
-    # ------------------------------------------------------------------ talk turn
+    def admit(self, audio: Audio) -> Speech:
+        """Speech as admitted (a Speech passes: it was checked where it entered), or raw audio
+        checked now by the same rule (AudioError before any model runs)."""
+        if isinstance(audio, Speech):
+            return audio
+        return admit_speech(audio, self.cfg.max_audio_seconds, self.fps)
 
-    def check_audio(self, audio: np.ndarray | bytes) -> np.ndarray:
-        """Bytes (any container) or float PCM at 16 kHz -> validated float32 PCM (AudioError)."""
-        if isinstance(audio, (bytes, bytearray, memoryview)):
-            audio = decode_audio(bytes(audio), self.cfg.max_audio_seconds)
-        return check_pcm(audio, self.cfg.max_audio_seconds, self.fps)
-
-    def _paste_back(self, avatar: PreparedAvatar, channels: int) -> PasteBack | None:
-        """The avatar's frames and blend weights on the device (cached, a few avatars), or None
-        when faces are pasted on the CPU. Runs through self.model."""
-        mode = self.cfg.paste_back
-        if mode == "host" or (mode == "auto" and self.device.type != "cuda"):
-            return None
-        key = (avatar.avatar_id, channels)
-        paste = self._pastes.pop(key, None) or PasteBack(avatar, self.device, channels)
-        self._pastes[key] = paste  # most recently used last
-        while len(self._pastes) > self.cfg.max_avatars_in_memory:
-            self._pastes.popitem(last=False)
-        return paste
-
-    def speak(self, avatar: str | PreparedAvatar, audio: np.ndarray, *, batch_size: int | None = None,
-              start_index: int = 0, clock: "TurnClock | None" = None, rgba: bool = False) -> Iterator[np.ndarray]:
-        """Lip-sync `audio` (float32 PCM, 16 kHz mono) onto an avatar.
-
-        Yields uint8 frame chunks (B, H, W, 3): with `batch_size` given, B = batch_size; by
-        default the first chunk has `first_batch_size` frames and the rest `cfg.batch_size` (the
-        last may be shorter);
-        floor(seconds * fps) frames in all. Output frame i shows base frame
-        cycle[(i + start_index) % 2M] of the retimed clip (pass the previous turn's frame count
-        to continue the cycle). `clock` notes when the first features, batch and frames are done.
-        `rgba`: (B, H, W, 4) frames with an opaque alpha channel, for encoders that take RGBA.
-        """
-        clock = clock or TurnClock()
-        avatar = self.get_avatar(avatar)
-        pcm = self.check_audio(audio)
-        if avatar.fps != self.fps:
-            raise ValueError(f"avatar was prepared for {avatar.fps} fps, stage runs at {self.fps}")
-        n = frames_for_samples(pcm.shape[0], self.fps)
-        first_size = batch_size or min(self.cfg.first_batch_size, self.cfg.batch_size)
-        batch_size = batch_size or self.cfg.batch_size
-        features = self.audio_features(pcm)
-
-        channels = 4 if rgba else 3
-        paste = self.model.run(self._paste_back, avatar, channels)
-
-        def blended(sources, host, event) -> np.ndarray:
-            if event is not None:
-                event.synchronize()
-            clock.mark("first_batch")
-            if paste is not None:  # pasted on the device already
-                frames = host.numpy()
-            else:
-                frames = np.stack([blend_face(avatar.frames[s], crop, avatar.boxes[s], avatar.masks[s])
-                                   for s, crop in zip(sources, host.numpy())])
-                if rgba:
-                    frames = np.concatenate([frames, np.full_like(frames[..., :1], 255)], axis=-1)
-            clock.mark("first_frames")
-            return frames
-
-        pending = None  # the batch whose crops are on their way to the host
-        # A smaller first batch brings the first chunk sooner; full batches after it.
-        starts = [0, *range(first_size, n, batch_size)] if n > 0 else []
-        for k, (first, end) in enumerate(zip(starts, [*starts[1:], n])):
-            indices = list(range(first, end))
-            sources = [avatar.source_frame(i, start_index) for i in indices]
-            windows = features.windows(indices)  # whisper runs here when the turn needs a new piece
-            clock.mark("features")
-            host = self.model.run(self._launch_batch, avatar, sources, windows, paste)
-            previous, pending = pending, (sources, *host)
-            if previous is not None:
-                yield blended(*previous)  # the GPU is already working on this batch meanwhile
-            # Computed synchronously (CPU): nothing to overlap. The first batch goes out at once
-            # too: the turn's first byte must not wait for the second batch's features, its
-            # launch or another turn holding the model; later batches overlap.
-            if pending[2] is None or k == 0:
-                yield blended(*pending)
-                pending = None
-        if pending is not None:
-            yield blended(*pending)
-
-    def _launch_batch(self, avatar: PreparedAvatar, sources: list[int], windows: torch.Tensor,
-                      paste: PasteBack | None):
-        """One batch of a turn on the model thread: generate, paste (on the device) and start the
-        copy to the host -> `_to_host`'s (tensor, event)."""
-        self.frames_generated += len(sources)
-        crops = self._generate(avatar.latents[sources], windows)
-        host = self._to_host(crops if paste is None else paste(sources, crops))
-        if self.cfg.simulate_batch_seconds:
-            time.sleep(self.cfg.simulate_batch_seconds)
-        return host
-
-    def speak_fmp4(self, avatar: str | PreparedAvatar, audio: np.ndarray | bytes, *,
-                   start_index: int = 0) -> Iterator[bytes]:
+    def speak(self, avatar: Avatar, audio: Audio, *, start_index: int = 0) -> Iterator[bytes]:
         """Lip-sync and mux: yields fragmented-MP4 bytes (H.264 + AAC of the same audio) as each
-        fragment completes. Audio problems raise AudioError before the first byte."""
+        fragment completes. Audio problems raise AudioError before the first byte. Output frame i
+        shows the base clip's cycle at i + `start_index` (a previous turn's frame count continues
+        the cycle)."""
         clock = TurnClock()
-        avatar = self.get_avatar(avatar)
-        pcm = self.check_audio(audio)
-        nvenc = self.cfg.mp4_codec == "h264_nvenc"
-        frames = self.speak(avatar, pcm, start_index=start_index, clock=clock, rgba=nvenc)
+        avatar, speech = self.get_avatar(avatar), self.admit(audio)
+        cfg = self.cfg
+        frames = self.pipeline.frames(avatar, speech.pcm, start_index=start_index, clock=clock,
+                                      rgba=cfg.mp4_codec == "h264_nvenc")  # NVENC takes RGBA
         with self.metrics.timed("speak"):
-            for piece in stream_fmp4(frames, pcm, fps=self.fps, keyframe_interval=self.cfg.mp4_keyframe_interval,
-                                     crf=self.cfg.mp4_crf, preset=self.cfg.mp4_preset, codec=self.cfg.mp4_codec,
-                                     threads=self.cfg.placement.threads or 0, audio_rate=self.cfg.aac_sample_rate):
+            for piece in stream_fmp4(frames, speech.pcm, fps=self.fps, keyframe_interval=cfg.mp4_keyframe_interval,
+                                     crf=cfg.mp4_crf, preset=cfg.mp4_preset, codec=cfg.mp4_codec,
+                                     threads=cfg.placement.threads or 0, audio_rate=cfg.aac_sample_rate):
                 clock.mark("first_bytes")
                 yield piece
         clock.mark("total")
         for phase, seconds in clock.marks.items():
             self.metrics.observe_phase(phase, seconds)
-        log.info("turn on %s: %d frames in %.2f s (%s)", avatar.avatar_id,
-                 frames_for_samples(pcm.shape[0], self.fps), clock.marks["total"],
+        log.info("turn on %s: %d frames in %.2f s (%s)", avatar.prepared_id,
+                 frames_for_samples(speech.num_samples, self.fps), clock.marks["total"],
                  ", ".join(f"{k} {v:.3f} s" for k, v in clock.marks.items() if k != "total"))
 
-    async def stream(self, avatar: str, audio: np.ndarray | bytes, *, start_index: int = 0):
-        """`speak_fmp4` for handle callers (`options(stream=True)`): each piece is made in a worker
+    async def stream(self, avatar: Avatar, audio: Audio, *, start_index: int = 0):
+        """`speak` for handle callers (`options(stream=True)`): each piece is made in a worker
         thread and the generator awaits between pieces, so a turn whose client has gone stops
         at the next piece instead of running to its end."""
-        async for piece in in_threads(self.speak_fmp4(avatar, audio, start_index=start_index)):
+        async for piece in in_threads(self.speak(avatar, audio, start_index=start_index)):
             yield piece
 
-    def lipsync_mp4(self, avatar: str | AvatarInfo, audio: np.ndarray | bytes) -> bytes:
+    def lipsync_mp4(self, avatar: Avatar, audio: Audio) -> bytes:
         """A whole lip-synced MP4 (fragmented: plays anywhere an MP4 does) for video jobs."""
         with self.metrics.timed("lipsync_mp4"):
-            return b"".join(self.speak_fmp4(self.get_avatar(avatar), audio))
+            return b"".join(self.speak(avatar, audio))
 
-    def lipsync_frames(self, avatar: str | AvatarInfo, audio: np.ndarray | bytes) -> Frames:
+    def lipsync_frames(self, avatar: Avatar, audio: Audio) -> Frames:
         """The lip-synced frames themselves, uint8 (F, H, W, 3) at the stage's fps (Python API)."""
         with self.metrics.timed("lipsync_frames"):
-            return Frames(frames=np.concatenate(list(self.speak(self.get_avatar(avatar), self.check_audio(audio)))),
-                          fps=self.fps)
+            avatar, speech = self.get_avatar(avatar), self.admit(audio)
+            return Frames(frames=np.concatenate(list(self.pipeline.frames(avatar, speech.pcm))), fps=self.fps)
 
     # ------------------------------------------------------------------ health
 
     def check_health(self) -> None:
-        check_resident("lipsync", self.whisper, self.unet, self.vae)
+        check_resident("lipsync", *self.pipeline.modules)
 
     def info(self) -> dict:
-        return {**placement_info(self.device), "startup_s": self.startup_s, "compiled": self.compiled,
-                "frames_generated": self.frames_generated}
+        return {**placement_info(self.device), "startup_s": self.startup_s, "compiled": self.pipeline.compiled,
+                "frames_generated": self.pipeline.frames_generated}
+

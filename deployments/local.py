@@ -66,7 +66,7 @@ class LocalStream:
             self._gen = self._fn(*args, **kwargs)
         if hasattr(self._gen, "__anext__"):
             return await self._gen.__anext__()
-        # A sync generator (e.g. LipSync.speak_fmp4): each item is computed in a worker thread.
+        # A sync generator (e.g. LipSync.speak): each item is computed in a worker thread.
         item = await asyncio.to_thread(next, self._gen, _DONE)
         if item is _DONE:
             raise StopAsyncIteration

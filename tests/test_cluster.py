@@ -374,11 +374,11 @@ def test_metrics_show_stage_histograms(cluster, client):
     while time.monotonic() < deadline:
         text = httpx.get(cluster["metrics"], timeout=10).text
         seen = {m.group(1): float(m.group(2)) for m in pattern.finditer(text)}
-        if {"dit_high", "dit_low"} <= set(seen) and "avatar_serve_denoise_step_seconds_count" in text \
+        if {"high", "low"} <= set(seen) and "avatar_serve_denoise_step_seconds_count" in text \
                 and "avatar_serve_jobs_total" in text:
             break
         time.sleep(1)
-    assert seen.get("dit_high", 0) > 0 and seen.get("dit_low", 0) > 0, seen
+    assert seen.get("high", 0) > 0 and seen.get("low", 0) > 0, seen
     assert seen.get("encoder", 0) > 0 and seen.get("decoder", 0) > 0, seen
 
 

@@ -252,8 +252,9 @@ def test_the_ingress_sends_stage_calls_by_reference_and_turns_by_the_clusters_tr
 
     stages = ("encoder", "high", "low", "decoder", "lipsync")
     cfg = load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)}, "limits": {"max_audio_seconds": 10}})
-    served = graph.ingress_replica_class(Ingress)
+    served = graph.replica_class(Ingress, ingress=True)
     assert issubclass(served, Ingress) and served.__name__ == "Ingress"
+    assert served.__serve_build_asgi_app__ is graph.build_app  # Serve asks it for the HTTP app
 
     def build(limit: int) -> Ingress:
         monkeypatch.setattr(graph, "grpc_message_limit", lambda: limit)

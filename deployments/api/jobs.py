@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import AliasChoices, Field
+
 from deployments.api.protocol import ApiError, Avatar, Deleted, Job, JobError, Queued, VideoList
 from deployments.common.errors import unwrap
 
@@ -29,12 +31,13 @@ def new_job_id() -> str:
 
 class AvatarRecord(Avatar):
     """The ingress's record of an avatar: the public fields plus the lip-sync stage's own id for
-    the prepared avatar (internal: `public()` leaves it out)."""
+    the prepared avatar, `prepared_id` (internal: `public()` leaves it out). Records written
+    before it had this name carry it as `lipsync_id`: read either."""
 
-    lipsync_id: str | None = None
+    prepared_id: str | None = Field(None, validation_alias=AliasChoices("prepared_id", "lipsync_id"))
 
     def public(self) -> Avatar:
-        return Avatar.model_validate(self.model_dump(exclude={"lipsync_id"}))
+        return Avatar.model_validate(self.model_dump(exclude={"prepared_id"}))
 
 
 def failure(exc: BaseException) -> JobError:
@@ -254,8 +257,8 @@ class Records:
         self.store.delete_avatar(avatar_id)
         return avatar
 
-    def shares_lipsync_id(self, lipsync_id: str) -> bool:
-        return any(a.lipsync_id == lipsync_id for a in self.avatars.values())
+    def shares_prepared_id(self, prepared_id: str) -> bool:
+        return any(a.prepared_id == prepared_id for a in self.avatars.values())
 
 
 # ------------------------------------------------------------------ progress events

@@ -300,7 +300,7 @@ def size_for_image(image_w: int, image_h: int, cfg) -> tuple[int, int]:
     return width, height
 
 
-def resolve(req: VideoRequest, cfg, job_id: str = "", image_size: tuple[int, int] | None = None) -> VideoParams:
+def resolve(req: VideoRequest, cfg, request_id: str = "", image_size: tuple[int, int] | None = None) -> VideoParams:
     """VideoRequest + GraphConfig -> VideoParams, or ApiError naming the field. Without `size`,
     the clip takes the image's aspect (`image_size`, width x height) at the profile's default
     pixel count; with one, the encoder centre-crops the image to it: never a stretch.
@@ -349,7 +349,7 @@ def resolve(req: VideoRequest, cfg, job_id: str = "", image_size: tuple[int, int
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
     return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
                        num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
-                       guidance_scale_2=g2, fps=fps, job_id=job_id)
+                       guidance_scale_2=g2, fps=fps, request_id=request_id)
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int = 64_000_000,

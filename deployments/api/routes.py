@@ -2,8 +2,8 @@
 
 Every route is a named function below that reads the request, calls one typed method of the
 ingress and shapes the answer; the ingress knows nothing of HTTP and this module does not import
-it (the object arrives as `app.state.ingress`). graph.py attaches the app to the deployment with
-`serve.ingress()(with_http(Ingress))`, as Ray LLM's `make_fastapi_ingress` does; tests call
+it (the object arrives as `app.state.ingress`). graph.py makes `build_app` the ingress replica's
+`__serve_build_asgi_app__` (one subclass, as Ray LLM's `make_fastapi_ingress` makes); tests call
 `build_app(ingress)` on the in-process graph.
 
 Errors: an `ApiError` carries its own status; stage errors are mapped by class in `ERRORS`;
@@ -139,18 +139,6 @@ def openapi(app: FastAPI) -> dict[str, Any]:
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
     return spec
-
-
-def with_http(cls: type) -> type:
-    """`cls` with the hook Ray Serve calls on a replica after constructing it, to get its ASGI app
-    (`serve.ingress()` without an app argument)."""
-
-    class HttpIngress(cls):
-        def __serve_build_asgi_app__(self) -> FastAPI:
-            return build_app(self)
-
-    HttpIngress.__name__ = HttpIngress.__qualname__ = cls.__name__
-    return HttpIngress
 
 
 def get_ingress(request: Request):
@@ -428,7 +416,7 @@ async def create_video_sync(request: Request, ingress: IngressDep) -> Response:
     fields, image, audio = await read_video_form(request, ingress)
     result = await ingress.generate(fields, image, "mp4", audio)
     return Response(content=result.mp4, media_type="video/mp4",
-                    headers={"X-Seed": str(result.params.seed), "X-Job-Id": result.params.job_id})
+                    headers={"X-Seed": str(result.params.seed), "X-Job-Id": result.params.request_id})
 
 
 @api.get("/v1/videos", response_model=VideoList, responses=errors(422))

@@ -116,6 +116,19 @@ class StageMetrics:
                 self.gpu_memory.set(float(value), tags={"stage": self.stage, "kind": kind})
 
 
+class TurnClock:
+    """Seconds from the start of a talk turn to the first time each phase is reached (fed to
+    `avatar_serve_turn_phase_seconds` and the turn's log line)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        if phase not in self.marks:
+            self.marks[phase] = time.perf_counter() - self.started
+
+
 def _phase_histogram():
     return _make("Histogram", "avatar_serve_turn_phase_seconds",
                  "Time from the start of a talk turn in a stage to each of its phases",

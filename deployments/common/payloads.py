@@ -4,6 +4,7 @@ module needs numpy only (no torch), so the ingress and clients can import it.
     Ingress --VideoParams--> Encoder --Conditioning--> DitExpert(high) --DenoiseState-->
     DitExpert(low) --DenoiseState--> Decoder --Frames / MP4 bytes--> Ingress
     Decoder --Frames--> LipSync --AvatarInfo / MP4 bytes--> Ingress
+    Ingress --Speech--> LipSync --fMP4 pieces--> Ingress
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class VideoParams:
     guidance_scale_2: float
     negative_prompt: str = ""
     fps: int = 16
-    job_id: str = ""
+    # The job or avatar this generation is for (its public id): it tags every stage's log lines.
+    request_id: str = ""
 
     def guidance_for(self, role: str) -> float:
         """The guidance scale of the expert `role`: `guidance_scale` for the high-noise expert,
@@ -139,12 +141,27 @@ class Frames:
 
 @dataclass(frozen=True)
 class AvatarInfo:
-    """LipSync's answer to an avatar preparation: the stage's id for the prepared avatar and its
-    shape (the arrays stay on the stage). Small, so it crosses handles cheaply."""
+    """LipSync's answer to an avatar preparation: the stage's id for the prepared avatar (its
+    content hash, `prepared_id`: not the ingress's public avatar id) and its shape (the arrays
+    stay on the stage). Small, so it crosses handles cheaply."""
 
-    avatar_id: str
+    prepared_id: str
     num_source_frames: int
     num_frames: int  # after retiming to `fps`
     fps: int
     height: int
     width: int
+
+
+@dataclass(frozen=True)
+class Speech:
+    """Speech admitted by `deployments.media.audio.admit_speech`: float32 PCM (S,) at 16 kHz
+    mono, finite, of sane magnitude, within the length limits. Audio is checked once, where it
+    enters (the ingress, or the lip-sync stage for a caller that hands it raw PCM or a file); a
+    Speech travels on as checked."""
+
+    pcm: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.pcm.shape[0])

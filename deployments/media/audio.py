@@ -1,5 +1,5 @@
 """Speech audio in: any common container decoded to 16 kHz mono float PCM, and the one rule
-that admits a talk turn's audio.
+that admits speech (`admit_speech` -> a Speech payload).
 
     bytes (wav, mp3, ogg/opus, flac, m4a, ...) -> PyAV decode -> resample -> float32 (S,) at 16 kHz
 """
@@ -13,6 +13,7 @@ import av
 import numpy as np
 
 from deployments.common.errors import AudioError, AudioLengthError
+from deployments.common.payloads import Speech
 
 SAMPLE_RATE = 16000  # the lip-sync stage's input rate (whisper's)
 
@@ -72,8 +73,15 @@ def decode_audio(data: bytes, max_seconds: float | None = None,
     return np.concatenate(pieces).astype(np.float32, copy=False)
 
 
+# The loudest sample admitted. Float PCM lives in [-1, 1]; a little past it is clipping, far past it
+# is not audio (a float WAV of 1e12 samples passed every other check and then broke the AAC
+# encoder, after the whole diffusion had run).
+MAX_SAMPLE_MAGNITUDE = 16.0
+
+
 def as_pcm(audio: np.ndarray) -> np.ndarray:
-    """Validate raw PCM given directly: float (S,) at 16 kHz mono -> float32 (S,)."""
+    """Validate raw PCM given directly: float (S,) at 16 kHz mono, finite samples of sane
+    magnitude -> float32 (S,)."""
     pcm = np.asarray(audio)
     if pcm.ndim != 1 or not np.issubdtype(pcm.dtype, np.floating):
         raise AudioError(f"PCM audio must be float (S,) at {SAMPLE_RATE} Hz mono, got "
@@ -82,6 +90,10 @@ def as_pcm(audio: np.ndarray) -> np.ndarray:
         raise AudioError("audio has no samples")
     if not np.isfinite(pcm).all():
         raise AudioError("audio contains NaN or infinite samples")
+    peak = float(np.abs(pcm).max())
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioError(f"audio samples reach {peak:.3g}; float audio lies within [-1, 1] "
+                         f"(at most {MAX_SAMPLE_MAGNITUDE:g} is admitted)")
     return pcm.astype(np.float32, copy=False)
 
 
@@ -91,13 +103,16 @@ def frames_for_samples(num_samples: int, fps: int, sample_rate: int = SAMPLE_RAT
     return (num_samples * fps) // sample_rate
 
 
-def check_pcm(pcm: np.ndarray, max_seconds: float, fps: int) -> np.ndarray:
-    """The one admission rule for speech: float PCM (S,) at 16 kHz mono, finite, at most
-    `max_seconds` long and at least one video frame at `fps` -> float32 (S,), or AudioError.
-    The ingress applies it before any stage runs; the lip-sync stage again for direct callers."""
-    pcm = as_pcm(pcm)
+def admit_speech(audio: np.ndarray | bytes, max_seconds: float, fps: int) -> Speech:
+    """The one admission rule for speech: file bytes (any container, decoded here and stopped
+    past the limit) or float PCM (S,) at 16 kHz mono, finite, at most `max_seconds` long and at
+    least one video frame at `fps` -> Speech, or AudioError. Applied where audio enters: the
+    ingress before any stage runs, the lip-sync stage for callers that bring raw audio."""
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        audio = decode_audio(bytes(audio), max_seconds)
+    pcm = as_pcm(audio)
     if pcm.shape[0] > max_seconds * SAMPLE_RATE:
         raise AudioLengthError(f"audio is {pcm.shape[0] / SAMPLE_RATE:.1f} s long; the limit is {max_seconds:g} s")
     if frames_for_samples(pcm.shape[0], fps) == 0:
         raise AudioLengthError(f"audio is shorter than one video frame (1/{fps} s)")
-    return pcm
+    return Speech(pcm)

@@ -33,7 +33,7 @@ def test_avatar_is_created_once_and_speaks_in_a_stream(graph):
         r = create(c)
         assert r.status_code == 201, r.text
         avatar = wait_ready(c, r.json()["id"])
-        assert avatar["status"] == "ready" and avatar["fps"] == 25 and "lipsync_id" not in avatar
+        assert avatar["status"] == "ready" and avatar["fps"] == 25 and "prepared_id" not in avatar
         # 5 frames at 16 fps -> 8 frames at 25 fps, forward then backward.
         assert avatar["cycle_frames"] == 16
         encodes = graph.encoder.calls["encode"]
@@ -56,12 +56,12 @@ def test_avatar_is_created_once_and_speaks_in_a_stream(graph):
                      headers={"content-type": "audio/wav"})
         assert raw.status_code == 200 and durations(raw.content)[0] == 12
 
-        lipsync_id = graph.ingress.records.avatars[avatar["id"]].lipsync_id
-        assert graph.lipsync.target.store.get(lipsync_id) is not None
+        prepared_id = graph.ingress.records.avatars[avatar["id"]].prepared_id
+        assert graph.lipsync.target.store.get(prepared_id) is not None
         assert c.delete(f"/v1/avatars/{avatar['id']}").json()["deleted"] is True
         assert c.post(f"/v1/avatars/{avatar['id']}/speech",
                       files={"audio": ("a.wav", wav_bytes(0.5), "audio/wav")}).status_code == 404
-        assert graph.lipsync.target.store.get(lipsync_id) is None  # the stage dropped it too
+        assert graph.lipsync.target.store.get(prepared_id) is None  # the stage dropped it too
 
 
 BAD_SPEECH = [

@@ -93,10 +93,10 @@ def test_typed_answers_for_jobs_and_avatars(graph):
 
 
 def test_public_avatar_has_no_stage_state():
-    assert "lipsync_id" not in Avatar.model_fields and "lipsync_id" in AvatarRecord.model_fields
+    assert "prepared_id" not in Avatar.model_fields and "prepared_id" in AvatarRecord.model_fields
     record = AvatarRecord(id="avatar_x", created_at=0, model="tiny", prompt="p", size="16x16", num_frames=5,
-                          seed=0, lipsync_id="internal")
-    assert "lipsync_id" not in record.public().model_dump()
+                          seed=0, prepared_id="internal")
+    assert "prepared_id" not in record.public().model_dump()
 
 
 def test_the_ingress_and_the_api_import_no_torch():

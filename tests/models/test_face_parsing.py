@@ -10,9 +10,11 @@ import PIL.Image
 import pytest
 import torch
 
-import deployments.lipsync as lipsync_module
+import deployments.models.musetalk.pipeline as pipeline_module
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.common.payloads import Frames
 from deployments.lipsync import LipSync
+from deployments.models.musetalk.pipeline import MuseTalkPipeline, face_parser_path
 from deployments.models.faces.face_parsing import (
     NUM_CLASSES,
     BiSeNet,
@@ -304,11 +306,16 @@ def parsing_stage() -> LipSync:
     return LipSync(cfg)
 
 
+def prepare(stage: LipSync, frames: np.ndarray):
+    """The stage's create_avatar at 16 fps with the test's box, and the prepared avatar it made."""
+    return stage.get_avatar(stage.create_avatar(Frames(frames=frames, fps=16), face_box=BOX))
+
+
 def test_config_fields():
     assert LipSyncConfig().blend_mask == "feathered"
     assert MuseTalkWeights().face_parser is None  # not on the Hub: the operator gives a local file
     with pytest.raises(ValueError, match="face_parser"):
-        LipSync._face_parser_path(LipSyncConfig(weights=MuseTalkWeights(), blend_mask="face_parsing"))
+        face_parser_path(LipSyncConfig(weights=MuseTalkWeights(), blend_mask="face_parsing"))
     with pytest.raises(ValueError):
         LipSyncConfig(blend_mask="something")
 
@@ -320,21 +327,22 @@ def _v15_masks(class_maps: np.ndarray, boxes) -> np.ndarray:
 
 
 def test_stage_masks_are_musetalk_v15_jaw_masks(parsing_stage):
-    assert parsing_stage.face_parser is not None
+    pipeline = parsing_stage.pipeline
+    assert pipeline.face_parser is not None
     frames = _frames()
-    avatar = parsing_stage.prepare_avatar(frames, 16, face_box=BOX)
+    avatar = prepare(parsing_stage, frames)
     assert avatar.masks.dtype == np.uint8 and avatar.masks.shape == (4, 256, 256)
     # The parser reads the 1.5x square crop around the box (zero where it leaves the frame).
     inputs = parser_inputs(frames, [expanded_crop_box(BOX)] * 4)
-    np.testing.assert_array_equal(avatar.masks, _v15_masks(parse_faces(parsing_stage.face_parser, inputs),
+    np.testing.assert_array_equal(avatar.masks, _v15_masks(parse_faces(pipeline.face_parser, inputs),
                                                            [BOX] * 4))
     # The setting is part of the avatar's content hash.
-    assert parsing_stage.settings()["blend_mask"] == "face_parsing"
-    feathered = LipSync.__new__(LipSync)
-    feathered.cfg = parsing_stage.cfg.model_copy(update={"blend_mask": "feathered"})
-    feathered.dtype = parsing_stage.dtype
+    assert pipeline.settings()["blend_mask"] == "face_parsing"
+    feathered = MuseTalkPipeline.__new__(MuseTalkPipeline)
+    feathered.cfg = pipeline.cfg.model_copy(update={"blend_mask": "feathered"})
+    feathered.dtype = pipeline.dtype
     assert "blend_mask" not in feathered.settings()
-    assert feathered.settings() != parsing_stage.settings()
+    assert feathered.settings() != pipeline.settings()
 
 
 def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, monkeypatch):
@@ -346,8 +354,8 @@ def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, 
         calls.append(crops.shape)
         return class_map[:crops.shape[0]]
 
-    monkeypatch.setattr(lipsync_module, "parse_faces", fake_parse)
-    avatar = parsing_stage.prepare_avatar(frames, 16, face_box=BOX)
+    monkeypatch.setattr(pipeline_module, "parse_faces", fake_parse)
+    avatar = prepare(parsing_stage, frames)
     assert calls == [(4, 512, 512, 3)]
     np.testing.assert_array_equal(avatar.masks, _v15_masks(class_map, [BOX] * 4))
     default = lower_face_mask(parsing_stage.cfg.blend_upper_ratio, parsing_stage.cfg.blend_feather)
@@ -359,11 +367,11 @@ def test_stage_with_a_known_class_map_blends_only_inside_the_box(parsing_stage, 
     stored = np.rint(box_mask(avatar.masks[0], BOX) * 255).astype(int)
     assert np.abs(stored - want).max() <= 12 and np.abs(stored - want).mean() < 1.5  # measured 11, 1.15
     # Prepared again: from the cache, the parser is not called again.
-    assert parsing_stage.prepare_avatar(frames, 16, face_box=BOX).avatar_id == avatar.avatar_id
+    assert prepare(parsing_stage, frames).prepared_id == avatar.prepared_id
     assert len(calls) == 1
     # Blending leaves every pixel outside the box (and where the mask is 0) as it was.
     pcm = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4000) / 16000)).astype(np.float32)
-    chunks = list(parsing_stage.speak(avatar, pcm, batch_size=4))
+    chunks = list(parsing_stage.pipeline.frames(avatar, pcm, batch_size=4))
     out = np.concatenate(chunks)
     assert out.shape[1:] == (H, W, 3) and out.shape[0] == 6
     inside = np.zeros((H, W), dtype=bool)
@@ -389,7 +397,7 @@ def test_device_paste_back_uses_the_same_v15_masks_as_the_cpu_blend():
     frames = rng.integers(0, 256, (2, H, W, 3), dtype=np.uint8)
     boxes = np.array([BOX, (10, 4, 70, 60)], dtype=np.int64)
     masks = _v15_masks(np.stack([_synthetic_face()] * 2), boxes)
-    avatar = PreparedAvatar(avatar_id="v15", frames=frames, source_index=np.arange(2), boxes=boxes,
+    avatar = PreparedAvatar(prepared_id="v15", frames=frames, source_index=np.arange(2), boxes=boxes,
                             crops=np.zeros((2, 256, 256, 3), np.uint8),
                             latents=np.zeros((2, 8, 32, 32), np.float32), masks=masks)
     crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
@@ -406,14 +414,14 @@ def test_parser_file_is_resolved_from_the_musetalk_weights(tmp_path):
     local = tmp_path / "79999_iter.pth"
     local.write_bytes(b"")
     cfg = LipSyncConfig(weights=MuseTalkWeights(face_parser=str(local)), blend_mask="face_parsing")
-    assert LipSync._face_parser_path(cfg) == str(local)
+    assert face_parser_path(cfg) == str(local)
     folder = LipSyncConfig(weights=MuseTalkWeights(repo=str(tmp_path), face_parser="79999_iter.pth"),
                            blend_mask="face_parsing")
-    assert LipSync._face_parser_path(folder) == local
+    assert face_parser_path(folder) == local
     with pytest.raises(MissingWeightsError):  # not in the (empty) local Hub cache
-        LipSync._face_parser_path(LipSyncConfig(
+        face_parser_path(LipSyncConfig(
             weights=MuseTalkWeights(face_parser="face-parse-bisent/79999_iter.pth"),
             weights_dir=str(tmp_path), blend_mask="face_parsing"))
     with pytest.raises(ValueError):
-        LipSync._face_parser_path(LipSyncConfig(weights=MuseTalkWeights(face_parser=None),
+        face_parser_path(LipSyncConfig(weights=MuseTalkWeights(face_parser=None),
                                                 blend_mask="face_parsing"))

@@ -183,7 +183,7 @@ def test_memory_only_store_never_drops_a_ready_avatar(tmp_path):
     from deployments.models.musetalk.avatar import AvatarStore
 
     def fake(i):
-        return PreparedAvatar(avatar_id=f"a{i}", frames=np.zeros((1, 2, 2, 3), np.uint8),
+        return PreparedAvatar(prepared_id=f"a{i}", frames=np.zeros((1, 2, 2, 3), np.uint8),
                               source_index=np.zeros(1, np.int64), boxes=np.zeros((1, 4), np.int64),
                               crops=np.zeros((1, 2, 2, 3), np.uint8), latents=np.zeros((1, 8, 1, 1), np.float32),
                               masks=np.zeros((1, 2, 2), np.uint8))
@@ -276,7 +276,7 @@ def test_paste_back_on_a_device_matches_pil_blending():
     frames = rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8)
     boxes = np.array([BOX, (10, 4, 70, 60), (30, 20, 62, 44)], dtype=np.int64)  # shrink and grow
     masks = np.stack([lower_face_mask()] * n)
-    avatar = PreparedAvatar(avatar_id="a", frames=frames, source_index=np.arange(n), boxes=boxes,
+    avatar = PreparedAvatar(prepared_id="a", frames=frames, source_index=np.arange(n), boxes=boxes,
                             crops=np.zeros((n, 256, 256, 3), np.uint8), latents=np.zeros((n, 8, 32, 32), np.float32),
                             masks=masks)
     crops = rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8)

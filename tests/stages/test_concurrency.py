@@ -130,6 +130,46 @@ def test_every_model_call_runs_on_its_stage_model_thread(tmp_path):
     assert len(model_threads) == 5 and warm_up_calls > 0 and len(calls) > warm_up_calls
     assert {thread for _, thread in calls} <= model_threads  # nothing ran on a caller's thread
     for name, stage in stages.items():
-        own = {id(m) for v in vars(stage).values() if isinstance(v, torch.nn.Module) for m in v.modules()}
+        holders = [stage, *([stage.pipeline] if hasattr(stage, "pipeline") else [])]  # LipSync's models
+        own = {id(m) for h in holders for v in vars(h).values() if isinstance(v, torch.nn.Module) for m in v.modules()}
         threads = {thread for module, thread in calls if id(module) in own}
         assert threads == {stage.model.thread_id}, name
+
+
+def test_two_jobs_on_one_expert_take_turns_step_by_step(tiny_cfg):
+    """The expert's model thread serves calls first in, first out, and each job queues its next
+    step only once its last one is done: two jobs inside one expert alternate, A0 B0 A1 B1 ...,
+    each keeping its own latents and sampler (the same result as alone)."""
+    from deployments.dit_expert import DitExpert
+    from deployments.encoder import Encoder
+
+    cfg = tiny_cfg.model_copy(update={"stages": tiny_cfg.stages.model_copy(update={
+        "high": tiny_cfg.stages.high.model_copy(update={"simulate_step_seconds": 0.05})})})
+    encoder, expert = Encoder(cfg.stages.encoder), DitExpert(cfg.stages.high, cfg.sampler)
+    ingress = LocalGraph(tiny_cfg).ingress
+    conds = {name: encoder.encode(ingress.prepare({**REQUESTS[0], "num_inference_steps": 8, "seed": seed},
+                                                   get_dummy_image(seed), job_id=name)[0], get_dummy_image(seed))
+             for name, seed in (("A", 1), ("B", 2))}
+    order, step = [], expert._step
+
+    def noted(run):
+        order.append((run.state.params.request_id, run.index))
+        return step(run)
+
+    async def run(name):
+        async for item in expert.denoise_stream(conds[name]):
+            last = item
+        return last
+
+    alone = {name: asyncio.run(run(name)) for name in conds}
+    expert._step = noted
+
+    async def together():
+        return await asyncio.gather(run("A"), run("B"))
+
+    states = asyncio.run(together())
+    steps = len(alone["A"].steps)
+    assert steps >= 3  # enough steps on the high expert to see the turns
+    assert order == [(name, i) for i in range(steps) for name in ("A", "B")]
+    for name, state in zip(("A", "B"), states):
+        np.testing.assert_array_equal(state.latents.data, alone[name].latents.data)

@@ -5,6 +5,7 @@ folders) written to tmp_path. Model-side pieces alone are in tests/models/test_m
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ from transformers import WhisperConfig, WhisperModel
 
 from deployments.common.errors import AudioError, AvatarNotFound, MissingWeightsError
 from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
-from deployments.lipsync import LipSync, lipsync_dtype
+from deployments.common.payloads import Frames, Speech
+from deployments.lipsync import LipSync
+from deployments.models.musetalk import pipeline as musetalk_pipeline
+from deployments.models.musetalk.pipeline import lipsync_dtype
 from deployments.models.musetalk.avatar import PreparedAvatar, blend_face, crop_face
 from deployments.models.musetalk.components import TINY
 from helpers import decode_mp4_tracks, synthetic_landmarks
@@ -45,15 +49,20 @@ def stage(cache_dir) -> LipSync:
 
 @pytest.fixture(scope="module")
 def avatar(stage) -> PreparedAvatar:
-    inputs = get_dummy_inputs()
-    return stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
+    return prepare(stage, get_dummy_inputs(), face_box=BOX)
+
+
+def prepare(stage: LipSync, inputs: dict, **kwargs) -> PreparedAvatar:
+    """The stage's create_avatar, and the prepared avatar it made."""
+    info = stage.create_avatar(Frames(frames=inputs["frames"], fps=inputs["fps"]), **kwargs)
+    return stage.get_avatar(info.prepared_id)
 
 
 # ------------------------------------------------------------------ audio features and windows
 
 
 def test_whisper_features_stack_all_five_hidden_states(stage):
-    piece = stage.encode_audio_piece(get_dummy_inputs()["audio"])
+    piece = stage.pipeline.encode_audio_piece(get_dummy_inputs()["audio"])
     assert piece.shape == (1500, 5, 384) and piece.dtype == torch.float32
     # Embeddings, four layers (the last layer-normed): five different states.
     assert all(not torch.allclose(piece[:, a], piece[:, b]) for a in range(5) for b in range(a + 1, 5))
@@ -82,25 +91,25 @@ def test_prepared_avatar_shapes(stage, avatar):
 
 def test_second_prepare_reuses_the_cache_without_vae_encodes(stage, avatar, cache_dir):
     inputs = get_dummy_inputs()
-    encodes = stage.vae_encodes
-    again = stage.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
-    assert stage.vae_encodes == encodes and again.avatar_id == avatar.avatar_id
+    encodes = stage.pipeline.vae_encodes
+    again = prepare(stage, inputs, face_box=BOX)
+    assert stage.pipeline.vae_encodes == encodes and again.prepared_id == avatar.prepared_id
     # A fresh stage (another replica) finds it on disk: no VAE encode either.
     other = LipSync(stage.cfg)
-    from_disk = other.prepare_avatar(inputs["frames"], inputs["fps"], face_box=BOX)
-    assert other.vae_encodes == 0
-    assert (cache_dir / f"{avatar.avatar_id}.npz").is_file()
+    from_disk = prepare(other, inputs, face_box=BOX)
+    assert other.pipeline.vae_encodes == 0
+    assert (cache_dir / f"{avatar.prepared_id}.npz").is_file()
     for name in PreparedAvatar._ARRAYS:
         np.testing.assert_array_equal(getattr(from_disk, name), getattr(avatar, name))
-    assert other.get_avatar(avatar.avatar_id).avatar_id == avatar.avatar_id
+    assert other.get_avatar(avatar.prepared_id).prepared_id == avatar.prepared_id
     # Different content or settings -> a different avatar, prepared afresh.
     changed = inputs["frames"].copy()
     changed[0, 0, 0, 0] ^= 1
     for frames, fps, box in [(changed, 16, BOX), (inputs["frames"], 16, (20, 8, 72, 56)),
                              (inputs["frames"], 25, BOX)]:
-        before = other.vae_encodes
-        assert other.prepare_avatar(frames, fps, face_box=box).avatar_id != avatar.avatar_id
-        assert other.vae_encodes > before
+        before = other.pipeline.vae_encodes
+        assert prepare(other, {"frames": frames, "fps": fps}, face_box=box).prepared_id != avatar.prepared_id
+        assert other.pipeline.vae_encodes > before
 
 
 def test_vae_latents_mask_the_lower_half(stage):
@@ -108,7 +117,7 @@ def test_vae_latents_mask_the_lower_half(stage):
     a = g.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     b = a.copy()
     b[128:] = g.integers(0, 256, (128, 256, 3), dtype=np.uint8)  # differ only in the lower half
-    latents = stage.encode_crops(np.stack([a, b]))
+    latents = stage.pipeline.encode_crops(np.stack([a, b]))
     assert latents.shape == (2, 8, 32, 32)
     np.testing.assert_array_equal(latents[0, :4], latents[1, :4])  # masked: lower half unseen
     assert not np.allclose(latents[0, 4:], latents[1, 4:])  # reference: whole crop
@@ -117,9 +126,9 @@ def test_vae_latents_mask_the_lower_half(stage):
 # ------------------------------------------------------------------ the talk turn
 
 
-def test_speak_yields_chunks_of_blended_frames(stage, avatar):
+def test_turn_frames_come_in_chunks_of_blended_frames(stage, avatar):
     audio = get_dummy_inputs()["audio"]  # 0.5 s -> 12 frames
-    chunks = list(stage.speak(avatar.avatar_id, audio, batch_size=5))
+    chunks = list(stage.pipeline.frames(avatar, audio, batch_size=5))
     assert [c.shape for c in chunks] == [(5, H, W, 3), (5, H, W, 3), (2, H, W, 3)]
     assert all(c.dtype == np.uint8 for c in chunks)
     frames = np.concatenate(chunks)
@@ -134,17 +143,17 @@ def test_speak_yields_chunks_of_blended_frames(stage, avatar):
     lower = slice(y1 + 3 * (y2 - y1) // 4 - 2, y1 + 3 * (y2 - y1) // 4 + 2)
     assert not np.array_equal(frames[0][lower, x1 + 10:x2 - 10], avatar.frames[0][lower, x1 + 10:x2 - 10])
     # The first chunk is exactly the pipeline written out by hand.
-    feats = stage.audio_features(audio)
-    crops = stage.generate(avatar.latents[cycle[:5]], feats.windows(range(5)))
+    feats = stage.pipeline.audio_features(audio)
+    crops = stage.pipeline.generate(avatar.latents[cycle[:5]], feats.windows(range(5)))
     assert crops.shape == (5, 256, 256, 3) and crops.dtype == np.uint8
     by_hand = [blend_face(avatar.frames[s], c, avatar.boxes[s], avatar.masks[s])
                for s, c in zip(cycle[:5], crops)]
     np.testing.assert_array_equal(chunks[0], np.stack(by_hand))
 
 
-def test_speak_continues_the_cycle_from_start_index(stage, avatar):
+def test_turn_frames_continue_the_cycle_from_start_index(stage, avatar):
     audio = get_dummy_inputs()["audio"][:1280]  # 0.08 s -> 2 frames
-    frames = np.concatenate(list(stage.speak(avatar, audio, start_index=9)))
+    frames = np.concatenate(list(stage.pipeline.frames(avatar, audio, start_index=9)))
     x1, y1, x2, y2 = BOX
     assert frames.shape[0] == 2
     for i, frame in enumerate(frames):
@@ -153,33 +162,49 @@ def test_speak_continues_the_cycle_from_start_index(stage, avatar):
 
 
 def test_speak_refuses_bad_audio_before_any_model_runs(stage, avatar):
-    before = stage.frames_generated
+    before = stage.pipeline.frames_generated
     cfg = stage.cfg
     with pytest.raises(AudioError, match="limit"):
         next(stage.speak(avatar, np.zeros(int((cfg.max_audio_seconds + 1) * 16000), np.float32)))
     with pytest.raises(AudioError, match="shorter than one video frame"):
         next(stage.speak(avatar, np.zeros(100, np.float32)))
+    with pytest.raises(AudioError, match="reach 1e"):
+        next(stage.speak(avatar, np.full(16000, 1e12, np.float32)))
     with pytest.raises(AudioError):
-        next(stage.speak_fmp4(avatar, b"not audio"))
+        next(stage.speak(avatar, b"not audio"))
     with pytest.raises(AvatarNotFound):
         next(stage.speak("0" * 32, np.zeros(16000, np.float32)))
-    assert stage.frames_generated == before
+    assert stage.pipeline.frames_generated == before
 
 
-def test_speak_fmp4_streams_a_playable_mp4(stage, avatar):
+def test_admitted_speech_is_taken_as_checked_and_raw_audio_is_checked_once(stage, avatar, monkeypatch):
+    """Audio is checked where it enters: a Speech (admitted by the ingress) goes straight to the
+    models; raw PCM or a file is admitted by the stage, once per turn."""
+    from deployments import lipsync
+
+    checks = []
+    admit = lipsync.admit_speech
+    monkeypatch.setattr(lipsync, "admit_speech", lambda *a, **k: checks.append(1) or admit(*a, **k))
+    pcm = get_dummy_inputs()["audio"]
+    raw = b"".join(stage.speak(avatar, pcm))
+    assert checks == [1]
+    assert b"".join(stage.speak(avatar, Speech(pcm))) == raw and checks == [1]
+    assert stage.lipsync_mp4(avatar, pcm) == raw and checks == [1, 1]
+
+
+def test_speak_streams_a_playable_mp4(stage, avatar):
     audio = get_dummy_inputs()["audio"]
-    pieces = list(stage.speak_fmp4(avatar, audio))
+    pieces = list(stage.speak(avatar, audio))
     video, fps, audio_end = decode_mp4_tracks(b"".join(pieces))
     assert video.shape == (12, H, W, 3) and fps == 25
     assert abs(audio_end - 12 / 25) < 1 / 25
 
 
 def test_delete_avatar(stage):
-    inputs = get_dummy_inputs(seed=5, num_frames=2)
-    prepared = stage.prepare_avatar(inputs["frames"], 16, face_box=BOX)
-    assert stage.delete_avatar(prepared.avatar_id)
+    prepared = prepare(stage, get_dummy_inputs(seed=5, num_frames=2), face_box=BOX)
+    assert stage.delete_avatar(prepared.prepared_id)
     with pytest.raises(AvatarNotFound):
-        stage.get_avatar(prepared.avatar_id)
+        stage.get_avatar(prepared.prepared_id)
 
 
 # ------------------------------------------------------------------ dtypes and architectures
@@ -195,9 +220,10 @@ def test_dtype_policy_fp16_on_gpu_fp32_on_cpu():
 # ------------------------------------------------------------------ real-weights layout
 
 
-def write_musetalk_layout(root, source: LipSync):
+def write_musetalk_layout(root, stage: LipSync):
     """The published layout, with the tiny models: musetalkV15/unet.pth + musetalk.json, a
     diffusers VAE folder and a transformers whisper folder (model + feature extractor)."""
+    source = stage.pipeline
     (root / "musetalkV15").mkdir(parents=True)
     torch.save(source.unet.state_dict(), root / "musetalkV15" / "unet.pth")
     (root / "musetalkV15" / "musetalk.json").write_text(json.dumps(dict(source.unet.config)))
@@ -213,20 +239,21 @@ def test_musetalk_layout_loads_and_matches_the_models_it_was_written_from(stage,
     write_musetalk_layout(tmp_path, stage)
     weights = MuseTalkWeights(repo=str(tmp_path), vae=str(tmp_path / "sd-vae-ft-mse"),
                               whisper=str(tmp_path / "whisper-tiny"))
-    loaded = LipSync(LipSyncConfig(weights=weights, device="cpu"))
+    loaded = LipSync(LipSyncConfig(weights=weights, device="cpu")).pipeline
+    ours = stage.pipeline
     assert isinstance(loaded.unet.config.block_out_channels, (list, tuple))
-    for a, b in ((stage.unet, loaded.unet), (stage.vae, loaded.vae), (stage.whisper, loaded.whisper)):
+    for a, b in ((ours.unet, loaded.unet), (ours.vae, loaded.vae), (ours.whisper, loaded.whisper)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert loaded.scaling_factor == pytest.approx(0.18215)
     audio = get_dummy_inputs()["audio"]
     np.testing.assert_array_equal(loaded.encode_audio_piece(audio).numpy(),
-                                  stage.encode_audio_piece(audio).numpy())
+                                  ours.encode_audio_piece(audio).numpy())
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 8, 32, 32, generator=g)
     feats = torch.randn(2, 50, 384, generator=g)
-    np.testing.assert_array_equal(loaded.generate(latents, feats), stage.generate(latents, feats))
+    np.testing.assert_array_equal(loaded.generate(latents, feats), ours.generate(latents, feats))
 
 
 def test_missing_musetalk_files_name_the_download_command(stage, tmp_path):
@@ -252,20 +279,21 @@ def test_default_batches_start_small_then_full(avatar, cache_dir):
                         avatar_cache_dir=str(cache_dir), batch_size=4, first_batch_size=3)
     stage = LipSync(cfg)
     audio = get_dummy_inputs()["audio"]  # 12 frames
-    assert [len(c) for c in stage.speak(avatar.avatar_id, audio)] == [3, 4, 4, 1]
+    assert [len(c) for c in stage.pipeline.frames(avatar, audio)] == [3, 4, 4, 1]
 
 
 def test_padding_for_compiled_batch_sizes_changes_no_output(stage, avatar):
     """A compiled stage pads short batches up to a compiled size; the padding must not change
     the frames it returns (samples of a batch are independent)."""
-    feats = stage.audio_features(get_dummy_inputs()["audio"])
+    pipeline = stage.pipeline
+    feats = pipeline.audio_features(get_dummy_inputs()["audio"])
     latents, audio = avatar.latents[[0, 1, 2]], feats.windows(range(3))
-    plain = stage.generate(latents, audio)
-    stage.compiled = True  # as after torch.compile: batches of 3 are padded up to batch_size 4
+    plain = pipeline.generate(latents, audio)
+    pipeline.compiled = True  # as after torch.compile: batches of 3 are padded up to batch_size 4
     try:
-        padded = stage.generate(latents, audio)
+        padded = pipeline.generate(latents, audio)
     finally:
-        stage.compiled = False
+        pipeline.compiled = False
     assert padded.shape == plain.shape == (3, 256, 256, 3)
     assert np.abs(padded.astype(int) - plain.astype(int)).max() <= 1  # fp32 batch-size rounding
 
@@ -294,31 +322,33 @@ def test_landmarks_detector_is_built_from_s3fd_and_fan(tmp_path):
     cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu", batch_size=4,
                         face_detector="landmarks", avatar_cache_dir=str(tmp_path))
     stage = LipSync(cfg)
-    assert isinstance(stage.detector, LandmarkFaceDetector) and stage.detector.name.startswith("s3fd+fan")
+    detector = stage.pipeline.detector
+    assert isinstance(detector, LandmarkFaceDetector) and detector.name.startswith("s3fd+fan")
     inputs = get_dummy_inputs(num_frames=2)
-    avatar = stage.prepare_avatar(inputs["frames"], inputs["fps"])
+    avatar = prepare(stage, inputs)
     n, h, w = inputs["frames"].shape[:3]
     assert avatar.boxes.shape == (n, 4)
     assert np.all(avatar.boxes[:, 0] < avatar.boxes[:, 2]) and np.all(avatar.boxes[:, 1] < avatar.boxes[:, 3])
     assert np.all(avatar.boxes >= 0) and np.all(avatar.boxes[:, 2] <= w) and np.all(avatar.boxes[:, 3] <= h)
+    without_files = SimpleNamespace(cfg=LipSyncConfig(weights=MuseTalkWeights(), face_detector="landmarks"))
     with pytest.raises(ValueError, match="s3fd"):
-        LipSync._landmark_detector(stage, LipSyncConfig(weights=MuseTalkWeights(), face_detector="landmarks"))
+        musetalk_pipeline.MuseTalkPipeline._landmark_detector(without_files)
 
 
 def test_paste_back_on_the_device_gives_the_host_frames(stage, avatar, cache_dir):
     """`paste_back: device` (what a GPU stage does) against PIL on the host: the same turn within
     two levels; RGBA frames (for NVENC) carry the same colours and an opaque alpha."""
     audio = get_dummy_inputs()["audio"]
-    host = np.concatenate(list(stage.speak(avatar, audio)))
+    host = np.concatenate(list(stage.pipeline.frames(avatar, audio)))
     cfg = stage.cfg.model_copy(update={"paste_back": "device"})
     on_device = LipSync(cfg)
-    device = np.concatenate(list(on_device.speak(avatar, audio)))
-    rgba = np.concatenate(list(on_device.speak(avatar, audio, rgba=True)))
+    device = np.concatenate(list(on_device.pipeline.frames(avatar, audio)))
+    rgba = np.concatenate(list(on_device.pipeline.frames(avatar, audio, rgba=True)))
     assert device.shape == host.shape and rgba.shape == (*host.shape[:3], 4)
     assert np.abs(device.astype(int) - host.astype(int)).max() <= 2
     np.testing.assert_array_equal(rgba[..., :3], device)
     assert (rgba[..., 3] == 255).all()
-    assert on_device.delete_avatar(avatar.avatar_id) and not on_device._pastes
+    assert on_device.delete_avatar(avatar.prepared_id) and not on_device.pipeline._pastes
 
 
 def _speech(seconds: float) -> np.ndarray:
@@ -338,15 +368,15 @@ def test_first_bytes_leave_with_the_first_batch_of_keyframe_interval_plus_two(
     assert cfg.first_batch_size == first_batch and cfg.mp4_keyframe_interval == 12
     stage = LipSync(cfg)
     consumed = []
-    speak = stage.speak
+    frames = stage.pipeline.frames
 
     def counting(*args, **kwargs):
-        for chunk in speak(*args, **kwargs):
+        for chunk in frames(*args, **kwargs):
             consumed.append(len(chunk))
             yield chunk
 
-    stage.speak = counting
-    pieces = stage.speak_fmp4(avatar, _speech(2.0))  # 50 frames
+    stage.pipeline.frames = counting
+    pieces = stage.speak(avatar, _speech(2.0))  # 50 frames
     first = next(p for p in pieces if p)
     assert len(consumed) == chunks_before_first_bytes, consumed
     assert consumed[0] == first_batch
@@ -363,17 +393,18 @@ def test_on_a_gpu_the_first_batch_goes_out_before_the_second_is_launched(stage, 
         def synchronize(self):
             pass
 
-    expected = list(stage.speak(avatar, _speech(1.0), batch_size=5))  # the synchronous path
+    pipeline = stage.pipeline
+    expected = list(pipeline.frames(avatar, _speech(1.0), batch_size=5))  # the synchronous path
     launched = []
-    generate = stage._generate
+    generate = pipeline._generate
 
     def counting_generate(*args, **kwargs):
         launched.append(1)
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "_generate", counting_generate)
-    monkeypatch.setattr(stage, "_to_host", lambda crops: (crops, Event()))
-    chunks = stage.speak(avatar, _speech(1.0), batch_size=5)
+    monkeypatch.setattr(pipeline, "_generate", counting_generate)
+    monkeypatch.setattr(musetalk_pipeline, "_to_host", lambda crops: (crops, Event()))
+    chunks = pipeline.frames(avatar, _speech(1.0), batch_size=5)
     first = next(chunks)
     assert len(launched) == 1  # yielded before the second batch was launched
     second = next(chunks)

@@ -10,7 +10,7 @@ computed once, cached on disk by content hash, and reused by every talk turn.
 
 This module is model-free: the caller passes the VAE encode as a function, so the cache, the
 boxes and the blending are tested without models. The cycle, the retiming and the window
-arithmetic are in deployments/audio.py.
+arithmetic are in features.py; the models that run preparation, in pipeline.py.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ class PreparedAvatar:
     masks: uint8 (N, 256, 256)            blend masks in crop coordinates
     """
 
-    avatar_id: str
+    prepared_id: str  # the content hash (`prepared_id`): the lip-sync stage's name for it
     frames: np.ndarray
     source_index: np.ndarray
     boxes: np.ndarray
@@ -254,7 +254,7 @@ class PreparedAvatar:
     @property
     def info(self) -> AvatarInfo:
         n, h, w = self.frames.shape[:3]
-        return AvatarInfo(self.avatar_id, int(n), self.num_frames, self.fps, int(h), int(w))
+        return AvatarInfo(self.prepared_id, int(n), self.num_frames, self.fps, int(h), int(w))
 
     def source_frame(self, i: int, start_index: int = 0) -> int:
         """Output frame i -> source frame: the retimed clip cycled forward then backward."""
@@ -277,17 +277,17 @@ class PreparedAvatar:
             raise
 
     @classmethod
-    def load(cls, path: Path, avatar_id: str) -> "PreparedAvatar":
+    def load(cls, path: Path, prepared_id: str) -> "PreparedAvatar":
         with np.load(path) as data:
             if int(data["format"]) != CACHE_FORMAT:
                 raise ValueError(f"{path}: cache format {int(data['format'])}, expected {CACHE_FORMAT}")
             arrays = {k: data[k] for k in cls._ARRAYS}
             fps = int(data["fps"])
-        return cls(avatar_id=avatar_id, fps=fps, **arrays)
+        return cls(prepared_id=prepared_id, fps=fps, **arrays)
 
 
-def avatar_key(frames: np.ndarray, src_fps: float, settings: dict) -> str:
-    """Content hash: the frames' bytes and shape, their frame rate, and every setting that changes
+def prepared_id(frames: np.ndarray, src_fps: float, settings: dict) -> str:
+    """A prepared avatar's id on the lip-sync stage, its content hash: the frames' bytes and shape, their frame rate, and every setting that changes
     the prepared result (box or detector, masks, models and their dtype)."""
     h = hashlib.sha256()
     h.update(json.dumps({"shape": list(frames.shape), "fps": float(src_fps), "format": CACHE_FORMAT,
@@ -297,7 +297,7 @@ def avatar_key(frames: np.ndarray, src_fps: float, settings: dict) -> str:
 
 
 class AvatarStore:
-    """Prepared avatars by id: a small in-memory LRU in front of an optional cache folder."""
+    """Prepared avatars by `prepared_id`: a small in-memory LRU in front of an optional cache folder."""
 
     def __init__(self, cache_dir: str | os.PathLike | None, max_in_memory: int = 4):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -306,26 +306,26 @@ class AvatarStore:
         # Talk turns run in Ray's thread pool: one lock keeps the LRU consistent.
         self._lock = threading.RLock()
 
-    def path(self, avatar_id: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"{avatar_id}.npz"
+    def path(self, prepared_id: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{prepared_id}.npz"
 
     def _remember(self, avatar: PreparedAvatar) -> None:
         with self._lock:
-            self._memory[avatar.avatar_id] = avatar
-            self._memory.move_to_end(avatar.avatar_id)
+            self._memory[avatar.prepared_id] = avatar
+            self._memory.move_to_end(avatar.prepared_id)
             # Without a cache folder memory is the only copy: evicting would lose a ready avatar.
             while self.cache_dir is not None and len(self._memory) > self.max_in_memory:
                 self._memory.popitem(last=False)
 
-    def get(self, avatar_id: str) -> PreparedAvatar | None:
+    def get(self, prepared_id: str) -> PreparedAvatar | None:
         with self._lock:
-            if avatar_id in self._memory:
-                self._memory.move_to_end(avatar_id)
-                return self._memory[avatar_id]
-        path = self.path(avatar_id)
+            if prepared_id in self._memory:
+                self._memory.move_to_end(prepared_id)
+                return self._memory[prepared_id]
+        path = self.path(prepared_id)
         if path is not None and path.is_file():
             try:
-                avatar = PreparedAvatar.load(path, avatar_id)
+                avatar = PreparedAvatar.load(path, prepared_id)
             except (ValueError, KeyError, OSError):
                 return None  # stale or damaged entry: prepare again
             self._remember(avatar)
@@ -333,15 +333,15 @@ class AvatarStore:
         return None
 
     def put(self, avatar: PreparedAvatar) -> None:
-        path = self.path(avatar.avatar_id)
+        path = self.path(avatar.prepared_id)
         if path is not None:
             avatar.save(path)
         self._remember(avatar)
 
-    def delete(self, avatar_id: str) -> bool:
+    def delete(self, prepared_id: str) -> bool:
         with self._lock:
-            found = self._memory.pop(avatar_id, None) is not None
-        path = self.path(avatar_id)
+            found = self._memory.pop(prepared_id, None) is not None
+        path = self.path(prepared_id)
         if path is not None and path.is_file():
             path.unlink()
             found = True
@@ -379,8 +379,8 @@ def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, st
                         extra_margin=extra_margin, out_fps=fps,
                         mask=getattr(mask, "name", "function") if callable(mask) else
                         hashlib.sha256(np.ascontiguousarray(mask).data).hexdigest()[:16])
-    avatar_id = avatar_key(frames, src_fps, key_settings)
-    cached = store.get(avatar_id)
+    key = prepared_id(frames, src_fps, key_settings)
+    cached = store.get(key)
     if cached is not None:
         return cached
     boxes = face_boxes(frames, detector, face_box, extra_margin)
@@ -395,7 +395,7 @@ def prepare_avatar(frames: np.ndarray, src_fps: float, encode: LatentEncoder, st
     if latents.shape[:2] != (frames.shape[0], 8):
         raise ValueError(f"latent encoder returned {latents.shape}, expected ({frames.shape[0]}, 8, h, w)")
     avatar = PreparedAvatar(
-        avatar_id=avatar_id, frames=np.ascontiguousarray(frames),
+        prepared_id=key, frames=np.ascontiguousarray(frames),
         source_index=retime_indices(frames.shape[0], src_fps, fps), boxes=boxes, crops=crops,
         latents=latents, masks=masks, fps=fps)
     store.put(avatar)

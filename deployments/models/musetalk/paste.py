@@ -34,7 +34,7 @@ class PasteBack:
     def __init__(self, avatar: PreparedAvatar, device: torch.device | str, channels: int = 3):
         if channels not in (3, 4):
             raise ValueError(f"channels must be 3 (RGB) or 4 (RGBA), got {channels}")
-        self.avatar_id, self.channels = avatar.avatar_id, channels
+        self.prepared_id, self.channels = avatar.prepared_id, channels
         frames = torch.from_numpy(avatar.frames).to(device)  # (N, H, W, 3) uint8
         if channels == 4:
             frames = torch.cat([frames, torch.full_like(frames[..., :1], 255)], dim=-1)
