@@ -87,7 +87,7 @@ def http_error(r: httpx.Response) -> RuntimeError:
 
 def portrait_png(width: int, height: int) -> bytes:
     sys.path.insert(0, str(ROOT))
-    from deployments.cli import demo_image  # numpy + PIL only
+    from deployments.cli.demo import demo_image  # numpy + PIL only
 
     return demo_image(width, height)
 

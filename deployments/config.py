@@ -234,12 +234,12 @@ class StartupLora(_Strict):
     LoRA. `filename` is a file of `repo` (a Hub repo id, fetched by `avatar-serve download`, or a
     local folder); with `repo` None it is itself a local path.
 
-    Applied after the weights load and before warm-up (deployments/models/wan/lora.py,
-    `prepare_lora`): low-rank pairs become an unfused adapter kept active at `strength`; full
-    deltas (`diff` on a weight, `diff_b` on a bias, `diff_m` on a modulation, norm `diff`s) are
-    added to the weights they name (times `strength`, as LightX2V does). Every tensor of the file
-    is applied, or skipped and logged (`skip_absent` below), or start-up fails naming it; admin
-    LoRA calls can neither deactivate nor remove it."""
+    Applied after the weights load and before warm-up (deployments/models/wan/lora_match.py
+    `prepare_lora`, lora_fuse.py `fuse_deltas`): low-rank pairs become an unfused adapter kept
+    active at `strength`; full deltas (`diff` on a weight, `diff_b` on a bias, `diff_m` on a
+    modulation, norm `diff`s) are added to the weights they name (times `strength`, as LightX2V
+    does). Every tensor of the file is applied, or skipped and logged (`skip_absent` below), or
+    start-up fails naming it; admin LoRA calls can neither deactivate nor remove it."""
 
     repo: str | None = None
     filename: str = Field(min_length=1)

@@ -15,7 +15,7 @@ expert stays cancellable; a LoRA change takes the same lock and is refused while
 
 Start-up LoRAs (`cfg.loras`, e.g. the lightx2v distill LoRA of each expert in the 4-step GGUF
 profiles) are applied once, after the weights load and before warm-up, and stay for the life of
-the replica (deployments/models/wan/lora.py).
+the replica (deployments/models/wan/lora.py and the lora_*.py modules beside it).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ class DitExpert:
         if not self.cfg.loras:
             return []
         from deployments.models.hub import resolve_file
-        from deployments.models.wan.lora import describe, fuse_deltas, prepare_lora
+        from deployments.models.wan.lora_fuse import describe, fuse_deltas
+        from deployments.models.wan.lora_match import prepare_lora
 
         prepared = [prepare_lora(self.transformer, lora.adapter_name,
                                  resolve_file(lora.repo, lora.filename, self.cfg.weights_dir),

@@ -27,6 +27,9 @@ import pytest
 from deployments import cli
 from deployments.api.client import AvatarClient, ClientError, ServerUnreachable
 from deployments.api.protocol import AvatarRequest, VideoRequest
+from deployments.cli.demo import demo_speech, random_weights_note
+from deployments.cli.progress import avatar_printer
+from deployments.cli.remote import API_KEY_ENV
 from deployments.local import LocalGraph
 from deployments.media.audio import decode_audio
 from deployments.models import download as dl
@@ -68,7 +71,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_key_from_the_environment(monkeypatch):
-    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
 
 
 def run_cli(args: list[str], timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -122,7 +125,7 @@ def test_missing_and_wrong_keys_say_what_to_do(url, files, tmp_path, capsys, mon
     line = one_error_line(capsys.readouterr().err)
     assert "HTTP 401" in line and "the server refused this API key" in line
 
-    monkeypatch.setenv(cli.API_KEY_ENV, "wrong")  # a key from the environment counts as given
+    monkeypatch.setenv(API_KEY_ENV, "wrong")  # a key from the environment counts as given
     assert cli.main(["speak", str(files / "a.wav"), "--avatar", "avatar_x", "--url", url, "-o", out]) == 1
     assert "the server refused this API key" in one_error_line(capsys.readouterr().err)
 
@@ -243,7 +246,7 @@ def test_speak_shows_the_avatar_being_prepared(slow_url, files, tmp_path, capsys
 
 def test_avatar_printer_labels():
     buf = io.StringIO()
-    show = cli.avatar_printer(buf, width=10)
+    show = avatar_printer(buf, width=10)
     for avatar in ({"status": "queued", "queue_position": 2, "progress": 0},
                    {"status": "in_progress", "stage": "encode", "progress": 5},
                    {"status": "in_progress", "stage": "denoise", "step": 3, "progress": 40},
@@ -325,7 +328,7 @@ def test_an_unreachable_hub_is_asked_once(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_speech_is_a_speech_like_wav():
-    data = cli.demo_speech(2.0)
+    data = demo_speech(2.0)
     with wave.open(io.BytesIO(data)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 16000, 32000)
     x = decode_audio(data).astype("float64")  # what the ingress does with an upload
@@ -336,8 +339,8 @@ def test_demo_speech_is_a_speech_like_wav():
 
 
 def test_the_random_weights_note_names_a_real_profile():
-    note = cli.random_weights_note("tiny")
+    note = random_weights_note("tiny")
     profile = re.search(r"avatar-serve download (\S+)`", note).group(1)
     assert (ROOT / "configs" / f"{profile}.yaml").is_file()
     assert "noise" in note and "serve_config.yaml" in note
-    assert cli.random_weights_note(profile) is None
+    assert random_weights_note(profile) is None

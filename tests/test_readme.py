@@ -82,8 +82,8 @@ def cli_parse(argv: list[str], monkeypatch) -> object:
 
 
 def demo_outputs(argv: list[str], monkeypatch) -> set[str]:
-    """The files `avatar-serve demo ARGV` writes (cli.cmd_demo: the clip, and beside it its inputs
-    and the talk turn)."""
+    """The files `avatar-serve demo ARGV` writes (deployments/cli/demo.py, cmd_demo: the clip, and
+    beside it its inputs and the talk turn)."""
     out = Path(cli_parse(argv, monkeypatch).output)
     return {str(out)} | {str(out.with_name(f"{out.stem}-{part}")) for part in ("portrait.png", "speech.wav",
                                                                                "talk.mp4")}

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from deployments import cli
 from deployments.api.client import AvatarClient, ClientError
+from deployments.cli.progress import progress_printer
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
 from deployments.profiles import load_profile
@@ -47,7 +48,7 @@ def test_errors_carry_status_and_field(client):
 
 def test_progress_bar_draws_each_event():
     out = io.StringIO()
-    show = cli.progress_printer(out, width=10)
+    show = progress_printer(out, width=10)
     for e in [{"event": "queued", "position": 1, "progress": 0},
               {"event": "step", "step": 1, "total": 2, "expert": "high", "progress": 47},
               {"event": "completed", "status": "completed", "progress": 100}]:

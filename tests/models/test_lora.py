@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from deployments.common.errors import LoraError
 from deployments.config import RandomWeights
 from deployments.models.wan.components import load_expert
-from deployments.models.wan.lora import LoraError, LoraManager
+from deployments.models.wan.lora import LoraManager
 from helpers import LORA_RANK, TINY_INNER, WAN_LORA_NAMES, lora_pairs, write_diffusers_lora
 
 
@@ -251,7 +252,8 @@ def _reference(lora: dict, strength: float):
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_lightx2v_file_applied_at_start_up_equals_the_math_by_hand(tmp_path, strength, caplog):
-    from deployments.models.wan.lora import describe, fuse_deltas, prepare_lora
+    from deployments.models.wan.lora_fuse import describe, fuse_deltas
+    from deployments.models.wan.lora_match import prepare_lora
 
     lora = lightx2v_lora()
     path = tmp_path / "distill.safetensors"
@@ -339,7 +341,7 @@ def test_admin_lora_with_pair_biases_is_unfused_and_removable(tmp_path):
     ("diffusion_model.blocks.0.self_attn.k.lora_down.weight", torch.ones(LORA_RANK, TINY_INNER), "half of a pair"),
 ])
 def test_a_key_that_cannot_be_applied_is_refused_by_name(tmp_path, bad_key, value, why):
-    from deployments.models.wan.lora import prepare_lora
+    from deployments.models.wan.lora_match import prepare_lora
 
     lora = {**lightx2v_lora(), bad_key: value}
     save_file(lora, str(tmp_path / "bad.safetensors"))
@@ -352,7 +354,8 @@ def test_a_key_that_cannot_be_applied_is_refused_by_name(tmp_path, bad_key, valu
 
 
 def test_permanent_lora_survives_admin_calls(tmp_path):
-    from deployments.models.wan.lora import fuse_deltas, prepare_lora
+    from deployments.models.wan.lora_fuse import fuse_deltas
+    from deployments.models.wan.lora_match import prepare_lora
 
     save_file(lightx2v_lora(), str(tmp_path / "distill.safetensors"))
     high, _ = _experts()
@@ -388,7 +391,8 @@ def test_gguf_expert_takes_pairs_unfused_and_weight_diffs_on_dequantised_linears
     from models.test_checkpoints import GGUF_EXPERT, _config_dir, _write_gguf
 
     from deployments.config import GGUFWeights
-    from deployments.models.wan.lora import fuse_deltas, prepare_lora
+    from deployments.models.wan.lora_fuse import fuse_deltas
+    from deployments.models.wan.lora_match import prepare_lora
 
     torch.manual_seed(6)
     source = WanTransformer3DModel(**GGUF_EXPERT).eval()
@@ -467,7 +471,7 @@ def test_non_zero_tensors_for_absent_parts_need_the_profiles_leave(tmp_path, cap
     import logging
 
     from deployments.dit_expert import DitExpert
-    from deployments.models.wan.lora import prepare_lora
+    from deployments.models.wan.lora_match import prepare_lora
     from deployments.profiles import load_profile
 
     g = torch.Generator().manual_seed(5)
