@@ -22,14 +22,13 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 import numpy as np
 from pydantic import ValidationError
 
-from deployments.api.jobs import AvatarRecord, JobStore, Records, new_job_id
+from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
 from deployments.api.protocol import (
     ApiError,
     Avatar,
@@ -46,7 +45,7 @@ from deployments.api.protocol import (
     invalid,
     resolve,
 )
-from deployments.api.queue import JobQueue, NoProgress, Progress
+from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
 from deployments.common.payloads import Speech, StepRecord, VideoParams
@@ -54,18 +53,6 @@ from deployments.config import GraphConfig
 from deployments.media.audio import admit_speech
 
 log = logging.getLogger("avatar_serve.ingress")
-
-# How a synchronous request whose job did not complete answers: (HTTP status, error type).
-FAILED_JOB = {"timeout": (504, "timeout_error"), "stage_unavailable": (503, "service_unavailable"),
-              "cancelled": (503, "service_unavailable")}
-
-
-def job_failed(job: Job) -> ApiError:
-    code = job.error.code if job.error else job.status
-    status, kind = FAILED_JOB.get(code, (500, "server_error"))
-    message = job.error.message if job.error else f"the request was {job.status}"
-    return ApiError(status, message, None, type=kind)
-
 
 def check_face_box(box, params: VideoParams) -> None:
     """A face box must lie inside the generated clip and be big enough to hold a face."""
@@ -80,25 +67,6 @@ def check_face_box(box, params: VideoParams) -> None:
 
 
 MIN_FACE_BOX = 8  # pixels; MuseTalk resizes the box to a 256x256 crop
-
-
-def dispatched(calls: list, response):
-    """Note a stage call made for a request (see `cancel_on_exit`) and hand it on."""
-    calls.append(response)
-    return response
-
-
-@asynccontextmanager
-async def cancel_on_exit():
-    """The stage calls dispatched for one request; when the request ends early (cancelled, past
-    its deadline, failed) the ones still running are cancelled too, not left to finish for nobody."""
-    calls: list = []
-    try:
-        yield calls
-    except BaseException:
-        for response in calls:
-            response.cancel()  # no-op for a call that has finished
-        raise
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,18 @@ class AvatarRecord(Avatar):
         return Avatar.model_validate(self.model_dump(exclude={"prepared_id"}))
 
 
+# How a synchronous request whose job did not complete answers: (HTTP status, error type).
+FAILED_JOB = {"timeout": (504, "timeout_error"), "stage_unavailable": (503, "service_unavailable"),
+              "cancelled": (503, "service_unavailable")}
+
+
+def job_failed(job: Job) -> ApiError:
+    code = job.error.code if job.error else job.status
+    status, kind = FAILED_JOB.get(code, (500, "server_error"))
+    message = job.error.message if job.error else f"the request was {job.status}"
+    return ApiError(status, message, None, type=kind)
+
+
 def failure(exc: BaseException) -> JobError:
     """A stage failure as the client sees it: which stage, and its reason in words -- no stack
     trace, no Ray internals (those go to the log with the job id)."""

@@ -206,3 +206,22 @@ class JobQueue:
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = asyncio.Event()
+
+
+def dispatched(calls: list, response):
+    """Note a stage call made for a request (see `cancel_on_exit`) and hand it on."""
+    calls.append(response)
+    return response
+
+
+@asynccontextmanager
+async def cancel_on_exit():
+    """The stage calls dispatched for one request; when the request ends early (cancelled, past
+    its deadline, failed) the ones still running are cancelled too, not left to finish for nobody."""
+    calls: list = []
+    try:
+        yield calls
+    except BaseException:
+        for response in calls:
+            response.cancel()  # no-op for a call that has finished
+        raise

@@ -13,14 +13,11 @@ anything else is a 500 without a stack trace (the log has it). All use one envel
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from deployments.api.auth import IngressDep, require_admin, require_key
 from deployments.api.jobs import sse
 from deployments.api.protocol import (
     BINARY,
@@ -52,6 +50,7 @@ from deployments.api.protocol import (
     upload_body,
     validation_param,
 )
+from deployments.api.uploads import read_body, read_form, read_video_form
 from deployments.common.errors import (
     AudioError,
     LoraBusyError,
@@ -73,7 +72,6 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
     MissingWeightsError: (422, "invalid_request_error", "path"),
 }
 MP4 = {200: {"content": {"video/mp4": {"schema": BINARY}}}}
-FORM_OVERHEAD = 1 << 20  # bytes a form or JSON body may carry beyond its files (fields, framing)
 START_INDEX = re.compile(r"[0-9]{1,9}")
 STATIC = Path(__file__).with_name("static")  # the web page: index.html, app.js, style.css
 # Swagger UI and Redoc, vendored (static/docs/README.md): /docs and /redoc load nothing from elsewhere.
@@ -141,50 +139,6 @@ def openapi(app: FastAPI) -> dict[str, Any]:
     return spec
 
 
-def get_ingress(request: Request):
-    return request.app.state.ingress
-
-
-IngressDep = Annotated[Any, Depends(get_ingress)]
-
-
-def bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else ""
-
-
-def matches(token: str, keys: list[str]) -> bool:
-    """Constant-time comparison of bytes: a header may hold any byte (Starlette decodes it as
-    latin-1), and compare_digest refuses str with characters past ASCII."""
-    given = token.encode("utf-8", "surrogateescape")
-    return bool(token) and any(hmac.compare_digest(given, k.encode()) for k in keys)
-
-
-def require_key(request: Request, ingress: IngressDep) -> None:
-    """Bearer API keys: when the profile has any, every route but /healthz and /readyz needs one
-    (an admin key works too)."""
-    serving = ingress.cfg.serving
-    if serving.api_keys and not matches(bearer(request), serving.api_keys + serving.admin_keys):
-        raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", None,
-                       type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
-
-
-def require_admin(request: Request, ingress: IngressDep) -> None:
-    """The admin routes need an admin key; an API key alone gets 403. With no key of either kind
-    configured (development), they are open like everything else."""
-    serving = ingress.cfg.serving
-    if not (serving.admin_keys or serving.api_keys):
-        return
-    token = bearer(request)
-    if matches(token, serving.admin_keys):
-        return
-    if matches(token, serving.api_keys):
-        raise ApiError(403, "the admin routes need an admin key (serving.admin_keys); API keys do not "
-                            "grant them", None, type="permission_error")
-    raise ApiError(401, "an admin key is required (Authorization: Bearer <admin key>)", None,
-                   type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
-
-
 # ------------------------------------------------------------------ errors
 
 
@@ -218,85 +172,6 @@ async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body("server_error", "internal error; see the server logs"), status_code=500)
-
-
-# ------------------------------------------------------------------ uploads
-
-
-async def read_body(request: Request, limit: int, timeout_s: float, param: str | None = None) -> bytes:
-    """The request body, refused with 413 once it passes `limit` bytes (at once when its declared
-    length does) and with 408 when it has not arrived within `timeout_s` (a client that trickles
-    its body does not hold a slot of the ingress for long)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}", param)
-    data = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > limit:
-                    raise ApiError(413, f"the body is over the limit of {limit} bytes", param)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", param,
-                       type="timeout_error") from None
-    return bytes(data)
-
-
-async def read_form(request: Request, file_fields: dict[str, int], timeout_s: float) -> tuple[dict, dict[str, bytes]]:
-    """A multipart form or a JSON body -> (text fields, {file field: bytes}).
-
-    `file_fields` maps each file field to its size limit; the whole body may be their sum plus
-    room for base64 and the form's framing, and must arrive within `timeout_s`; a file over its
-    own limit is refused (413) by the caller's validation. In JSON, files are base64 strings (or
-    data: URLs)."""
-    files: dict[str, bytes] = {}
-    body = await read_body(request, sum(file_fields.values()) * 4 // 3 + FORM_OVERHEAD, timeout_s)
-    if request.headers.get("content-type", "").startswith("application/json"):
-        try:
-            body = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
-            raise ApiError(400, "the body is not valid JSON", None) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object", None)
-        for name in file_fields:
-            value = body.pop(name, None)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise ApiError(422, f"{name}: a base64 string (or data: URL) is required", name)
-            try:
-                files[name] = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value,
-                                               validate=True)
-            except (binascii.Error, ValueError):
-                raise ApiError(400, f"{name}: not valid base64", name) from None
-        return body, files
-    request._body = body  # Starlette parses a body already read (Request.stream gives _body)
-    try:
-        form = await request.form()
-    except Exception as exc:  # malformed multipart
-        raise ApiError(400, f"could not parse the multipart form: {exc}", None) from None
-    fields = {}
-    for key, value in form.multi_items():
-        if key in file_fields:
-            if isinstance(value, str):
-                raise ApiError(422, f"{key}: must be a file upload", key)
-            files[key] = await value.read(file_fields[key] + 1)
-        elif not isinstance(value, str):
-            raise ApiError(422, f"{key}: expected a text field, got a file", key)
-        else:
-            fields[key] = value
-    return fields, files
-
-
-async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes | None]:
-    """The fields of a video (or avatar) request, its image and its optional audio."""
-    limits = ingress.cfg.limits
-    fields, files = await read_form(request, {"input_reference": limits.max_image_bytes,
-                                              "audio": limits.max_audio_bytes}, ingress.cfg.serving.body_timeout_s)
-    if "input_reference" not in files:
-        raise ApiError(422, "input_reference: an image file is required", "input_reference")
-    return fields, files["input_reference"], files.get("audio")
 
 
 # ------------------------------------------------------------------ routes
