@@ -1,8 +1,13 @@
 """Configuration: one root `GraphConfig` holding one sub-config per stage and the serving settings.
 
-A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up (deployments/profiles.py); every stage
-receives its own sub-config as a constructor argument and never reads files or the environment.
-Every field has a `description`, so the JSON schema (`GraphConfig.model_json_schema()`) documents it.
+A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up
+(deployments/profiles.py); every stage receives its own sub-config as a constructor argument and
+never reads files or the environment.
+
+This module holds the root, the stages' configs (placement, warm-up, dtypes, speed options) and the
+sampler; the weights sources are in deployments/config_weights.py, the ingress's request defaults,
+limits and serving settings in deployments/config_serving.py. Every field has a `description`,
+so the JSON schema (`GraphConfig.model_json_schema()`) documents it.
 
 The defaults below are one coherent set: the embedded `tiny` profile (random tiny models on the
 CPU, 32x32 clips, 4 UniPC steps). A profile says only what differs, and may start from another
@@ -12,133 +17,20 @@ with `extends: NAME`; names starting with `_` are bases, not servable themselves
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
-import re
+from pydantic import Field, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from deployments.config_serving import GenerationDefaults, Limits, ServingConfig
+from deployments.config_weights import RandomWeights, StartupLora, Strict, WeightsSource
 
 DType = Literal["float32", "bfloat16", "float16"]
-# What an API key may hold: visible ASCII, no spaces or commas (commas separate keys in a variable).
-KEY_CHARS = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# What a Hub repo id or a local folder means here, said once for the descriptions below.
-_REPO = ("a Hugging Face Hub repo id (read from the local cache, never downloaded while serving) "
-         "or a local folder")
-
-
-# ---------------------------------------------------------------- weights sources
-
-
-class RandomWeights(_Strict):
-    """Random weights built in code (no files): `tiny` for tests and the demo; full size for speed
-    measurements (speed does not depend on weight values): `a14b` for the Wan2.2 stages, `full`
-    (MuseTalk's published sizes) for lip-sync."""
-
-    kind: Literal["random"] = Field("random", description="Selects this source.")
-    arch: Literal["tiny", "a14b", "full"] = Field("tiny", description=(
-        "Model sizes: `tiny` (runs on a CPU), `a14b` (Wan2.2-I2V-A14B's sizes, for the Wan stages) or "
-        "`full` (MuseTalk's sizes, for lip-sync)."))
-    seed: int = Field(0, description=(
-        "Seed of the random weights; each model of the stage draws from its own offset of it."))
-
-
-class DiffusersWeights(_Strict):
-    """A diffusers-format repository: a Hub repo id (read from the local cache / `weights_dir`,
-    never downloaded while serving) or a local folder. `subfolder` overrides the component's
-    usual folder (`text_encoder`, `vae`, `transformer`, `transformer_2`)."""
-
-    kind: Literal["diffusers"] = Field("diffusers", description="Selects this source.")
-    path: str = Field(description=f"The diffusers repository: {_REPO}.")
-    subfolder: str | None = Field(None, description=(
-        "The folder of the repository this stage loads; None: the component's usual folder "
-        "(`text_encoder` and `vae` for the encoder, `vae` for the decoder, `transformer` for the "
-        "high-noise expert, `transformer_2` for the low-noise one)."))
-
-
-# diffusers' folders of the two experts in a Wan2.2 repository (and of their configs).
-EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
-
-
-def expert_subfolder(role: str) -> str:
-    """diffusers names the high-noise expert `transformer` and the low-noise one `transformer_2`."""
-    try:
-        return EXPERT_SUBFOLDERS[role]
-    except KeyError:
-        raise ValueError(f"expert role must be 'high' or 'low', got {role!r}") from None
-
-
-class WanSafetensorsWeights(_Strict):
-    """One expert as a single safetensors file with original Wan key names
-    (`blocks.N.self_attn.q.weight`, ...): the lightx2v distilled bf16 files, or fp8 e4m3 files
-    with a per-output-channel `X.weight_scale` next to each quantised `X.weight`.
-    `config` names the diffusers repo/folder whose `transformer/config.json` describes it."""
-
-    kind: Literal["wan_safetensors"] = Field("wan_safetensors", description="Selects this source.")
-    repo: str | None = Field(None, description=(
-        f"The repository holding `filename`: {_REPO}; None: `filename` is a local path."))
-    filename: str = Field(description="The expert's safetensors file, inside `repo` (or a local path).")
-    config: str = Field(description=(
-        "The diffusers repository (Hub repo id or local folder) whose `transformer*/config.json` "
-        "describes the expert; only those config files are read from it."))
-
-
-class GGUFWeights(_Strict):
-    """One expert as a GGUF file (QuantStack layout, original Wan key names), loaded through
-    diffusers' GGUF quantization with the diffusers config passed explicitly (`config`)."""
-
-    kind: Literal["gguf"] = Field("gguf", description="Selects this source.")
-    repo: str | None = Field(None, description=(
-        f"The repository holding `filename`: {_REPO}; None: `filename` is a local path."))
-    filename: str = Field(description="The expert's GGUF file, inside `repo` (or a local path).")
-    config: str = Field(description=(
-        "The diffusers repository (Hub repo id or local folder) whose `transformer*/config.json` "
-        "describes the expert; only those config files are read from it."))
-
-
-class MuseTalkWeights(_Strict):
-    """The MuseTalk lip-sync models in their published layout: the v1.5 UNet as a plain torch
-    state dict (`unet`) plus its diffusers config (`unet_config`), both files of `repo` (a Hub
-    repo id or a local folder), the SD VAE (`vae`) and whisper-tiny (`whisper`), each a Hub repo
-    id or a local diffusers / transformers folder. Resolved through deployments.models.hub, never
-    downloaded while serving."""
-
-    kind: Literal["musetalk"] = Field("musetalk", description="Selects this source.")
-    repo: str = Field("TMElyralab/MuseTalk", description=(
-        f"The repository holding `unet` and `unet_config`: {_REPO}."))
-    unet: str = Field("musetalkV15/unet.pth", description="The UNet's torch state dict, a file of `repo`.")
-    unet_config: str = Field("musetalkV15/musetalk.json", description=(
-        "The UNet's diffusers config, a file of `repo`."))
-    vae: str = Field("stabilityai/sd-vae-ft-mse", description=f"The Stable Diffusion VAE: {_REPO}.")
-    whisper: str = Field("openai/whisper-tiny", description=(
-        f"whisper-tiny, whose encoder gives the audio features: {_REPO}."))
-    face_parser: str | None = Field(None, description=(
-        "The BiSeNet face parser (`79999_iter.pth`) that `blend_mask: face_parsing` needs: a local "
-        "file, or a path inside `repo` when that is a local folder. It is not on MuseTalk's Hub repo "
-        "(MuseTalk's own script fetches it elsewhere), so `avatar-serve download` cannot fetch it. "
-        "None: not set."))
-    s3fd: str | None = Field(None, description=(
-        "The S3FD face detector (face_alignment's `s3fd-619a316812.pth`, a local path) that "
-        "`face_detector: landmarks` needs; not on MuseTalk's Hub repo either. None: not set."))
-    fan: str | None = Field(None, description=(
-        "The 2D-FAN landmark model (face_alignment's `2DFAN4-11f355bf06.pth.tar`, a local path) that "
-        "`face_detector: landmarks` needs; not on MuseTalk's Hub repo either. None: not set."))
-
-
-WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights,
-                                MuseTalkWeights],
-                          Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- placement
 
 
-class Autoscaling(_Strict):
+class Autoscaling(Strict):
     """Ray Serve autoscaling of a deployment (its `autoscaling_config`): between `min_replicas`
     and `max_replicas`, aiming at `target_ongoing_requests` per replica."""
 
@@ -162,7 +54,7 @@ class Autoscaling(_Strict):
         return self
 
 
-class Placement(_Strict):
+class Placement(Strict):
     """Where and how many: maps onto `serve.deployment(...)` options in graph.py."""
 
     num_gpus: float = Field(0.0, ge=0, description=(
@@ -198,7 +90,7 @@ class Placement(_Strict):
         return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
 
-class WarmupShape(_Strict):
+class WarmupShape(Strict):
     """A request shape a stage runs once at start-up, before it reports ready (compiled graphs,
     cuDNN's algorithm choice and the allocator are then settled for real requests)."""
 
@@ -210,7 +102,7 @@ class WarmupShape(_Strict):
 # ---------------------------------------------------------------- stages
 
 
-class StageBase(_Strict):
+class StageBase(Strict):
     weights: WeightsSource = Field(RandomWeights(), description=(
         "Where the stage's models come from, chosen by `kind`: random, diffusers, wan_safetensors, "
         "gguf or musetalk."))
@@ -263,45 +155,6 @@ class EncoderConfig(StageBase):
         "What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's "
         "image2video.py replaces \"\" with its `sample_neg_prompt` (wan/configs/shared_config.py), "
         "which the full-size profiles set here; \"\" (the tiny profile) encodes the empty prompt."))
-
-
-class StartupLora(_Strict):
-    """A LoRA an expert applies at start-up and keeps for the life of the replica: part of the
-    profile's recipe (the lightx2v 4-step distill LoRAs on base Wan2.2 experts), not an admin
-    LoRA. `filename` is a file of `repo` (a Hub repo id, fetched by `avatar-serve download`, or a
-    local folder); with `repo` None it is itself a local path.
-
-    Applied after the weights load and before warm-up (deployments/models/wan/lora.py,
-    `prepare_lora`): low-rank pairs become an unfused adapter kept active at `strength`; full
-    deltas (`diff` on a weight, `diff_b` on a bias, `diff_m` on a modulation, norm `diff`s) are
-    added to the weights they name (times `strength`, as LightX2V does). Every tensor of the file
-    is applied, or skipped and logged (`skip_absent` below), or start-up fails naming it; admin
-    LoRA calls can neither deactivate nor remove it."""
-
-    repo: str | None = Field(None, description=(
-        "The repository holding `filename`: a Hub repo id (fetched by `avatar-serve download`) or a "
-        "local folder; None: `filename` is a local path."))
-    filename: str = Field(min_length=1, description=(
-        "The LoRA file (safetensors, or a torch file of tensors), inside `repo` (or a local path)."))
-    strength: float = Field(1.0, ge=-10, le=10, description="The factor the LoRA is applied with.")
-    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description=(
-        "The adapter's name in /v1/admin/loras listings; None: the file name without its extension."))
-    skip_absent: list[str] = Field(default_factory=list, description=(
-        "fnmatch patterns of the file's keys that may name parts this expert does not have: those "
-        "are skipped (logged as a warning with their count) instead of stopping start-up. For "
-        "Wan2.1's image cross-attention (`*.k_img.*`, `*.v_img.*`, `*.norm_k_img.*`), which Wan2.2 "
-        "I2V experts lack and LightX2V skips too. A matching key that names a part the expert has is "
-        "applied as usual; all-zero tensors for absent parts are skipped without a pattern (they "
-        "change nothing)."))
-
-    @property
-    def adapter_name(self) -> str:
-        """`name`, else the file's stem with characters outside [A-Za-z0-9_-] made `_` (peft's
-        adapter names become module names, which may not contain dots)."""
-        if self.name:
-            return self.name
-        stem = self.filename.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in stem)[:64] or "lora"
 
 
 class ExpertConfig(StageBase):
@@ -451,7 +304,7 @@ class LipSyncConfig(StageBase):
         return self
 
 
-class IngressConfig(_Strict):
+class IngressConfig(Strict):
     """The ingress replica: HTTP, the job queue and turn admission (no model)."""
 
     placement: Placement = Field(
@@ -462,7 +315,7 @@ class IngressConfig(_Strict):
                      "slot and starve /healthz or /readyz."))
 
 
-class Stages(_Strict):
+class Stages(Strict):
     """One config per stage of the graph."""
 
     encoder: EncoderConfig = Field(EncoderConfig(), description="The text and first-frame encoder.")
@@ -485,7 +338,7 @@ class Stages(_Strict):
 # ---------------------------------------------------------------- sampler
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(Strict):
     """How the denoise loop is scheduled and split between the two experts."""
 
     scheduler: Literal["unipc", "euler"] = Field("unipc", description=(
@@ -527,125 +380,10 @@ class SamplerConfig(_Strict):
         return self.sigmas is not None
 
 
-# ---------------------------------------------------------------- requests and serving
+# ---------------------------------------------------------------- the root
 
 
-class GenerationDefaults(_Strict):
-    """Values a request gets when it leaves a field out."""
-
-    width: int = Field(32, description=(
-        "Clip width in pixels for a request without `size`; with an image and no `size`, the clip "
-        "takes the image's aspect at this width x height pixel count."))
-    height: int = Field(32, description="Clip height in pixels for a request without `size` (see width).")
-    num_frames: int = Field(9, description=(
-        "Frames of a clip for a request without `num_frames` or `seconds` (4k+1)."))
-    fps: int = Field(16, description=(
-        "Frame rate of the clip (and of `seconds` -> frames) for a request without `fps`."))
-    negative_prompt: str = Field("", description=(
-        "Negative prompt for a request without one. \"\" leaves the choice to the encoder's "
-        "`default_negative_prompt`."))
-
-
-class Limits(_Strict):
-    """Per-profile bounds checked at the ingress before any stage is called."""
-
-    max_width: int = Field(256, description="Largest clip width in pixels.")
-    max_height: int = Field(256, description="Largest clip height in pixels.")
-    max_pixels: int = Field(256 * 256, description="Largest clip area, width x height, in pixels.")
-    max_frames: int = Field(33, description="Most frames of a clip.")
-    max_steps: int = Field(20, description="Most denoising steps a request may ask for.")
-    max_prompt_chars: int = Field(2000, description="Longest prompt, in characters.")
-    max_image_bytes: int = Field(10 * 1024 * 1024, description="Largest input image upload, in bytes.")
-    max_image_pixels: int | None = Field(None, ge=4, description=(
-        "Input images with more pixels are refused from their header, before decoding; None: 64 x "
-        "max_pixels. Images larger than twice the largest clip are shrunk while decoding."))
-    max_audio_bytes: int = Field(50 * 1024 * 1024, description="Largest audio upload, in bytes.")
-    max_audio_seconds: float = Field(30.0, gt=0, description=(
-        "Longest speech, in seconds (a talk turn's, or a video job's audio): longer audio is "
-        "refused while decoding, at the ingress and again by the lip-sync stage."))
-
-    @property
-    def image_pixels(self) -> int:
-        return self.max_image_pixels or 64 * self.max_pixels
-
-
-class ServingConfig(_Strict):
-    """The ingress: jobs, limits, storage, auth."""
-
-    job_timeout_s: float = Field(1800.0, gt=0, description=(
-        "Deadline of one job once it runs, in seconds (time in the queue not counted); past it the "
-        "job fails with a timeout error and its stages are released."))
-    max_running_jobs: int = Field(2, ge=1, description=(
-        "Jobs that run at once (the stages pipeline them). A `placement` preset sets this to what "
-        "keeps its GPUs busy unless the profile sets it."))
-    max_queued_jobs: int = Field(16, ge=0, description=(
-        "Jobs that may wait behind the running ones; past max_running_jobs + max_queued_jobs, "
-        "POST /v1/videos answers 429 with Retry-After."))
-    retry_after_s: int = Field(10, ge=1, description=(
-        "Retry-After, in seconds, of a 429 for a full job queue."))
-    max_talk_turns: int | None = Field(None, ge=1, description=(
-        "Talk turns streaming at once; one more answers 429 with Retry-After (turn_retry_after_s) "
-        "instead of waiting, since a live turn that starts late is no use. None: what the lip-sync "
-        "stage can take, its (maximum) replicas x max_ongoing_requests."))
-    turn_retry_after_s: int = Field(1, ge=1, description="Retry-After, in seconds, of a 429 for a talk turn.")
-    body_timeout_s: float = Field(30.0, gt=0, description=(
-        "Seconds within which a request body (an upload) must arrive, or the request gets 408: a "
-        "client that trickles its body cannot hold the ingress."))
-    storage_dir: str | None = Field(None, description=(
-        "Folder of job records and finished MP4s (written atomically, so a restarted ingress still "
-        "has them); prepared avatars and the compile cache go under it by default. None: "
-        "`$AVATAR_SERVE_STORAGE/<profile>` (default ~/.cache/avatar-serve/<profile>), filled in when "
-        "the profile is loaded."))
-    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description=(
-        "Finished results are deleted after this age, in seconds."))
-    max_result_bytes: int = Field(20 * 1024**3, gt=0, description=(
-        "Finished results beyond this total size, in bytes, are deleted oldest first."))
-    api_keys: list[str] = Field(default_factory=list, description=(
-        "Bearer-token API keys; when any key is configured, every route but /healthz and /readyz needs "
-        "one. Keys from every source apply together: this list, the environment variable named by "
-        "`api_keys_env` and the file `api_keys_file`, all read once where the application is built "
-        "(`serve run graph:app` builds it in your shell; `serve run serve_config.yaml`, `serve deploy` "
-        "and a `ray start` cluster build it in a Ray worker, which has the environment of `ray start` "
-        "plus the application's runtime_env, not the environment of the `serve` command). The keys "
-        "then travel to the ingress inside this config, wherever its replica runs."))
-    api_keys_env: str | None = Field("AVATAR_SERVE_API_KEYS", description=(
-        "An environment variable of comma-separated API keys (see api_keys). Set but holding no key "
-        "(e.g. ','): start-up stops."))
-    api_keys_file: str | None = Field(None, description=(
-        "A file of API keys, one a line (lines starting with '#' are comments). Set but missing, unreadable or "
-        "without a key: start-up stops; it never runs open instead."))
-    require_api_keys: bool = Field(False, description=(
-        "Start only with at least one API key found; otherwise start-up stops with an "
-        "error naming where it looked. serve_config.yaml sets it, so a key given where the "
-        "application cannot see it never leaves the server open."))
-    admin_keys: list[str] = Field(default_factory=list, description=(
-        "Keys for the admin routes (/v1/admin/...), which API keys do not grant; from the same "
-        "kinds of sources as api_keys. With no key of either kind configured, the admin routes are "
-        "open like the rest (a development setup)."))
-    admin_keys_env: str | None = Field("AVATAR_SERVE_ADMIN_KEYS", description="like api_keys_env, for admin keys")
-    admin_keys_file: str | None = Field(None, description="like api_keys_file, for admin keys")
-    lora_dirs: list[str] = Field(default_factory=list, description=(
-        "Folders the admin LoRA routes may load files from (symlinks are resolved first); a relative "
-        "path is taken inside the first. Empty: loading LoRAs through the admin routes is off."))
-
-    @model_validator(mode="after")
-    def _keys_usable(self) -> ServingConfig:
-        for key in (*self.api_keys, *self.admin_keys):
-            if not KEY_CHARS.fullmatch(key):
-                raise ValueError("an API or admin key must be visible ASCII characters without spaces or "
-                                 "commas (it travels in an Authorization header)")
-        if self.require_api_keys and not self.api_keys:
-            raise ValueError(
-                "serving.require_api_keys is set but no API key was found where the application was "
-                f"built: none in serving.api_keys, in the environment variable {self.api_keys_env}, or "
-                "in serving.api_keys_file. On a `ray start` cluster the application is built by a Ray "
-                "worker with the environment of `ray start`, not of `serve run` / `serve deploy`: give "
-                "the keys in serve_config.yaml (runtime_env: {env_vars: {AVATAR_SERVE_API_KEYS: ...}}), "
-                "in serving.api_keys_file, or set the variable when starting Ray")
-        return self
-
-
-class GraphConfig(_Strict):
+class GraphConfig(Strict):
     """A profile: every stage's config, the sampler, and the ingress's defaults, limits and serving."""
 
     name: str = Field(description="The profile's name (its jobs and results are stored under it).")

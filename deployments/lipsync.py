@@ -45,7 +45,8 @@ from deployments.common.runtime import (
     placement_info,
     resolve_device,
 )
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.config import LipSyncConfig
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.media.audio import SAMPLE_RATE, check_pcm, decode_audio, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
 from deployments.models.faces.face_parsing import load_face_parser, parse_faces, parsing_region

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from deployments.config import MODEL_STAGES, GraphConfig, Limits, ServingConfig
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_serving import Limits, ServingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -38,12 +38,11 @@ from huggingface_hub.utils import (
 )
 
 from deployments.common.errors import MissingWeightsError
-from deployments.config import (
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_weights import (
     EXPERT_SUBFOLDERS,
-    MODEL_STAGES,
     DiffusersWeights,
     GGUFWeights,
-    GraphConfig,
     RandomWeights,
     WanSafetensorsWeights,
     expert_subfolder,

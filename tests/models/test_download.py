@@ -19,7 +19,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import MODEL_STAGES, GraphConfig, MuseTalkWeights
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_weights import MuseTalkWeights
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
 from deployments.profiles import CONFIG_DIR, load_profile, profile_names, read_profile, validate_profile
@@ -585,7 +586,7 @@ def test_downloaded_lipsync_files_are_enough_for_the_loader(tmp_path):
     import torch
     from transformers import WhisperConfig, WhisperModel
 
-    from deployments.config import RandomWeights
+    from deployments.config_weights import RandomWeights
     from deployments.models.musetalk.components import TINY, load_models
 
     extractor, encoder, unet, vae = load_models(RandomWeights(), torch.float32, torch.device("cpu"))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import deployments.lipsync as lipsync_module
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.config import LipSyncConfig
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
 from deployments.models.faces.face_parsing import (
     NUM_CLASSES,

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from deployments.common.runtime import cast_keeping_fp32, random_module
-from deployments.config import MuseTalkWeights, RandomWeights
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.models.hub import resolve_dir, resolve_file
 from deployments.models.musetalk.features import AUDIO_DIM
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from deployments.common.runtime import random_module, random_module_in_parts
-from deployments.config import DiffusersWeights, RandomWeights, expert_subfolder
+from deployments.config_weights import DiffusersWeights, RandomWeights, expert_subfolder
 from deployments.models.hub import resolve_dir
 
 # The random weights of a profile: component k is drawn from `weights.seed + SEED_OFFSET[k]`,
@@ -147,7 +147,7 @@ def load_expert(weights, role: str, dtype: torch.dtype, device,
         return model.to(device).eval()
     # Single-file experts (original Wan key names): imported here so the random/diffusers paths
     # do not pull in the fp8 and GGUF machinery.
-    from deployments.config import GGUFWeights, WanSafetensorsWeights
+    from deployments.config_weights import GGUFWeights, WanSafetensorsWeights
 
     if isinstance(weights, WanSafetensorsWeights):
         from deployments.models.wan.checkpoints import load_wan_safetensors_expert
