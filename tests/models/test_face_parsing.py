@@ -45,7 +45,7 @@ BOX = (24, 8, 72, 56)
 # FeatureFusionModule: convblk, conv1, conv2; BiSeNetOutput: conv, conv_out; ConvBNReLU: conv, bn)
 # and resnet.py (Resnet18: conv1, bn1, layer1..4 of two BasicBlocks: conv1, bn1, conv2, bn2,
 # downsample = Sequential(Conv2d, BatchNorm2d) where the shape changes). MuseTalk's copy
-# (musetalk/utils/face_parsing/model.py) keeps the same names. Checked in the code corpus:
+# (musetalk/utils/face_parsing/model.py) keeps the same names. Checked against:
 # zllrunning/face-parsing.PyTorch model.py (commit b9a12fe), a ported resnet.py of the same layout,
 # and a third-party loader quoting `cp.resnet.layer1.0.conv1.weight` as a key of the release.
 CONVS = [  # Conv2d, no bias: "<name>.weight"

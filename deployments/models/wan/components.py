@@ -24,7 +24,8 @@ SEED_OFFSET = {"text_encoder": 0, "vae": 1, "high": 2, "low": 3}
 
 # ------------------------------------------------------------------ architectures
 
-# Tiny: runs the whole graph on a CPU in about a second (REFERENCE.md).
+# Tiny: the whole graph runs on a CPU in well under a second per request (111 ms through the
+# ingress on a 2-core CPU: bench/README.md, Results).
 TINY = {
     "text_encoder": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                          relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
