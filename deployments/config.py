@@ -209,7 +209,8 @@ class DecoderConfig(StageBase):
 
 class LipSyncConfig(StageBase):
     """MuseTalk lip-sync stage (whisper-tiny features, UNet, SD VAE); fp16 on a GPU.
-    Fields are owned by deployments/lipsync.py (and avatar.py / fmp4.py, which it drives).
+    Fields are owned by deployments/lipsync.py (and deployments/models/musetalk/avatar.py and
+    deployments/media/fmp4.py, which it drives).
 
     weights: `random` (tiny: tests; full: MuseTalk-size random models for speed) or `musetalk`.
     """

@@ -70,7 +70,8 @@ def _expert_folder(folder: str) -> set[str]:
 # transformers only their config.json.
 DIFFUSERS_NO_EXPERTS = {"model_index.json"} | TEXT_ENCODER | TOKENIZER | VAE | EXPERT_CONFIGS
 
-# What the MuseTalk lip-sync stage of every real profile reads (deployments/lipsync.py load_models):
+# What the MuseTalk lip-sync stage of every real profile reads (load_models in
+# deployments/models/musetalk/components.py):
 # the v1.5 UNet state dict + its config; the SD VAE and whisper-tiny as root-level model folders,
 # config + safetensors only (the repos also hold .bin / tf / flax copies, READMEs, tokenizers);
 # whisper's feature extractor reads preprocessor_config.json.
