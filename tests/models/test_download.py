@@ -209,11 +209,12 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     distill-fp8 profile runs its experts' self-attention in FP8, and random-a14b, which stands in
     for it, does that too and quantises its experts to fp8."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
-    for profile, title in ((cfg, name), (shared, parent)):  # each profile stores jobs and compiles apart
+    for profile, title in ((cfg, name), (shared, parent)):  # jobs, avatars, compiles: per profile
         storage = profile["serving"].pop("storage_dir")
         assert storage.endswith(title)
         for stage in MODEL_STAGES:
             assert profile["stages"][stage].pop("compile_cache_dir") == f"{storage}/compile-cache"
+        assert profile["stages"]["lipsync"].pop("avatar_cache_dir") == f"{storage}/avatars"
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
     differ = ("weights", "loras") if name in LORA_PROFILES else ("weights",)
