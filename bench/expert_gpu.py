@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deployments.config import RandomWeights  # noqa: E402
+from deployments.config_weights import RandomWeights  # noqa: E402
 from deployments.models.wan.checkpoints import load_wan_safetensors  # noqa: E402
 from deployments.models.wan.components import load_expert  # noqa: E402
 from deployments.models.wan.fp8 import Fp8Linear, gpu_selfcheck, to_fp8  # noqa: E402

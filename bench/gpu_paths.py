@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deployments.common.runtime import memory_report, release_cached_memory  # noqa: E402
-from deployments.config import RandomWeights  # noqa: E402
+from deployments.config_weights import RandomWeights  # noqa: E402
 from deployments.models.wan.components import latent_shape, load_expert, load_vae, set_conv_format  # noqa: E402
 
 GIB = 1024 ** 3

@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deployments.config import LipSyncConfig, RandomWeights  # noqa: E402
+from deployments.config import LipSyncConfig  # noqa: E402
+from deployments.config_weights import RandomWeights  # noqa: E402
 from deployments.lipsync import LipSync  # noqa: E402
 
 

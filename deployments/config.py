@@ -1,7 +1,13 @@
 """Configuration: one root `GraphConfig` holding one sub-config per stage and the serving settings.
 
-A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up (deployments/profiles.py); every stage
-receives its own sub-config as a constructor argument and never reads files or the environment.
+A profile is a YAML file in `configs/` validated into `GraphConfig` once at start-up
+(deployments/profiles.py); every stage receives its own sub-config as a constructor argument and
+never reads files or the environment.
+
+This module holds the root, the stages' configs (placement, warm-up, dtypes, speed options) and the
+sampler; the weights sources are in deployments/config_weights.py, the ingress's request defaults,
+limits and serving settings in deployments/config_serving.py. Every field has a `description`,
+so the JSON schema (`GraphConfig.model_json_schema()`) documents it.
 
 The defaults below are one coherent set: the embedded `tiny` profile (random tiny models on the
 CPU, 32x32 clips, 4 UniPC steps). A profile says only what differs, and may start from another
@@ -11,120 +17,35 @@ with `extends: NAME`; names starting with `_` are bases, not servable themselves
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
-import re
+from pydantic import Field, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from deployments.config_serving import GenerationDefaults, Limits, ServingConfig
+from deployments.config_weights import RandomWeights, StartupLora, Strict, WeightsSource
 
 DType = Literal["float32", "bfloat16", "float16"]
-# What an API key may hold: visible ASCII, no spaces or commas (commas separate keys in a variable).
-KEY_CHARS = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ---------------------------------------------------------------- weights sources
-
-
-class RandomWeights(_Strict):
-    """Random weights built in code (no files): `tiny` for tests and the demo; full size for speed
-    measurements (speed does not depend on weight values): `a14b` for the Wan2.2 stages, `full`
-    (MuseTalk's published sizes) for lip-sync."""
-
-    kind: Literal["random"] = "random"
-    arch: Literal["tiny", "a14b", "full"] = "tiny"
-    seed: int = 0
-
-
-class DiffusersWeights(_Strict):
-    """A diffusers-format repository: a Hub repo id (read from the local cache / `weights_dir`,
-    never downloaded while serving) or a local folder. `subfolder` overrides the component's
-    usual folder (`text_encoder`, `vae`, `transformer`, `transformer_2`)."""
-
-    kind: Literal["diffusers"] = "diffusers"
-    path: str
-    subfolder: str | None = None
-
-
-# diffusers' folders of the two experts in a Wan2.2 repository (and of their configs).
-EXPERT_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
-
-
-def expert_subfolder(role: str) -> str:
-    """diffusers names the high-noise expert `transformer` and the low-noise one `transformer_2`."""
-    try:
-        return EXPERT_SUBFOLDERS[role]
-    except KeyError:
-        raise ValueError(f"expert role must be 'high' or 'low', got {role!r}") from None
-
-
-class WanSafetensorsWeights(_Strict):
-    """One expert as a single safetensors file with original Wan key names
-    (`blocks.N.self_attn.q.weight`, ...): the lightx2v distilled bf16 files, or fp8 e4m3 files
-    with a per-output-channel `X.weight_scale` next to each quantised `X.weight`.
-    `config` names the diffusers repo/folder whose `transformer/config.json` describes it."""
-
-    kind: Literal["wan_safetensors"] = "wan_safetensors"
-    repo: str | None = None
-    filename: str
-    config: str
-
-
-class GGUFWeights(_Strict):
-    """One expert as a GGUF file (QuantStack layout, original Wan key names), loaded through
-    diffusers' GGUF quantization with the diffusers config passed explicitly (`config`)."""
-
-    kind: Literal["gguf"] = "gguf"
-    repo: str | None = None
-    filename: str
-    config: str
-
-
-class MuseTalkWeights(_Strict):
-    """The MuseTalk lip-sync models in their published layout: the v1.5 UNet as a plain torch
-    state dict (`unet`) plus its diffusers config (`unet_config`), both files of `repo` (a Hub
-    repo id or a local folder), the SD VAE (`vae`) and whisper-tiny (`whisper`), each a Hub repo
-    id or a local diffusers / transformers folder. Resolved through deployments.models.hub, never
-    downloaded while serving."""
-
-    kind: Literal["musetalk"] = "musetalk"
-    repo: str = "TMElyralab/MuseTalk"
-    unet: str = "musetalkV15/unet.pth"
-    unet_config: str = "musetalkV15/musetalk.json"
-    vae: str = "stabilityai/sd-vae-ft-mse"
-    whisper: str = "openai/whisper-tiny"
-    # BiSeNet face parser (`79999_iter.pth`) for `blend_mask: face_parsing`: a local file path, or a
-    # path inside `repo` when that is a local folder. It is not on MuseTalk's Hub repo (MuseTalk's
-    # own script fetches it elsewhere), so `avatar-serve download` cannot fetch it; None: not set.
-    face_parser: str | None = None
-    # Face detector and landmark models for `face_detector: landmarks` (local paths: face_alignment's
-    # `s3fd-619a316812.pth` and `2DFAN4-11f355bf06.pth.tar`, not on MuseTalk's Hub repo either).
-    s3fd: str | None = None
-    fan: str | None = None
-
-
-WeightsSource = Annotated[Union[RandomWeights, DiffusersWeights, WanSafetensorsWeights, GGUFWeights,
-                                MuseTalkWeights],
-                          Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- placement
 
 
-class Autoscaling(_Strict):
+class Autoscaling(Strict):
     """Ray Serve autoscaling of a deployment (its `autoscaling_config`): between `min_replicas`
     and `max_replicas`, aiming at `target_ongoing_requests` per replica."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
-    metrics_interval_s: float = Field(2.0, gt=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running (0: none while idle).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas; at least 1 and at least min_replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description=(
+        "Requests in progress per replica that Ray Serve scales towards."))
+    upscale_delay_s: float = Field(5.0, ge=0, description=(
+        "Seconds the load must call for more replicas before one is added."))
+    downscale_delay_s: float = Field(60.0, ge=0, description=(
+        "Seconds the load must call for fewer replicas before one is removed."))
+    metrics_interval_s: float = Field(2.0, gt=0, description=(
+        "How often, in seconds, replicas report their load."))
+    look_back_period_s: float = Field(10.0, gt=0, description=(
+        "Seconds of reported load averaged for each scaling decision."))
 
     @model_validator(mode="after")
     def _bounds(self) -> "Autoscaling":
@@ -133,67 +54,73 @@ class Autoscaling(_Strict):
         return self
 
 
-class Placement(_Strict):
+class Placement(Strict):
     """Where and how many: maps onto `serve.deployment(...)` options in graph.py."""
 
-    num_gpus: float = Field(0.0, ge=0)
-    # CPUs Ray reserves for each replica. CPU work of a stage (tokenising, resizing, blending,
-    # H.264) runs on `threads` threads; Ray also sets OMP_NUM_THREADS from num_cpus.
-    num_cpus: float = Field(0.1, ge=0)
-    # torch's intra-op threads in the replica (and the H.264 encoder's threads in lip-sync);
-    # None: what Ray's OMP_NUM_THREADS gives (max(1, int(num_cpus))).
-    threads: int | None = Field(None, ge=1, le=256)
-    replicas: int = Field(1, ge=1)
-    # glibc malloc arenas in the replica's process (MALLOC_ARENA_MAX, set in its environment at
-    # start through Ray's runtime_env). A replica runs requests on a pool of threads, and glibc
-    # gives each thread its own arena (up to 8 per core) that keeps freed memory: the tiny
-    # lip-sync stage under 8 concurrent turns settles at 1430 MiB with glibc's default, 965 with 2,
-    # equally fast (bench/host_memory.py). None leaves glibc's default.
-    malloc_arena_max: int | None = Field(2, ge=1)
-    # Ray Serve sends a replica at most this many requests at once; the stage's ModelLock then
-    # runs its model work one at a time while the rest wait (cancellable) or do CPU work.
-    max_ongoing_requests: int = Field(4, ge=1)
-    accelerator_type: str | None = None
-    # Ray custom resources a replica needs, e.g. {"experts": 1}: on a multi-node cluster, pins a
-    # stage to the nodes started with `ray start --resources '{"experts": 8}'` (README, Multi-node).
-    resources: dict[str, float] = Field(default_factory=dict)
-    # Instead of a fixed `replicas` count (used for the lip-sync stage in the full profiles).
-    autoscaling: Autoscaling | None = None
+    num_gpus: float = Field(0.0, ge=0, description=(
+        "GPUs Ray reserves for each replica; fractions let replicas share a GPU. A `placement` "
+        "preset of the profile sets it unless the stage does."))
+    num_cpus: float = Field(0.1, ge=0, description=(
+        "CPUs Ray reserves for each replica. Ray also sets the replica's OMP_NUM_THREADS from it; "
+        "the stage's CPU work (tokenising, resizing, blending, H.264) runs on `threads` threads."))
+    threads: int | None = Field(None, ge=1, le=256, description=(
+        "torch's intra-op threads in the replica (and the H.264 encoder's threads in lip-sync); None: "
+        "what Ray's OMP_NUM_THREADS gives, max(1, int(num_cpus))."))
+    replicas: int = Field(1, ge=1, description="Replicas of the stage, when `autoscaling` is not set.")
+    malloc_arena_max: int | None = Field(2, ge=1, description=(
+        "glibc malloc arenas in the replica's process (MALLOC_ARENA_MAX in its environment from "
+        "start). A replica runs requests on a pool of threads, and glibc gives each thread its own "
+        "arena (up to 8 per core) that keeps freed memory; 2 holds about a third less memory at "
+        "the same speed (bench/README.md). None leaves glibc's default."))
+    max_ongoing_requests: int = Field(4, ge=1, description=(
+        "Requests Ray Serve sends one replica at once; the stage runs its model work one request "
+        "at a time while the rest wait (cancellable) or do CPU work."))
+    accelerator_type: str | None = Field(None, description=(
+        "Ray accelerator type the replica must run on (e.g. \"H100\"); None: any."))
+    resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Ray custom resources a replica needs, e.g. {\"experts\": 1}: on a multi-node cluster, pins "
+        "the stage to the nodes started with `ray start --resources '{\"experts\": 8}'` (README, "
+        "Multi-node)."))
+    autoscaling: Autoscaling | None = Field(None, description=(
+        "Ray Serve autoscaling instead of a fixed `replicas` count (the full profiles use it for "
+        "lip-sync); None: `replicas`."))
 
     @property
     def max_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
 
-class WarmupShape(_Strict):
+class WarmupShape(Strict):
     """A request shape a stage runs once at start-up, before it reports ready (compiled graphs,
     cuDNN's algorithm choice and the allocator are then settled for real requests)."""
 
-    width: int = Field(ge=16)
-    height: int = Field(ge=16)
-    num_frames: int = Field(1, ge=1)
+    width: int = Field(ge=16, description="Clip width in pixels.")
+    height: int = Field(ge=16, description="Clip height in pixels.")
+    num_frames: int = Field(1, ge=1, description="Frames of the clip.")
 
 
 # ---------------------------------------------------------------- stages
 
 
-class StageBase(_Strict):
-    weights: WeightsSource = RandomWeights()
-    placement: Placement = Placement()
-    # "auto": the first CUDA device the replica can see, else CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Copied from GraphConfig.weights_dir by `load_profile`.
-    weights_dir: str | None = None
-    # Shapes run once at start-up (Encoder, DitExpert, Decoder), so no user request pays for
-    # compiling or autotuning; the replica reports ready only after them.
-    warmup: list[WarmupShape] = Field(default_factory=list)
-    # torch.compile's on-disk cache for this stage's replicas (TORCHINDUCTOR_CACHE_DIR in their
-    # environment, set by graph.py): compiled graphs and kernels outlive a restart, so a replica
-    # that starts again on the same disk skips most of its compile (one H200, the fp8 profile:
-    # ready in 74 s with a warm cache against 250 s cold; bench/README.md). `load_profile`
-    # defaults it to `<serving.storage_dir>/compile-cache`; None leaves torch's default, a folder
-    # under /tmp that a new container does not have. Several replicas may share it.
-    compile_cache_dir: str | None = None
+class StageBase(Strict):
+    weights: WeightsSource = Field(RandomWeights(), description=(
+        "Where the stage's models come from, chosen by `kind`: random, diffusers, wan_safetensors, "
+        "gguf or musetalk."))
+    placement: Placement = Field(Placement(), description="Where the stage's replicas run, and how many.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "`auto`: the first CUDA device the replica can see, else the CPU."))
+    weights_dir: str | None = Field(None, description=(
+        "The huggingface_hub cache folder the stage reads its weights from; filled in from the "
+        "profile's top-level `weights_dir` when the profile is loaded (set that one)."))
+    warmup: list[WarmupShape] = Field(default_factory=list, description=(
+        "Shapes the encoder, experts and decoder run once at start-up, so no user request pays for "
+        "compiling or autotuning; the replica reports ready only after them."))
+    compile_cache_dir: str | None = Field(None, description=(
+        "torch.compile's on-disk cache for the stage's replicas (TORCHINDUCTOR_CACHE_DIR in their "
+        "environment): compiled graphs and kernels outlive a restart, so a replica that starts again "
+        "on the same disk skips most of its compiling (bench/README.md). Several replicas may share "
+        "it. Filled in as `<serving.storage_dir>/compile-cache` when the profile is loaded; null "
+        "leaves torch's default, a folder under /tmp that a new container does not have."))
 
     # The random architectures this stage's models come in.
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "a14b")
@@ -209,85 +136,56 @@ class StageBase(_Strict):
 class EncoderConfig(StageBase):
     """UMT5 text encoder + Wan VAE encode of the first frame."""
 
-    # The text encoder runs in bf16 on a GPU even where the DIT computes in fp16 (DESIGN.md);
-    # CPUs may run it in fp32.
-    text_encoder_dtype: DType = "bfloat16"
-    text_encoder_dtype_cpu: DType = "float32"
-    vae_dtype: DType = "float32"
-    # Channels-last 3-D convolution weights on a GPU (no effect on a CPU), as `decoder.channels_last`.
-    # Measured on H200s (random full-size VAE, 832x480x81, fp32): encode 1.72 s -> 1.54 s (1.16 s
-    # in one run), the latents 0.1% from the plain path (other cuDNN algorithms; bench/README.md).
-    channels_last: bool = False
-    max_sequence_length: int = Field(512, ge=1)
-    # How many recent prompts' embeddings the encoder keeps (on its device: 4 MiB each for
-    # umT5-XXL at 512 tokens); a repeated prompt skips the text encoder. 0 = none.
-    prompt_cache_size: int = Field(16, ge=0, le=4096)
-    # What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's
-    # image2video.py replaces "" with its `sample_neg_prompt` (wan/configs/shared_config.py), which
-    # the full-size profiles set here; "" (the tiny profile) encodes the empty prompt.
-    default_negative_prompt: str = Field("", max_length=20000)
-
-
-class StartupLora(_Strict):
-    """A LoRA an expert applies at start-up and keeps for the life of the replica: part of the
-    profile's recipe (the lightx2v 4-step distill LoRAs on base Wan2.2 experts), not an admin
-    LoRA. `filename` is a file of `repo` (a Hub repo id, fetched by `avatar-serve download`, or a
-    local folder); with `repo` None it is itself a local path.
-
-    Applied after the weights load and before warm-up (deployments/models/wan/lora_match.py
-    `prepare_lora`, lora_fuse.py `fuse_deltas`): low-rank pairs become an unfused adapter kept
-    active at `strength`; full deltas (`diff` on a weight, `diff_b` on a bias, `diff_m` on a
-    modulation, norm `diff`s) are added to the weights they name (times `strength`, as LightX2V
-    does). Every tensor of the file is applied, or skipped and logged (`skip_absent` below), or
-    start-up fails naming it; admin LoRA calls can neither deactivate nor remove it."""
-
-    repo: str | None = None
-    filename: str = Field(min_length=1)
-    strength: float = Field(1.0, ge=-10, le=10)
-    # The adapter's name in /v1/admin/loras listings; None: the file name without its extension.
-    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    # fnmatch patterns of the file's keys that may name parts this expert does not have: those
-    # are skipped (logged as a warning with their count) instead of stopping start-up. For Wan2.1's
-    # image cross-attention (`*.k_img.*`, `*.v_img.*`, `*.norm_k_img.*`), which Wan2.2 I2V experts
-    # lack and LightX2V skips too. A matching key that names a part the expert has is applied as
-    # usual; all-zero tensors for absent parts are skipped without a pattern (they change nothing).
-    skip_absent: list[str] = Field(default_factory=list)
-
-    @property
-    def adapter_name(self) -> str:
-        """`name`, else the file's stem with characters outside [A-Za-z0-9_-] made `_` (peft's
-        adapter names become module names, which may not contain dots)."""
-        if self.name:
-            return self.name
-        stem = self.filename.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        return "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in stem)[:64] or "lora"
+    text_encoder_dtype: DType = Field("bfloat16", description=(
+        "The text encoder's dtype on a GPU: bf16 even where the experts compute in fp16, as Wan2.2's "
+        "own code runs UMT5 (`t5_dtype` in its wan/configs/shared_config.py)."))
+    text_encoder_dtype_cpu: DType = Field("float32", description="The text encoder's dtype on a CPU.")
+    vae_dtype: DType = Field("float32", description=(
+        "The dtype of the VAE that encodes the first frame, on any device."))
+    channels_last: bool = Field(False, description=(
+        "Channels-last 3-D convolution weights in the VAE on a GPU (no effect on a CPU): a faster "
+        "encode, latents slightly different from the plain path (other cuDNN algorithms); measured "
+        "in bench/README.md. As decoder.channels_last."))
+    max_sequence_length: int = Field(512, ge=1, description=(
+        "Tokens the text encoder reads from a prompt; longer prompts are cut."))
+    prompt_cache_size: int = Field(16, ge=0, le=4096, description=(
+        "How many recent prompts' embeddings the encoder keeps on its device (4 MiB each for "
+        "umT5-XXL at 512 tokens); a repeated prompt skips the text encoder. 0: none."))
+    default_negative_prompt: str = Field("", max_length=20000, description=(
+        "What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's "
+        "image2video.py replaces \"\" with its `sample_neg_prompt` (wan/configs/shared_config.py), "
+        "which the full-size profiles set here; \"\" (the tiny profile) encodes the empty prompt."))
 
 
 class ExpertConfig(StageBase):
     """One Wan2.2 expert; the same class serves the `high` and `low` roles."""
 
-    role: Literal["high", "low"]
-    compute_dtype: DType = "bfloat16"
-    compute_dtype_cpu: DType = "float32"
-    # Attention backend for diffusers' dispatcher (`set_attention_backend`); None keeps the default
-    # (plain SDPA). A kernel choice is a config value, never an import side effect. 8-bit
-    # self-attention (deployments/models/wan/fp8_attention.py; Hopper or newer): "fa3_fp8",
-    # FlashAttention-3's FP8 forward (package fa3-fwd; the fp8 profiles set it: an H200 step 2.43 s
-    # -> 1.89 s compiled), or "cudnn_fp8", cuDNN's (nvidia-cudnn-frontend; 2.01 s, the expert's
-    # output 1.65% from bf16 attention; fa3_fp8's 1.4% from it; bench/README.md).
-    attention_backend: str | None = None
-    # "fp8": quantise the block linears of bf16 weights at load (rowwise e4m3, deployments/fp8.py),
-    # halving weight memory; files that are already fp8 load as fp8 whatever this says.
-    quantize: Literal["none", "fp8"] = "none"
-    # torch.compile each transformer block (diffusers' compile_repeated_blocks): ~20 s of warm-up
-    # on the first request of each shape, then faster steps on a GPU (bench/README.md).
-    compile: bool = False
-    # LoRAs applied at start-up, after the weights and before warm-up, for the life of the replica
-    # (StartupLora): e.g. the lightx2v distill LoRA of this expert on base weights.
-    loras: list[StartupLora] = Field(default_factory=list)
-    # Testing and demos only: sleep so that each denoise step takes at least this long, to make a
-    # tiny model behave like a slow GPU (cancellation, deadlines, queueing, progress). 0 = off.
-    simulate_step_seconds: float = Field(0.0, ge=0, le=60)
+    role: Literal["high", "low"] = Field(description=(
+        "`high` (the high-noise steps) or `low`; follows from the slot, stages.high or stages.low, "
+        "so a profile need not set it."))
+    compute_dtype: DType = Field("bfloat16", description="The expert's compute dtype on a GPU.")
+    compute_dtype_cpu: DType = Field("float32", description="The expert's compute dtype on a CPU.")
+    # A kernel choice is a config value, never an import side effect.
+    attention_backend: str | None = Field(None, description=(
+        "Attention backend for diffusers' dispatcher (`set_attention_backend`); None: its default, "
+        "PyTorch's SDPA. 8-bit self-attention (deployments/models/wan/fp8_attention.py; Hopper GPUs "
+        "or newer): `fa3_fp8`, FlashAttention-3's FP8 forward (package fa3-fwd), which the fp8 "
+        "profiles set, or `cudnn_fp8`, cuDNN's (package nvidia-cudnn-frontend). Speed and error of "
+        "each: bench/README.md."))
+    quantize: Literal["none", "fp8"] = Field("none", description=(
+        "`fp8`: quantise the block linears of bf16 weights at load (e4m3 with one scale per output "
+        "channel, deployments/models/wan/fp8.py), halving weight memory. Files that are already fp8 "
+        "load as fp8 whatever this says."))
+    compile: bool = Field(False, description=(
+        "torch.compile each transformer block (diffusers' compile_repeated_blocks): a compile on the "
+        "first request of each shape (warm-up shapes compile before the replica is ready), then "
+        "faster steps on a GPU (bench/README.md)."))
+    loras: list[StartupLora] = Field(default_factory=list, description=(
+        "LoRAs applied at start-up, after the weights load and before warm-up, for the life of the "
+        "replica: e.g. the lightx2v distill LoRA of this expert on base weights."))
+    simulate_step_seconds: float = Field(0.0, ge=0, le=60, description=(
+        "Testing and demos only: each denoising step takes at least this long, so a tiny model "
+        "behaves like a slow GPU (cancellation, deadlines, queueing, progress). 0: off."))
 
     @model_validator(mode="after")
     def _lora_names_unique(self) -> "ExpertConfig":
@@ -299,23 +197,103 @@ class ExpertConfig(StageBase):
 
 
 class DecoderConfig(StageBase):
-    vae_dtype: DType = "bfloat16"
-    vae_dtype_cpu: DType = "float32"
-    # Channels-last 3-D convolution weights on a GPU (no effect on a CPU). Measured on an H200
-    # (random full-size VAE, 832x480x81, bf16): decode 1.83 s -> 1.52 s; the frames differ from
-    # the plain path by 2.2% relative (another cuDNN algorithm, bf16 rounding); cuDNN autotuning
-    # alone gained nothing (bench/README.md, bench/gpu_paths.py).
-    channels_last: bool = False
+    """Wan VAE decode of the denoised latents to frames, and the MP4."""
+
+    vae_dtype: DType = Field("bfloat16", description="The VAE's dtype on a GPU.")
+    vae_dtype_cpu: DType = Field("float32", description="The VAE's dtype on a CPU.")
+    channels_last: bool = Field(False, description=(
+        "Channels-last 3-D convolution weights in the VAE on a GPU (no effect on a CPU): a faster "
+        "decode, frames slightly different from the plain path (another cuDNN algorithm, bf16 "
+        "rounding); measured in bench/README.md."))
 
 
 class LipSyncConfig(StageBase):
     """MuseTalk lip-sync stage (whisper-tiny features, UNet, SD VAE); fp16 on a GPU.
-    Fields are owned by deployments/lipsync.py (and avatar.py / fmp4.py, which it drives).
+    Fields are owned by deployments/lipsync.py (and deployments/models/musetalk/avatar.py and
+    deployments/media/fmp4.py, which it drives).
 
     weights: `random` (tiny: tests; full: MuseTalk-size random models for speed) or `musetalk`.
     """
 
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "full")
+
+    dtype: DType = Field("float16", description="The models' dtype on a GPU.")
+    dtype_cpu: DType = Field("float32", description="The models' dtype on a CPU.")
+    fps: int = Field(25, ge=1, le=50, description=(
+        "Output frame rate; MuseTalk was trained on 25 fps video with 50 whisper frames per second."))
+    batch_size: int = Field(8, ge=1, le=256, description=(
+        "Frames per UNet + VAE-decode batch, and per chunk a talk turn yields."))
+    first_batch_size: int = Field(14, ge=1, le=256, description=(
+        "Frames of a turn's first batch, smaller so that its first chunk comes sooner. The streamed "
+        "MP4 cuts its first fragment when frame `mp4_keyframe_interval` (the second keyframe) leaves "
+        "the muxer, which holds it until audio past it is in (AAC runs a frame behind): so "
+        "mp4_keyframe_interval + 2 frames (14) is the smallest first batch whose bytes leave with "
+        "it; a smaller one waits for the second batch, a larger one computes frames the first bytes "
+        "do not need."))
+    max_audio_seconds: float = Field(30.0, gt=0, description=(
+        "A talk turn's audio is refused beyond this, in seconds, before any model runs. Copied from "
+        "`limits.max_audio_seconds` when the profile is loaded: set it there, once."))
+    avatar_cache_dir: str | None = Field(None, description=(
+        "Folder of prepared avatars (one .npz per content hash, written atomically), shared by the "
+        "replicas that see it; None keeps them in memory only. Filled in as "
+        "`<serving.storage_dir>/avatars` when the profile is loaded, so avatars outlive a restart as "
+        "jobs do. Required with more than one replica."))
+    max_avatars_in_memory: int = Field(4, ge=1, description=(
+        "Prepared avatars kept in memory per replica, least recently used dropped first (reloaded "
+        "from avatar_cache_dir when needed). Without a cache folder nothing is dropped: memory is "
+        "then the only copy (about 100 MB per 81-frame 480p avatar)."))
+    face_detector: Literal["center", "landmarks"] = Field("center", description=(
+        "Face boxes when the caller gives none: `center` is the fixed box `center_box`; "
+        "`landmarks` is MuseTalk's rule over an S3FD face box and 68 FAN landmarks (weights.s3fd and "
+        "weights.fan; frames without a face fall back to `center_box`)."))
+    # Other detectors plug in through deployments/models/musetalk/avatar.py FaceDetector.
+    center_box: tuple[float, float, float, float] = Field((0.3, 0.15, 0.7, 0.75), description=(
+        "The fixed face box (x1, y1, x2, y2), in fractions of the frame."))
+    extra_margin: int = Field(10, ge=0, description=(
+        "Pixels a detected face box is extended below the chin (clipped to the frame), as MuseTalk "
+        "v1.5 does; boxes the caller gives are used as they are."))
+    blend_upper_ratio: float = Field(0.5, ge=0, lt=1, description=(
+        "Where the blend mask starts, as a fraction of the height from the top: of the face box (the "
+        "256x256 crop) for `feathered`, of the parser's crop for `face_parsing` (cleared above it)."))
+    blend_feather: float = Field(0.08, ge=0, le=0.25, description=(
+        "`feathered` mask: its edges fade to zero at the box border over this fraction of the "
+        "256x256 crop."))
+    blend_mask: Literal["feathered", "face_parsing"] = Field("feathered", description=(
+        "How the generated face is blended in: `feathered`, the lower face (see blend_upper_ratio) "
+        "with feathered edges, needing no model; `face_parsing`, MuseTalk v1.5's mask, per frame "
+        "from a BiSeNet face parser (weights.face_parser): its jaw region of the 1.5x square crop "
+        "around the box, cut to the box, cleared above blend_upper_ratio, blurred "
+        "(deployments/models/musetalk/blend_mask.py)."))
+    channels_last: bool = Field(True, description=(
+        "Channels-last convolutions on a GPU (no effect on a CPU): a little faster (bench/README.md)."))
+    cudnn_benchmark: bool = Field(False, description=(
+        "cuDNN autotuning on a GPU: faster for one stream, but it tunes again in every new thread, "
+        "and concurrent turns ran 3x slower (bench/README.md): off."))
+    compile: bool = Field(False, description=(
+        "torch.compile the UNet and VAE decoder for batch_size and first_batch_size at start-up "
+        "(minutes on a GPU), for more frames per second, most with concurrent turns (bench/README.md)."))
+    simulate_batch_seconds: float = Field(0.0, ge=0, le=60, description=(
+        "Testing and demos only: each batch of a talk turn takes at least this long, so a tiny model "
+        "behaves like a busy GPU (autoscaling, admission, cancellation). 0: off."))
+    mp4_keyframe_interval: int = Field(12, ge=1, description=(
+        "H.264 keyframe interval of the streamed MP4 (deployments/media/fmp4.py), in frames: a "
+        "fragment starts at each keyframe, so this bounds the time to the first fragment."))
+    mp4_crf: int = Field(20, ge=0, le=51, description=(
+        "H.264 constant rate factor of talk turns' MP4 (quality: lower is better)."))
+    mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = Field(
+        "veryfast", description=(
+            "x264's speed preset for talk turns (with `zerolatency`: no B-frames, no look-ahead)."))
+    mp4_codec: Literal["libx264", "h264_nvenc"] = Field("libx264", description=(
+        "`libx264` encodes H.264 on the CPU; `h264_nvenc` on the GPU's own video encoder (RGBA "
+        "frames straight from the paste-back, no CPU colour conversion), on GPUs that have one "
+        "(not the H100 or H200; bench/README.md)."))
+    paste_back: Literal["auto", "device", "host"] = Field("auto", description=(
+        "Where generated faces are pasted into the frames: `device` on the GPU "
+        "(deployments/models/musetalk/paste.py), `host` on the CPU with PIL; `auto`: the GPU when "
+        "the stage has one."))
+    aac_sample_rate: int = Field(48000, description=(
+        "Sample rate of the MP4's AAC audio, in Hz: at 48 kHz an AAC frame (1024 samples) lasts "
+        "21 ms, so the audio stays within one video frame of the video."))
 
     @model_validator(mode="after")
     def _replicas_share_avatars(self) -> "LipSyncConfig":
@@ -326,88 +304,28 @@ class LipSyncConfig(StageBase):
                              "every replica reads, through which prepared avatars are shared")
         return self
 
-    dtype: DType = "float16"
-    dtype_cpu: DType = "float32"
-    # Output frame rate; MuseTalk was trained on 25 fps video with 50 whisper frames per second.
-    fps: int = Field(25, ge=1, le=50)
-    # Frames per UNet + VAE-decode batch, and per chunk `speak` yields; a turn's first batch is
-    # smaller so its first chunk (time to first frame) comes sooner. The streamed MP4 cuts its
-    # first fragment when frame `mp4_keyframe_interval` (the second keyframe) leaves the muxer,
-    # which holds it until audio past it is in (AAC runs a frame behind): so a first batch of
-    # mp4_keyframe_interval + 2 frames (14) is the smallest whose bytes leave with it; a smaller
-    # one waits for the second batch, a larger one computes frames the first bytes do not need.
-    batch_size: int = Field(8, ge=1, le=256)
-    first_batch_size: int = Field(14, ge=1, le=256)
-    # A talk turn's audio is refused beyond this (AudioError before any model runs). Copied from
-    # `limits.max_audio_seconds` by `load_profile`: profiles set it there, once.
-    max_audio_seconds: float = Field(30.0, gt=0)
-    # Prepared avatars are stored here (one .npz per content hash, written atomically); None keeps
-    # them in memory only. Several replicas on one host may share the folder. Profiles default it
-    # to `<serving.storage_dir>/avatars`, so avatars outlive a restart as jobs do.
-    avatar_cache_dir: str | None = None
-    # Prepared avatars kept in memory per replica, least recently used dropped first (reloaded
-    # from `avatar_cache_dir` when needed). Without a cache folder nothing is dropped: memory is
-    # then the only copy (about 100 MB per 81-frame 480p avatar).
-    max_avatars_in_memory: int = Field(4, ge=1)
-    # Face boxes when the caller gives none: "center" is a fixed box, `center_box`, in fractions
-    # of the frame (x1, y1, x2, y2); "landmarks" is MuseTalk's rule over an S3FD face box and 68
-    # FAN landmarks (weights.s3fd / weights.fan; frames without a face fall back to `center_box`).
-    # Other detectors plug in through avatar.FaceDetector.
-    face_detector: Literal["center", "landmarks"] = "center"
-    center_box: tuple[float, float, float, float] = (0.3, 0.15, 0.7, 0.75)
-    # MuseTalk v1.5 extends a detected face box this many pixels below the chin (clipped to the
-    # frame); boxes the caller gives are used as they are.
-    extra_margin: int = Field(10, ge=0)
-    # Fallback blend mask without a face parser (in the 256x256 crop): the lower face from
-    # `blend_upper_ratio` of the box height down, its edges feathered over `blend_feather` of the
-    # crop size so it fades to zero at the box border.
-    blend_upper_ratio: float = Field(0.5, ge=0, lt=1)
-    blend_feather: float = Field(0.08, ge=0, le=0.25)
-    # "face_parsing": MuseTalk v1.5's mask instead, per frame from a BiSeNet face parser: its "jaw"
-    # region of the 1.5x square crop around the box, cut to the box, cleared above the crop's
-    # `blend_upper_ratio`, blurred (deployments/models/musetalk/blend_mask.py).
-    blend_mask: Literal["feathered", "face_parsing"] = "feathered"
-    # GPU speed settings (no effect on a CPU), measured in bench/README.md: channels-last
-    # convolutions (+5% on an H100); cuDNN autotuning (faster for one stream, but it re-tunes in
-    # every new thread and concurrent turns ran 3x slower: off); torch.compile of the UNet and VAE
-    # decoder for the two batch sizes above, at start-up (about 2 minutes on an H100; then +23%
-    # frames/s for one turn, nearly 2x for four concurrent turns).
-    channels_last: bool = True
-    cudnn_benchmark: bool = False
-    compile: bool = False
-    # Streaming MP4 (deployments/media/fmp4.py): H.264 keyframe interval in frames (a fragment starts at
-    # each keyframe, so this bounds time to first fragment), CRF, and the AAC sample rate (48 kHz:
-    # 1024-sample AAC frames of 21 ms keep the audio within one video frame of the video).
-    # Testing and demos only: each batch of a talk turn takes at least this long (a tiny model then
-    # behaves like a busy GPU: autoscaling, admission, cancellation). 0 = off.
-    simulate_batch_seconds: float = Field(0.0, ge=0, le=60)
-    mp4_keyframe_interval: int = Field(12, ge=1)
-    mp4_crf: int = Field(20, ge=0, le=51)
-    # x264's speed preset for talk turns (with `zerolatency`: no B-frames, no look-ahead).
-    mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
-    # "h264_nvenc": the GPU's own H.264 encoder (RGBA frames straight from the paste-back, no CPU
-    # colour conversion); "libx264" encodes on the CPU. Measured in bench/README.md.
-    mp4_codec: Literal["libx264", "h264_nvenc"] = "libx264"
-    # Where generated faces are pasted into the frames: "auto" = on the GPU when the stage has one
-    # (deployments/models/musetalk/paste.py), else on the CPU with PIL (avatar.blend_face).
-    paste_back: Literal["auto", "device", "host"] = "auto"
-    aac_sample_rate: int = 48000
+
+class IngressConfig(Strict):
+    """The ingress replica: HTTP, the job queue and turn admission (no model)."""
+
+    placement: Placement = Field(
+        Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=1024),
+        description=("Where the ingress runs: always one replica. It admits work itself (job queue, "
+                     "turn admission), so it takes many requests at once: open event streams, talk "
+                     "turns and slow uploads (bounded by serving.body_timeout_s) never hold every "
+                     "slot and starve /healthz or /readyz."))
 
 
-class IngressConfig(_Strict):
-    # The ingress is async and admits work itself (job queue, turn admission), so Serve's cap on
-    # its requests is set high: open event streams, talk turns and slow uploads (bounded by
-    # serving.body_timeout_s) then never hold every slot and starve /healthz or /readyz.
-    placement: Placement = Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=1024)
+class Stages(Strict):
+    """One config per stage of the graph."""
 
-
-class Stages(_Strict):
-    encoder: EncoderConfig = EncoderConfig()
-    high: ExpertConfig = ExpertConfig(role="high")
-    low: ExpertConfig = ExpertConfig(role="low")
-    decoder: DecoderConfig = DecoderConfig()
-    lipsync: LipSyncConfig = LipSyncConfig()
-    ingress: IngressConfig = IngressConfig()
+    encoder: EncoderConfig = Field(EncoderConfig(), description="The text and first-frame encoder.")
+    high: ExpertConfig = Field(ExpertConfig(role="high"), description="The high-noise expert.")
+    low: ExpertConfig = Field(ExpertConfig(role="low"), description="The low-noise expert.")
+    decoder: DecoderConfig = Field(DecoderConfig(), description="The VAE decoder and MP4 muxer.")
+    lipsync: LipSyncConfig = Field(LipSyncConfig(), description=(
+        "The MuseTalk lip-sync stage (avatars, talk turns)."))
+    ingress: IngressConfig = Field(IngressConfig(), description="The HTTP ingress.")
 
     @model_validator(mode="after")
     def _roles_match_slots(self) -> "Stages":
@@ -421,24 +339,33 @@ class Stages(_Strict):
 # ---------------------------------------------------------------- sampler
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(Strict):
     """How the denoise loop is scheduled and split between the two experts."""
 
-    scheduler: Literal["unipc", "euler"] = "unipc"
-    flow_shift: float = Field(3.0, gt=0)
-    # Wan recommends a resolution-dependent shift for I2V: 3.0 at 480p, 5.0 at 720p. When set, this
-    # is the shift of clips nearer 720p's pixel count than 480p's (models/wan/sampler.flow_shift_for).
-    flow_shift_720p: float | None = Field(None, gt=0)
-    num_inference_steps: int = Field(4, ge=1)
-    # Explicit sigma schedule before the shift (distilled models: [1.0, 0.75, 0.5, 0.25]).
-    # When set, the number of steps is fixed to its length.
-    sigmas: list[float] | None = None
-    guidance_scale: float = Field(3.5, ge=0)
-    guidance_scale_2: float = Field(3.0, ge=0)
-    # Wan2.2 rule: the high-noise expert runs while t >= boundary_ratio * num_train_timesteps.
-    boundary_ratio: float = Field(0.9, gt=0, le=1)
-    # Distilled profiles split by step index instead: the first `high_steps` steps are high.
-    high_steps: int | None = Field(None, ge=0)
+    scheduler: Literal["unipc", "euler"] = Field("unipc", description=(
+        "`unipc`: UniPC multistep with flow prediction, Wan2.2's own sampler; `euler`: flow-matching "
+        "Euler, for the distilled schedules (`sigmas`)."))
+    flow_shift: float = Field(3.0, gt=0, description=(
+        "Shift of the flow-matching schedule (of clips nearer 480p when flow_shift_720p is set)."))
+    flow_shift_720p: float | None = Field(None, gt=0, description=(
+        "Wan recommends a resolution-dependent shift for I2V: 3.0 at 480p, 5.0 at 720p. When set, "
+        "the shift of clips nearer 720p's pixel count than 480p's; None: flow_shift at every size."))
+    # The size rule: deployments/models/wan/sampler.py, flow_shift_for.
+    num_inference_steps: int = Field(4, ge=1, description=(
+        "Denoising steps of a request that gives none (with `sigmas`: every request's, their number)."))
+    sigmas: list[float] | None = Field(None, description=(
+        "An explicit sigma schedule before the shift (distilled models: [1.0, 0.75, 0.5, 0.25]), with "
+        "scheduler `euler`; the number of steps is then fixed to its length. None: the scheduler's own."))
+    guidance_scale: float = Field(3.5, ge=0, description=(
+        "Classifier-free guidance scale of the high-noise expert for a request that gives none; "
+        "an expert runs CFG only with a scale above 1."))
+    guidance_scale_2: float = Field(3.0, ge=0, description=(
+        "The same for the low-noise expert (a request that gives only guidance_scale uses it for both)."))
+    boundary_ratio: float = Field(0.9, gt=0, le=1, description=(
+        "Wan2.2's rule: the high-noise expert runs while t >= boundary_ratio x num_train_timesteps."))
+    high_steps: int | None = Field(None, ge=0, description=(
+        "Distilled profiles split by step index instead: the first `high_steps` steps are the "
+        "high-noise expert's. None: boundary_ratio decides."))
 
     @model_validator(mode="after")
     def _check(self) -> "SamplerConfig":
@@ -454,126 +381,28 @@ class SamplerConfig(_Strict):
         return self.sigmas is not None
 
 
-# ---------------------------------------------------------------- requests and serving
+# ---------------------------------------------------------------- the root
 
 
-class GenerationDefaults(_Strict):
-    """Values a request gets when it leaves a field out."""
+class GraphConfig(Strict):
+    """A profile: every stage's config, the sampler, and the ingress's defaults, limits and serving."""
 
-    width: int = 32
-    height: int = 32
-    num_frames: int = 9
-    fps: int = 16
-    negative_prompt: str = ""
-
-
-class Limits(_Strict):
-    """Per-profile bounds checked at the ingress before any stage is called."""
-
-    max_width: int = 256
-    max_height: int = 256
-    max_pixels: int = 256 * 256
-    max_frames: int = 33
-    max_steps: int = 20
-    max_prompt_chars: int = 2000
-    max_image_bytes: int = 10 * 1024 * 1024
-    # Input images with more pixels are refused from their header; None: 64 x max_pixels. Larger
-    # images than twice the largest clip are shrunk on decode.
-    max_image_pixels: int | None = Field(None, ge=4)
-    max_audio_bytes: int = 50 * 1024 * 1024
-    # Speech (a talk turn's, or a video job's audio) longer than this is refused while decoding.
-    max_audio_seconds: float = Field(30.0, gt=0)
-
-    @property
-    def image_pixels(self) -> int:
-        return self.max_image_pixels or 64 * self.max_pixels
-
-
-class ServingConfig(_Strict):
-    """The ingress: jobs, limits, storage, auth."""
-
-    # Deadline of one job once it runs (queue time excluded); past it the job fails with a
-    # timeout error and its stages are released.
-    job_timeout_s: float = Field(1800.0, gt=0)
-    # Jobs that run at once (the stages pipeline them) and jobs that may wait behind them; past
-    # `max_running_jobs + max_queued_jobs`, POST /v1/videos answers 429 with Retry-After.
-    max_running_jobs: int = Field(2, ge=1)
-    max_queued_jobs: int = Field(16, ge=0)
-    retry_after_s: int = Field(10, ge=1)
-    # Talk turns streaming at once; one more answers 429 with Retry-After (`turn_retry_after_s`)
-    # instead of waiting: a live turn that starts late is no use. None: what the lip-sync stage
-    # can take, its (maximum) replicas x max_ongoing_requests.
-    max_talk_turns: int | None = Field(None, ge=1)
-    turn_retry_after_s: int = Field(1, ge=1)
-    # A request body (upload) must arrive within this, or the request gets 408: a client that
-    # trickles its body cannot hold the ingress.
-    body_timeout_s: float = Field(30.0, gt=0)
-    # Job records and finished MP4s, written atomically, so a restarted ingress still has them.
-    # None: `$AVATAR_SERVE_STORAGE/<profile>` (default ~/.cache/avatar-serve/<profile>), filled in
-    # when the profile is loaded.
-    storage_dir: str | None = None
-    # Finished results are deleted after this age, and oldest-first beyond this total size.
-    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
-    max_result_bytes: int = Field(20 * 1024**3, gt=0)
-    api_keys: list[str] = Field(default_factory=list, description=(
-        "Bearer-token API keys; when any key is configured, every route but /healthz and /readyz needs "
-        "one. Keys from every source apply together: this list, the environment variable named by "
-        "`api_keys_env` and the file `api_keys_file`, all read once where the application is built "
-        "(`serve run graph:app` builds it in your shell; `serve run serve_config.yaml`, `serve deploy` "
-        "and a `ray start` cluster build it in a Ray worker, which has the environment of `ray start` "
-        "plus the application's runtime_env, not the environment of the `serve` command). The keys "
-        "then travel to the ingress inside this config, wherever its replica runs."))
-    api_keys_env: str | None = Field("AVATAR_SERVE_API_KEYS", description=(
-        "An environment variable of comma-separated API keys (see api_keys). Set but holding no key "
-        "(e.g. ','): start-up stops."))
-    api_keys_file: str | None = Field(None, description=(
-        "A file of API keys, one a line (lines starting with '#' are comments). Set but missing, unreadable or "
-        "without a key: start-up stops; it never runs open instead."))
-    require_api_keys: bool = Field(False, description=(
-        "Start only with at least one API key found; otherwise start-up stops with an "
-        "error naming where it looked. serve_config.yaml sets it, so a key given where the "
-        "application cannot see it never leaves the server open."))
-    admin_keys: list[str] = Field(default_factory=list, description=(
-        "Keys for the admin routes (/v1/admin/...), which API keys do not grant; from the same "
-        "kinds of sources as api_keys. With no key of either kind configured, the admin routes are "
-        "open like the rest (a development setup)."))
-    admin_keys_env: str | None = Field("AVATAR_SERVE_ADMIN_KEYS", description="like api_keys_env, for admin keys")
-    admin_keys_file: str | None = Field(None, description="like api_keys_file, for admin keys")
-    # LoRA files are loaded only from inside these folders (symlinks resolved first); a relative
-    # path is taken inside the first. Empty: LoRA loading is off.
-    lora_dirs: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _keys_usable(self) -> ServingConfig:
-        for key in (*self.api_keys, *self.admin_keys):
-            if not KEY_CHARS.fullmatch(key):
-                raise ValueError("an API or admin key must be visible ASCII characters without spaces or "
-                                 "commas (it travels in an Authorization header)")
-        if self.require_api_keys and not self.api_keys:
-            raise ValueError(
-                "serving.require_api_keys is set but no API key was found where the application was "
-                f"built: none in serving.api_keys, in the environment variable {self.api_keys_env}, or "
-                "in serving.api_keys_file. On a `ray start` cluster the application is built by a Ray "
-                "worker with the environment of `ray start`, not of `serve run` / `serve deploy`: give "
-                "the keys in serve_config.yaml (runtime_env: {env_vars: {AVATAR_SERVE_API_KEYS: ...}}), "
-                "in serving.api_keys_file, or set the variable when starting Ray")
-        return self
-
-
-class GraphConfig(_Strict):
-    name: str
-    description: str = ""
-    # Where `avatar-serve download` put the files (a huggingface_hub cache folder); None: the
-    # default Hugging Face cache. Serving reads from here and never downloads.
-    weights_dir: str | None = None
-    # A placement preset (PLACEMENTS, in deployments/profiles.py) applied under the stages' own
-    # placement settings; None: each stage's placement as written (tiny: all on CPUs).
-    placement: Literal["per-stage", "four-gpu", "two-gpu", "single-gpu"] | None = None
-    stages: Stages = Stages()
-    sampler: SamplerConfig = SamplerConfig()
-    defaults: GenerationDefaults = GenerationDefaults()
-    limits: Limits = Limits()
-    serving: ServingConfig = ServingConfig()
+    name: str = Field(description="The profile's name (its jobs and results are stored under it).")
+    description: str = Field("", description="One line on what the profile is for.")
+    weights_dir: str | None = Field(None, description=(
+        "Where `avatar-serve download` put the files (a huggingface_hub cache folder); None: the "
+        "default Hugging Face cache. Serving reads from here and never downloads."))
+    placement: Literal["per-stage", "four-gpu", "two-gpu", "single-gpu"] | None = Field(None, description=(
+        "A placement preset (PLACEMENTS in deployments/profiles.py): each stage's GPU share, applied "
+        "under the stages' own placement settings; it also sets serving.max_running_jobs unless the "
+        "profile does. None: each stage's placement as written (tiny: all on CPUs)."))
+    stages: Stages = Field(Stages(), description="One config per stage.")
+    sampler: SamplerConfig = Field(SamplerConfig(), description=(
+        "The denoise loop and the split between the experts."))
+    defaults: GenerationDefaults = Field(GenerationDefaults(), description=(
+        "What a request gets for the fields it leaves out."))
+    limits: Limits = Field(Limits(), description="Bounds the ingress checks before any stage is called.")
+    serving: ServingConfig = Field(ServingConfig(), description="Jobs, storage, API keys and LoRA folders.")
 
     @property
     def max_talk_turns(self) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from deployments.config import MODEL_STAGES, GraphConfig, Limits, ServingConfig
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_serving import Limits, ServingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,7 +42,7 @@ PLACEMENTS: dict[str, dict[str, float]] = {
 # needs as many jobs as stages that can work in parallel -- encoder, both experts and decoder
 # on their own GPUs (per-stage, four-gpu: 4); two experts apart plus the encoder or decoder
 # beside them (two-gpu: 3); one GPU (2: the second job's encode, hops and mux fill the gaps
-# of the first: 14.4 s per clip instead of 15.05 s on an H200, bench/README.md).
+# of the first; measured in bench/README.md).
 RUNNING_JOBS: dict[str, int] = {"per-stage": 4, "four-gpu": 4, "two-gpu": 3, "single-gpu": 2}
 
 

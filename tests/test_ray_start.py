@@ -78,7 +78,7 @@ def wait_status(cluster, wanted: set[str], timeout: float = 240) -> tuple[str, s
 
 def test_keys_in_the_serve_shell_only_stop_start_up_instead_of_serving_open(ray_cluster, tmp_path):
     port = ray_cluster["http_port"]
-    env = {**ray_cluster["env"], "AVATAR_SERVE_API_KEYS": "k1"}  # the issue's `AVATAR_SERVE_API_KEYS=k1 serve run`
+    env = {**ray_cluster["env"], "AVATAR_SERVE_API_KEYS": "k1"}  # `AVATAR_SERVE_API_KEYS=k1 serve run` in a shell
     r = run("serve", "run", "--non-blocking", str(config_file(tmp_path, port)), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     status, message = wait_status(ray_cluster, {"DEPLOY_FAILED"})

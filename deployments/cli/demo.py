@@ -105,7 +105,8 @@ def describe_mp4(data: bytes) -> str:
 def random_weights_note(profile: str) -> str | None:
     """What random weights look like and how to get real ones, or None for a profile with real
     weights."""
-    from deployments.config import MODEL_STAGES, RandomWeights
+    from deployments.config import MODEL_STAGES
+    from deployments.config_weights import RandomWeights
     from deployments.profiles import load_profile
 
     cfg = load_profile(profile)

@@ -1,7 +1,8 @@
 """`avatar-serve download PROFILE`: fetch exactly the files a profile's weights sources need.
 
 The profile is the only source of truth. Each stage's weights source says which repository and
-which part of it the stage loads (mirroring deployments/components.py):
+which part of it the stage loads (mirroring the loaders, deployments/models/wan/components.py
+and deployments/models/musetalk/components.py):
 
 - `diffusers`: only the folders the stage uses -- `text_encoder` + `tokenizer` + `vae` for the
   encoder, `vae` for the decoder, `transformer` (high) / `transformer_2` (low) for the experts
@@ -38,12 +39,11 @@ from huggingface_hub.utils import (
 )
 
 from deployments.common.errors import MissingWeightsError
-from deployments.config import (
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_weights import (
     EXPERT_SUBFOLDERS,
-    MODEL_STAGES,
     DiffusersWeights,
     GGUFWeights,
-    GraphConfig,
     RandomWeights,
     WanSafetensorsWeights,
     expert_subfolder,
@@ -95,7 +95,8 @@ def is_local(source: str | None) -> bool:
 
 
 def needs(cfg: GraphConfig) -> list[Need]:
-    """Everything the profile's stages read, in stage order (mirrors deployments/components.py)."""
+    """Everything the profile's stages read, in stage order (mirrors the loaders in
+    deployments/models/wan/components.py and deployments/models/musetalk/components.py)."""
     out: list[Need] = []
     for stage in MODEL_STAGES:
         stage_cfg = getattr(cfg.stages, stage)
@@ -114,11 +115,12 @@ def needs(cfg: GraphConfig) -> list[Need]:
                 out.append(Need(stage, w.path, "model", sub or expert_subfolder(stage)))
             else:
                 raise ValueError(f"no download rule for stage {stage!r} with weights of kind "
-                                 f"{w.kind!r}; add one in deployments/download.py")
+                                 f"{w.kind!r}; add one in deployments/models/download.py")
         elif getattr(w, "kind", None) == "musetalk" and stage == "lipsync":
-            # MuseTalk layout (config.MuseTalkWeights): two files of its repo, and the SD VAE and
-            # whisper-tiny as whole model repos (or local folders); the whisper feature extractor
-            # reads the repo's preprocessor_config.json (deployments/lipsync.py load_models).
+            # MuseTalk layout (config_weights.MuseTalkWeights): two files of its repo, and the SD
+            # VAE and whisper-tiny as whole model repos (or local folders); the whisper feature
+            # extractor reads the repo's preprocessor_config.json (load_models in
+            # deployments/models/musetalk/components.py).
             out += [Need(stage, w.repo, "file", w.unet), Need(stage, w.repo, "file", w.unet_config),
                     Need(stage, w.vae, "model", ""), Need(stage, w.whisper, "model", ""),
                     Need(stage, w.whisper, "file", "preprocessor_config.json")]
@@ -129,7 +131,7 @@ def needs(cfg: GraphConfig) -> list[Need]:
             out += [Need(stage, w.config, "file", f) for f in EXPERT_CONFIGS]
         else:
             raise ValueError(f"no download rule for weights of kind {w.kind!r} (stage {stage!r})")
-        # An expert's start-up LoRAs (config.StartupLora): one file each, whatever its weights.
+        # An expert's start-up LoRAs (config_weights.StartupLora): one file each, whatever its weights.
         out += [Need(stage, lora.repo, "file", lora.filename) for lora in getattr(stage_cfg, "loras", ())]
     return out
 

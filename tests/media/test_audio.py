@@ -1,4 +1,5 @@
-"""Audio decoding and MuseTalk's audio/video window arithmetic (deployments/audio.py).
+"""Audio decoding (deployments/media/audio.py); MuseTalk's audio/video window arithmetic is
+tested in tests/models/test_musetalk.py.
 
 Offline, no models: every audio file is made here with PyAV from a sine wave.
 """

@@ -15,7 +15,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from deployments.config import GGUFWeights, RandomWeights, WanSafetensorsWeights
+from deployments.config_weights import GGUFWeights, RandomWeights, WanSafetensorsWeights
 from deployments.models.hub import MissingWeightsError
 from deployments.models.wan.checkpoints import CheckpointError
 from deployments.models.wan.components import TINY, load_expert

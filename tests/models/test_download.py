@@ -19,7 +19,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import filter_repo_objects
 
 from deployments import cli
-from deployments.config import MODEL_STAGES, GraphConfig, MuseTalkWeights
+from deployments.config import MODEL_STAGES, GraphConfig
+from deployments.config_weights import MuseTalkWeights
 from deployments.models import download as dl
 from deployments.models.hub import MissingWeightsError
 from deployments.profiles import CONFIG_DIR, load_profile, profile_names, read_profile, validate_profile
@@ -69,7 +70,8 @@ def _expert_folder(folder: str) -> set[str]:
 # transformers only their config.json.
 DIFFUSERS_NO_EXPERTS = {"model_index.json"} | TEXT_ENCODER | TOKENIZER | VAE | EXPERT_CONFIGS
 
-# What the MuseTalk lip-sync stage of every real profile reads (deployments/lipsync.py load_models):
+# What the MuseTalk lip-sync stage of every real profile reads (load_models in
+# deployments/models/musetalk/components.py):
 # the v1.5 UNet state dict + its config; the SD VAE and whisper-tiny as root-level model folders,
 # config + safetensors only (the repos also hold .bin / tf / flax copies, READMEs, tokenizers);
 # whisper's feature extractor reads preprocessor_config.json.
@@ -207,11 +209,12 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     distill-fp8 profile runs its experts' self-attention in FP8, and random-a14b, which stands in
     for it, does that too and quantises its experts to fp8."""
     cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
-    for profile, title in ((cfg, name), (shared, parent)):  # each profile stores jobs and compiles apart
+    for profile, title in ((cfg, name), (shared, parent)):  # jobs, avatars, compiles: per profile
         storage = profile["serving"].pop("storage_dir")
         assert storage.endswith(title)
         for stage in MODEL_STAGES:
             assert profile["stages"][stage].pop("compile_cache_dir") == f"{storage}/compile-cache"
+        assert profile["stages"]["lipsync"].pop("avatar_cache_dir") == f"{storage}/avatars"
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
     differ = ("weights", "loras") if name in LORA_PROFILES else ("weights",)
@@ -585,7 +588,7 @@ def test_downloaded_lipsync_files_are_enough_for_the_loader(tmp_path):
     import torch
     from transformers import WhisperConfig, WhisperModel
 
-    from deployments.config import RandomWeights
+    from deployments.config_weights import RandomWeights
     from deployments.models.musetalk.components import TINY, load_models
 
     extractor, encoder, unet, vae = load_models(RandomWeights(), torch.float32, torch.device("cpu"))

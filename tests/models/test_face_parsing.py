@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import deployments.models.musetalk.pipeline as pipeline_module
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.common.payloads import Frames
+from deployments.config import LipSyncConfig
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
 from deployments.models.musetalk.pipeline import MuseTalkPipeline, face_parser_path
 from deployments.models.faces.face_parsing import (
@@ -46,7 +47,7 @@ BOX = (24, 8, 72, 56)
 # FeatureFusionModule: convblk, conv1, conv2; BiSeNetOutput: conv, conv_out; ConvBNReLU: conv, bn)
 # and resnet.py (Resnet18: conv1, bn1, layer1..4 of two BasicBlocks: conv1, bn1, conv2, bn2,
 # downsample = Sequential(Conv2d, BatchNorm2d) where the shape changes). MuseTalk's copy
-# (musetalk/utils/face_parsing/model.py) keeps the same names. Checked in the code corpus:
+# (musetalk/utils/face_parsing/model.py) keeps the same names. Checked against:
 # zllrunning/face-parsing.PyTorch model.py (commit b9a12fe), a ported resnet.py of the same layout,
 # and a third-party loader quoting `cp.resnet.layer1.0.conv1.weight` as a key of the release.
 CONVS = [  # Conv2d, no bias: "<name>.weight"

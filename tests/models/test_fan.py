@@ -1,4 +1,5 @@
-"""The 2D-FAN 68-point landmark network (deployments/fan.py). Offline, CPU, random weights."""
+"""The 2D-FAN 68-point landmark network (deployments/models/faces/fan.py). Offline, CPU, random
+weights."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from deployments.config import RandomWeights
+from deployments.config_weights import RandomWeights
 from deployments.models.wan.components import load_expert
 from deployments.models.wan.fp8 import (
     FP8,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.common.errors import LoraError
-from deployments.config import RandomWeights
+from deployments.config_weights import RandomWeights
 from deployments.models.wan.components import load_expert
 from deployments.models.wan.lora import LoraManager
 from helpers import LORA_RANK, TINY_INNER, WAN_LORA_NAMES, lora_pairs, write_diffusers_lora
@@ -390,7 +390,7 @@ def test_gguf_expert_takes_pairs_unfused_and_weight_diffs_on_dequantised_linears
     from diffusers.quantizers.gguf.utils import GGUFLinear
     from models.test_checkpoints import GGUF_EXPERT, _config_dir, _write_gguf
 
-    from deployments.config import GGUFWeights
+    from deployments.config_weights import GGUFWeights
     from deployments.models.wan.lora_fuse import fuse_deltas
     from deployments.models.wan.lora_match import prepare_lora
 

@@ -1,5 +1,5 @@
-"""The S3FD face detector (deployments/s3fd.py): checkpoint layout, save/load, box decoding, NMS,
-preprocessing and the detection pipeline. Offline: random weights, no checkpoint download.
+"""The S3FD face detector (deployments/models/faces/s3fd.py): checkpoint layout, save/load, box
+decoding, NMS, preprocessing and the detection pipeline. Offline: random weights, no checkpoint download.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-stage dtype policy (DESIGN.md), checked on every tensor crossing each stage boundary.
+"""Per-stage dtype policy (each stage config's `*_dtype` / `*_dtype_cpu` fields in
+deployments/config.py), checked on every tensor crossing each stage boundary.
 
 On this CPU the GPU dtypes are forced through the `*_cpu` settings, so the same named functions
 run as on a GPU: text encoder bf16, DIT in fp16 or bf16, VAE decode in bf16.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.config import RandomWeights
+from deployments.config_weights import RandomWeights
 from deployments.models.wan.components import load_vae, set_conv_format
 
 

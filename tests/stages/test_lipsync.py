@@ -13,8 +13,9 @@ import torch
 from transformers import WhisperConfig, WhisperModel
 
 from deployments.common.errors import AudioError, AvatarNotFound, MissingWeightsError
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
 from deployments.common.payloads import Frames, Speech
+from deployments.config import LipSyncConfig
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
 from deployments.models.musetalk import pipeline as musetalk_pipeline
 from deployments.models.musetalk.pipeline import lipsync_dtype
@@ -316,7 +317,7 @@ def test_landmark_detector_plugs_into_preparation(stage):
 def test_landmarks_detector_is_built_from_s3fd_and_fan(tmp_path):
     """face_detector: landmarks wires S3FD boxes and FAN landmarks into MuseTalk's rule; random
     models here (speed and plumbing), so boxes are checked for shape and bounds only."""
-    from deployments.config import MuseTalkWeights
+    from deployments.config_weights import MuseTalkWeights
     from deployments.models.musetalk.avatar import LandmarkFaceDetector
 
     cfg = LipSyncConfig(weights=RandomWeights(arch="tiny", seed=0), device="cpu", batch_size=4,

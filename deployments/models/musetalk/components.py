@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from deployments.common.runtime import cast_keeping_fp32, random_module
-from deployments.config import MuseTalkWeights, RandomWeights
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.models.hub import resolve_dir, resolve_file
 from deployments.models.musetalk.features import AUDIO_DIM
 
@@ -26,7 +26,8 @@ from deployments.models.musetalk.features import AUDIO_DIM
 SEED_OFFSET = {"whisper": 0, "unet": 1, "vae": 2, "face_parser": 3, "s3fd": 4, "fan": 5}
 
 TINY = {
-    # REFERENCE.md: runs a talk turn on a CPU in well under a second per batch.
+    # Runs a talk turn on a CPU in well under a second per batch (22 frames/s at batch 8 on a
+    # 2-core CPU: bench/README.md, bench/lipsync.py).
     "whisper": dict(vocab_size=64, num_mel_bins=80, d_model=AUDIO_DIM, encoder_layers=4,
                     encoder_attention_heads=6, encoder_ffn_dim=384, decoder_layers=1,
                     decoder_attention_heads=6, decoder_ffn_dim=64, max_source_positions=1500,

@@ -33,7 +33,8 @@ import torch
 from deployments.common.errors import MissingWeightsError
 from deployments.common.metrics import TurnClock
 from deployments.common.runtime import dtype_for
-from deployments.config import LipSyncConfig, MuseTalkWeights, RandomWeights
+from deployments.config import LipSyncConfig
+from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.media.audio import SAMPLE_RATE, frames_for_samples
 from deployments.models.faces.face_parsing import load_face_parser, parse_faces, parsing_region
 from deployments.models.hub import resolve_file

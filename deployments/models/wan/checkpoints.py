@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from deployments.common.runtime import keeps_fp32
-from deployments.config import expert_subfolder
+from deployments.config_weights import expert_subfolder
 from deployments.models.hub import resolve_dir, resolve_file
 from deployments.models.wan.fp8 import FP8, Fp8Linear, dequantize_linear_weight
 

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import AutoTokenizer, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from deployments.common.runtime import random_module, random_module_in_parts
-from deployments.config import DiffusersWeights, RandomWeights, expert_subfolder
+from deployments.config_weights import DiffusersWeights, RandomWeights, expert_subfolder
 from deployments.models.hub import resolve_dir
 
 # The random weights of a profile: component k is drawn from `weights.seed + SEED_OFFSET[k]`,
@@ -24,7 +24,8 @@ SEED_OFFSET = {"text_encoder": 0, "vae": 1, "high": 2, "low": 3}
 
 # ------------------------------------------------------------------ architectures
 
-# Tiny: runs the whole graph on a CPU in about a second (REFERENCE.md).
+# Tiny: the whole graph runs on a CPU in well under a second per request (111 ms through the
+# ingress on a 2-core CPU: bench/README.md, Results).
 TINY = {
     "text_encoder": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                          relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
@@ -147,7 +148,7 @@ def load_expert(weights, role: str, dtype: torch.dtype, device,
         return model.to(device).eval()
     # Single-file experts (original Wan key names): imported here so the random/diffusers paths
     # do not pull in the fp8 and GGUF machinery.
-    from deployments.config import GGUFWeights, WanSafetensorsWeights
+    from deployments.config_weights import GGUFWeights, WanSafetensorsWeights
 
     if isinstance(weights, WanSafetensorsWeights):
         from deployments.models.wan.checkpoints import load_wan_safetensors_expert

@@ -5,7 +5,7 @@ plus `X.weight_scale` (fp32, one scale per output channel): `W ~= weight.float()
 `Fp8Linear` keeps those tensors resident as they are (15 GB per expert instead of 28.6 GB) and
 computes with `torch._scaled_mm` on cards that have fp8 tensor cores (compute capability >= 8.9),
 quantising the activations per token on the fly. Everywhere else it dequantises the weight at
-each forward (correct, not fast). No vendor kernel package (DESIGN.md).
+each forward (correct, not fast). torch alone does it: no vendor fp8 kernel package.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ in two ways:
   works on bf16, fp8 and GGUF base layers alike and leaves the base weights untouched: removing
   every adapter gives the base output bit for bit. A file whose deltas an adapter cannot hold is
   refused (lora_match.bias_deltas_into_adapter).
-- start-up (`stages.<role>.loras`, config.StartupLora; `lora_match.prepare_lora`,
+- start-up (`stages.<role>.loras`, config_weights.StartupLora; `lora_match.prepare_lora`,
   `lora_fuse.fuse_deltas`, `LoraManager.load_permanent`): part of the profile's recipe for the
   life of the replica (the lightx2v 4-step distill LoRAs on base Wan2.2 experts). Low-rank pairs
   become an unfused adapter kept active at the configured strength; full deltas are added to the

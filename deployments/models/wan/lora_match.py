@@ -156,7 +156,7 @@ def prepare_lora(transformer: nn.Module, name: str, source: str | Path | dict, s
     Original-Wan-style files are split by `split_wan_lora` (pairs -> adapter, diffs -> deltas);
     other styles go through diffusers' converter and must hold adapter keys only. Raises
     LoraError naming the keys that would be lost (unknown kinds, wrong shapes, parts this expert
-    lacks unless all zeros or matched by a `skip_absent` fnmatch pattern: config.StartupLora)."""
+    lacks unless all zeros or matched by a `skip_absent` fnmatch pattern: config_weights.StartupLora)."""
     raw = read_lora_file(source)
     label = "<dict>" if isinstance(source, dict) else str(source)
     if is_wan_style(raw):

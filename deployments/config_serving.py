@@ -1,0 +1,129 @@
+"""The ingress's settings: what a request gets by default, the bounds it must stay in, and how
+jobs, results, API keys and LoRA folders are served (`defaults`, `limits` and `serving` of a
+profile). The root `GraphConfig` (deployments/config.py) holds one of each."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, model_validator
+
+from deployments.config_weights import Strict
+
+# What an API key may hold: visible ASCII, no spaces or commas (commas separate keys in a variable).
+KEY_CHARS = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+
+
+class GenerationDefaults(Strict):
+    """Values a request gets when it leaves a field out."""
+
+    width: int = Field(32, description=(
+        "Clip width in pixels for a request without `size`; with an image and no `size`, the clip "
+        "takes the image's aspect at this width x height pixel count."))
+    height: int = Field(32, description="Clip height in pixels for a request without `size` (see width).")
+    num_frames: int = Field(9, description=(
+        "Frames of a clip for a request without `num_frames` or `seconds` (4k+1)."))
+    fps: int = Field(16, description=(
+        "Frame rate of the clip (and of `seconds` -> frames) for a request without `fps`."))
+    negative_prompt: str = Field("", description=(
+        "Negative prompt for a request without one. \"\" leaves the choice to the encoder's "
+        "`default_negative_prompt`."))
+
+
+class Limits(Strict):
+    """Per-profile bounds checked at the ingress before any stage is called."""
+
+    max_width: int = Field(256, description="Largest clip width in pixels.")
+    max_height: int = Field(256, description="Largest clip height in pixels.")
+    max_pixels: int = Field(256 * 256, description="Largest clip area, width x height, in pixels.")
+    max_frames: int = Field(33, description="Most frames of a clip.")
+    max_steps: int = Field(20, description="Most denoising steps a request may ask for.")
+    max_prompt_chars: int = Field(2000, description="Longest prompt, in characters.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, description="Largest input image upload, in bytes.")
+    max_image_pixels: int | None = Field(None, ge=4, description=(
+        "Input images with more pixels are refused from their header, before decoding; None: 64 x "
+        "max_pixels. Images larger than twice the largest clip are shrunk while decoding."))
+    max_audio_bytes: int = Field(50 * 1024 * 1024, description="Largest audio upload, in bytes.")
+    max_audio_seconds: float = Field(30.0, gt=0, description=(
+        "Longest speech, in seconds (a talk turn's, or a video job's audio): longer audio is "
+        "refused while decoding, at the ingress and again by the lip-sync stage."))
+
+    @property
+    def image_pixels(self) -> int:
+        return self.max_image_pixels or 64 * self.max_pixels
+
+
+class ServingConfig(Strict):
+    """The ingress: jobs, limits, storage, auth."""
+
+    job_timeout_s: float = Field(1800.0, gt=0, description=(
+        "Deadline of one job once it runs, in seconds (time in the queue not counted); past it the "
+        "job fails with a timeout error and its stages are released."))
+    max_running_jobs: int = Field(2, ge=1, description=(
+        "Jobs that run at once (the stages pipeline them). A `placement` preset sets this to what "
+        "keeps its GPUs busy unless the profile sets it."))
+    max_queued_jobs: int = Field(16, ge=0, description=(
+        "Jobs that may wait behind the running ones; past max_running_jobs + max_queued_jobs, "
+        "POST /v1/videos answers 429 with Retry-After."))
+    retry_after_s: int = Field(10, ge=1, description=(
+        "Retry-After, in seconds, of a 429 for a full job queue."))
+    max_talk_turns: int | None = Field(None, ge=1, description=(
+        "Talk turns streaming at once; one more answers 429 with Retry-After (turn_retry_after_s) "
+        "instead of waiting, since a live turn that starts late is no use. None: what the lip-sync "
+        "stage can take, its (maximum) replicas x max_ongoing_requests."))
+    turn_retry_after_s: int = Field(1, ge=1, description="Retry-After, in seconds, of a 429 for a talk turn.")
+    body_timeout_s: float = Field(30.0, gt=0, description=(
+        "Seconds within which a request body (an upload) must arrive, or the request gets 408: a "
+        "client that trickles its body cannot hold the ingress."))
+    storage_dir: str | None = Field(None, description=(
+        "Folder of job records and finished MP4s (written atomically, so a restarted ingress still "
+        "has them); prepared avatars and the compile cache go under it by default. None: "
+        "`$AVATAR_SERVE_STORAGE/<profile>` (default ~/.cache/avatar-serve/<profile>), filled in when "
+        "the profile is loaded."))
+    result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description=(
+        "Finished results are deleted after this age, in seconds."))
+    max_result_bytes: int = Field(20 * 1024**3, gt=0, description=(
+        "Finished results beyond this total size, in bytes, are deleted oldest first."))
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Bearer-token API keys; when any key is configured, every route but /healthz and /readyz needs "
+        "one. Keys from every source apply together: this list, the environment variable named by "
+        "`api_keys_env` and the file `api_keys_file`, all read once where the application is built "
+        "(`serve run graph:app` builds it in your shell; `serve run serve_config.yaml`, `serve deploy` "
+        "and a `ray start` cluster build it in a Ray worker, which has the environment of `ray start` "
+        "plus the application's runtime_env, not the environment of the `serve` command). The keys "
+        "then travel to the ingress inside this config, wherever its replica runs."))
+    api_keys_env: str | None = Field("AVATAR_SERVE_API_KEYS", description=(
+        "An environment variable of comma-separated API keys (see api_keys). Set but holding no key "
+        "(e.g. ','): start-up stops."))
+    api_keys_file: str | None = Field(None, description=(
+        "A file of API keys, one a line (lines starting with '#' are comments). Set but missing, unreadable or "
+        "without a key: start-up stops; it never runs open instead."))
+    require_api_keys: bool = Field(False, description=(
+        "Start only with at least one API key found; otherwise start-up stops with an "
+        "error naming where it looked. serve_config.yaml sets it, so a key given where the "
+        "application cannot see it never leaves the server open."))
+    admin_keys: list[str] = Field(default_factory=list, description=(
+        "Keys for the admin routes (/v1/admin/...), which API keys do not grant; from the same "
+        "kinds of sources as api_keys. With no key of either kind configured, the admin routes are "
+        "open like the rest (a development setup)."))
+    admin_keys_env: str | None = Field("AVATAR_SERVE_ADMIN_KEYS", description="like api_keys_env, for admin keys")
+    admin_keys_file: str | None = Field(None, description="like api_keys_file, for admin keys")
+    lora_dirs: list[str] = Field(default_factory=list, description=(
+        "Folders the admin LoRA routes may load files from (symlinks are resolved first); a relative "
+        "path is taken inside the first. Empty: loading LoRAs through the admin routes is off."))
+
+    @model_validator(mode="after")
+    def _keys_usable(self) -> ServingConfig:
+        for key in (*self.api_keys, *self.admin_keys):
+            if not KEY_CHARS.fullmatch(key):
+                raise ValueError("an API or admin key must be visible ASCII characters without spaces or "
+                                 "commas (it travels in an Authorization header)")
+        if self.require_api_keys and not self.api_keys:
+            raise ValueError(
+                "serving.require_api_keys is set but no API key was found where the application was "
+                f"built: none in serving.api_keys, in the environment variable {self.api_keys_env}, or "
+                "in serving.api_keys_file. On a `ray start` cluster the application is built by a Ray "
+                "worker with the environment of `ray start`, not of `serve run` / `serve deploy`: give "
+                "the keys in serve_config.yaml (runtime_env: {env_vars: {AVATAR_SERVE_API_KEYS: ...}}), "
+                "in serving.api_keys_file, or set the variable when starting Ray")
+        return self
