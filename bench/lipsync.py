@@ -11,23 +11,19 @@ A talk turn here is what the ingress hands the stage: 16 kHz PCM for an avatar p
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, once, timed_result, wav_bytes  # bench/common.py, beside this file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deployments.config import LipSyncConfig, RandomWeights  # noqa: E402
-from deployments.lipsync import LipSync  # noqa: E402
+from deployments.config import LipSyncConfig, RandomWeights
+from deployments.lipsync import LipSync
 
 
 def wav(seconds: float, rate: int = 24000) -> bytes:
@@ -35,19 +31,7 @@ def wav(seconds: float, rate: int = 24000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     voice = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 700), start=1))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    pcm = (0.2 * voice * envelope * 32767).astype(np.int16)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return wav_bytes((0.2 * voice * envelope * 32767).astype(np.int16), rate)
 
 
 def main() -> int:
@@ -87,13 +71,9 @@ def main() -> int:
     results: dict = {"prepare_s": prepare_s, "frames_per_turn": n_frames, "speak": {}, "first_chunk": {},
                      "concurrent": {}}
     for batch in (int(b) for b in args.batches.split(",")):
-        times = []
-        for _ in range(args.repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            frames = sum(len(c) for c in stage.speak(info.avatar_id, pcm, batch_size=batch))
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        frames, times = timed_result(
+            lambda batch=batch: sum(len(c) for c in stage.speak(info.avatar_id, pcm, batch_size=batch)),
+            args.repeats, warmup=0, device=device)
         assert frames == n_frames
         results["speak"][f"batch_{batch}"] = {"median_s": statistics.median(times),
                                               "fps": n_frames / statistics.median(times)}
@@ -120,14 +100,14 @@ def main() -> int:
             done.append(sum(len(c) for c in stage.speak(info.avatar_id, pcm, batch_size=32)))
 
         threads = [threading.Thread(target=turn) for _ in range(k)]
-        sync(device)
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        sync(device)
-        elapsed = time.perf_counter() - t0
+
+        def all_turns(threads=threads):
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+
+        elapsed = once(all_turns, device)
         results["concurrent"][f"streams_{k}"] = {"s": elapsed, "aggregate_fps": sum(done) / elapsed,
                                                  "per_stream_fps": sum(done) / elapsed / k}
 
