@@ -17,44 +17,23 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, rel, reset_peak, sync, timed_result  # bench/common.py, beside this file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deployments.config_weights import RandomWeights  # noqa: E402
-from deployments.models.wan.checkpoints import load_wan_safetensors  # noqa: E402
-from deployments.models.wan.components import load_expert  # noqa: E402
-from deployments.models.wan.fp8 import Fp8Linear, gpu_selfcheck, to_fp8  # noqa: E402
+from deployments.config_weights import RandomWeights
+from deployments.models.wan.checkpoints import load_wan_safetensors
+from deployments.models.wan.components import load_expert
+from deployments.models.wan.fp8 import Fp8Linear, gpu_selfcheck, to_fp8
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def forward_times(model, inputs, repeats: int) -> tuple[list[float], torch.Tensor]:
+def forward_times(model, inputs, repeats: int, dev: torch.device) -> tuple[list[float], torch.Tensor]:
+    """One warm-up forward, then `repeats` timed: (seconds each, the last output)."""
     with torch.no_grad():
-        out = model(**inputs, return_dict=False)[0]  # warm-up
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model(**inputs, return_dict=False)[0]
-            sync()
-            times.append(time.perf_counter() - t0)
+        out, times = timed_result(lambda: model(**inputs, return_dict=False)[0], repeats, device=dev)
     return times, out
-
-
-def sync() -> None:
-    torch.cuda.synchronize()
-
-
-def peak_reset(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def main() -> int:
@@ -70,8 +49,6 @@ def main() -> int:
     ap.add_argument("--no-file", action="store_true", help="skip writing and loading the fp8 file")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    global sync
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     text_dim = 4096 if args.arch == "a14b" else 32
     w, h = (int(v) for v in args.size.split("x"))
     t = (args.frames - 1) // 4 + 1
@@ -90,13 +67,13 @@ def main() -> int:
 
     t0 = time.perf_counter()
     model = load_expert(RandomWeights(arch=args.arch), "high", torch.bfloat16, dev)
-    sync()
+    sync(dev)
     report["bf16"] = {"build_s": time.perf_counter() - t0, "weight_bytes": weight_bytes(model)}
     report["compiled"] = args.compile
     if args.compile:
         model.compile_repeated_blocks(fullgraph=True)
-    peak_reset(dev)
-    times, ref = forward_times(model, inputs, args.repeats)
+    reset_peak(dev)
+    times, ref = forward_times(model, inputs, args.repeats, dev)
     report["bf16"].update(forward_s=times, median_s=statistics.median(times),
                           peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
     print("bf16", report["bf16"])
@@ -109,10 +86,10 @@ def main() -> int:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    peak_reset(dev)
+    reset_peak(dev)
     report["fp8"] = {"weight_bytes": weight_bytes(model),
                      "fp8_linears": sum(isinstance(m, Fp8Linear) for m in model.modules())}
-    times, out8 = forward_times(model, inputs, args.repeats)
+    times, out8 = forward_times(model, inputs, args.repeats, dev)
     report["fp8"].update(forward_s=times, median_s=statistics.median(times),
                          peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None, rel_err_vs_bf16=rel(out8, ref),
                          used_scaled_mm=any(getattr(m, "_scaled_mm_ok", False) for m in model.modules()))
@@ -140,9 +117,9 @@ def main() -> int:
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
     loaded = load_wan_safetensors(args.file, config, torch.bfloat16, dev)
-    sync()
+    sync(dev)
     report["file"]["load_s"] = time.perf_counter() - t0
-    _, out_loaded = forward_times(loaded, inputs, 1)
+    _, out_loaded = forward_times(loaded, inputs, 1, dev)
     report["file"]["rel_diff_loaded_vs_quantised"] = rel(out_loaded, out8)
     print("file", report["file"])
 

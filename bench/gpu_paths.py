@@ -21,21 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import ROOT, git_commit, once, rel, reset_peak, started_at, summary, sync, timed
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deployments.common.runtime import memory_report, release_cached_memory  # noqa: E402
-from deployments.config_weights import RandomWeights  # noqa: E402
-from deployments.models.wan.components import latent_shape, load_expert, load_vae, set_conv_format  # noqa: E402
+from deployments.common.runtime import memory_report, release_cached_memory
+from deployments.config_weights import RandomWeights
+from deployments.models.wan.components import latent_shape, load_expert, load_vae, set_conv_format
 
 GIB = 1024 ** 3
 
@@ -47,40 +43,8 @@ def log(message: str) -> None:
 DEV = torch.device("cuda")
 
 
-def sync() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call, after `warmup` calls (synchronised before and after each)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def reset_peak() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
 def peak_gib() -> float:
     return round(torch.cuda.max_memory_allocated() / GIB, 2) if DEV.type == "cuda" else 0.0
-
-
-def summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def gib(report: dict) -> dict:
@@ -106,7 +70,7 @@ def attention(args, tokens: int) -> dict:
     for name, backend in kernels.items():
         try:
             with sdpa_kernel([backend]):
-                times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2)
+                times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2, device=DEV)
                 o = F.scaled_dot_product_attention(q, k, v)
             out["backends"][name] = {**summary(times), "tflops": flops / statistics.median(times) / 1e12,
                                      "rel_error": rel(o[:, :, :1024], ref)}
@@ -114,7 +78,7 @@ def attention(args, tokens: int) -> dict:
             out["backends"][name] = {"error": str(exc).splitlines()[0][:300]}
         log(f"attention {name}: {out['backends'][name]}")
     with torch.no_grad():  # what PyTorch picks by itself
-        times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2)
+        times = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats + 2, device=DEV)
     out["backends"]["default"] = {**summary(times), "tflops": flops / statistics.median(times) / 1e12}
     try:
         import importlib.metadata as md
@@ -122,7 +86,8 @@ def attention(args, tokens: int) -> dict:
         from sageattention import sageattn
 
         version = md.version("sageattention")
-        times = timed(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False), args.repeats + 2)
+        times = timed(lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=False), args.repeats + 2,
+                      device=DEV)
         o = sageattn(q, k, v, tensor_layout="HND", is_causal=False)
         out["backends"]["sage"] = {**summary(times), "version": version,
                                    "tflops": flops / statistics.median(times) / 1e12,
@@ -138,7 +103,7 @@ def attention(args, tokens: int) -> dict:
         def fa3(q, k, v):
             return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-        times = timed(lambda: fa3(q, k, v), args.repeats + 2)
+        times = timed(lambda: fa3(q, k, v), args.repeats + 2, device=DEV)
         o = fa3(q, k, v)
         out["backends"]["fa3_bf16"] = {**summary(times), "version": md.version("fa3-fwd"),
                                        "tflops": flops / statistics.median(times) / 1e12,
@@ -159,12 +124,14 @@ def attention(args, tokens: int) -> dict:
             def fp8(q, k, v, run=function):
                 return run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-            times = timed(lambda: fp8(q, k, v), args.repeats + 2)  # cuDNN: the first call chooses its plan
+            # cuDNN: the first call chooses its plan
+            times = timed(lambda: fp8(q, k, v), args.repeats + 2, device=DEV)
             o = fp8(q, k, v)
             fused = torch.compile(function)  # the scaling fused, as in a compiled block
-            compiled = timed(lambda: fp8(q, k, v, fused), args.repeats + 2)
+            compiled = timed(lambda: fp8(q, k, v, fused), args.repeats + 2, device=DEV)
             quantised = [quantise(t.transpose(1, 2)) for t in (q, k, v)]
-            kernel = timed(lambda: op(*(t for t, _ in quantised), *(d for _, d in quantised)), args.repeats + 2)
+            kernel = timed(lambda: op(*(t for t, _ in quantised), *(d for _, d in quantised)), args.repeats + 2,
+                           device=DEV)
             out["backends"][name] = {**summary(times), "version": md.version(package),
                                      "tflops": flops / statistics.median(times) / 1e12,
                                      "rel_error": rel(o[:, :, :1024], ref),
@@ -200,10 +167,10 @@ def use_attention(model, backend: str) -> None:
 def expert(args, width: int, height: int, frames: int) -> dict:
     dev = DEV
     release_cached_memory(dev)
-    reset_peak()
+    reset_peak(dev)
     t0 = time.perf_counter()
     model = load_expert(RandomWeights(arch=args.arch, seed=0), "high", torch.bfloat16, dev, quantize="fp8")
-    sync()
+    sync(dev)
     out = {"quantize": "fp8", "load_s": time.perf_counter() - t0, "after_load": gib(memory_report(dev))}
     release_cached_memory(dev)
     out["after_release"] = gib(memory_report(dev))
@@ -221,8 +188,8 @@ def expert(args, width: int, height: int, frames: int) -> dict:
         for backend in args.backends:
             try:
                 use_attention(model, backend)
-                reset_peak()
-                times = timed(lambda: model(**inputs), args.repeats)
+                reset_peak(dev)
+                times = timed(lambda: model(**inputs), args.repeats, device=dev)
                 y = model(**inputs)[0]
             except Exception as exc:
                 out["eager"][backend] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
@@ -240,12 +207,9 @@ def expert(args, width: int, height: int, frames: int) -> dict:
             torch._dynamo.reset()
             use_attention(model, backend)
             model.compile_repeated_blocks(fullgraph=True)
-            reset_peak()
-            t0 = time.perf_counter()
-            model(**inputs)
-            sync()
-            first = time.perf_counter() - t0
-            times = timed(lambda: model(**inputs), args.repeats, warmup=0)
+            reset_peak(dev)
+            first = once(lambda: model(**inputs), dev)
+            times = timed(lambda: model(**inputs), args.repeats, warmup=0, device=dev)
             y = model(**inputs)[0]
             result = {"attention_backend": backend, "first_call_s": first, **summary(times),
                       "rel_vs_eager_first": rel(y, reference), **gib(memory_report(dev))}
@@ -263,10 +227,10 @@ def kernel_profile(fn, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = DEV.type == "cuda"
-    sync()
+    sync(DEV)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         fn()
-        sync()
+        sync(DEV)
     kinds = {"attention": ("fmha", "flash", "attn", "sdpa", "cudnn_generated"),
              "gemm": ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "sm90_", "cublas")}
     by_kind, kernels = {"attention": 0.0, "gemm": 0.0, "other": 0.0}, []
@@ -303,8 +267,8 @@ def vae(args, width: int, height: int, frames: int) -> dict:
             torch.backends.cudnn.benchmark = bench
             if channels_last:
                 set_conv_format(vae_bf16, torch.channels_last_3d)
-            reset_peak()
-            times = timed(lambda: vae_bf16.decode(z, return_dict=False), args.repeats)
+            reset_peak(dev)
+            times = timed(lambda: vae_bf16.decode(z, return_dict=False), args.repeats, device=dev)
             y = vae_bf16.decode(z, return_dict=False)[0]
             reference = y if reference is None else reference
             out["decode"][name] = {**summary(times), "rel_vs_plain": rel(y, reference),
@@ -318,8 +282,8 @@ def vae(args, width: int, height: int, frames: int) -> dict:
             for dtype, model in ((torch.float32, vae_fp32), (torch.bfloat16, vae_bf16)):
                 name = f"{str(dtype).split('.')[-1]}{'+benchmark' if bench else ''}"
                 x = video.to(dev, dtype)
-                reset_peak()
-                times = timed(lambda: model.encode(x).latent_dist.mode(), args.repeats)
+                reset_peak(dev)
+                times = timed(lambda: model.encode(x).latent_dist.mode(), args.repeats, device=dev)
                 encoded[name] = model.encode(x).latent_dist.mode().float()
                 out["encode"][name] = {**summary(times), "rel_vs_float32": rel(encoded[name], encoded["float32"]),
                                        "peak_allocated_gib": peak_gib()}
@@ -329,8 +293,8 @@ def vae(args, width: int, height: int, frames: int) -> dict:
         for bench in (False, True):
             torch.backends.cudnn.benchmark = bench
             name = f"float32+channels_last{'+benchmark' if bench else ''}"
-            reset_peak()
-            times = timed(lambda: vae_fp32.encode(x).latent_dist.mode(), args.repeats)
+            reset_peak(dev)
+            times = timed(lambda: vae_fp32.encode(x).latent_dist.mode(), args.repeats, device=dev)
             y = vae_fp32.encode(x).latent_dist.mode().float()
             out["encode"][name] = {**summary(times), "rel_vs_float32": rel(y, encoded["float32"]),
                                    "peak_allocated_gib": peak_gib()}
@@ -365,10 +329,8 @@ def main() -> int:
         print("error: needs a CUDA GPU (or --device cpu --arch tiny for a smoke run)", file=sys.stderr)
         return 2
     width, height = (int(v) for v in args.size.split("x"))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
     report = {"bench": "gpu_paths", "device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "torch": torch.__version__,
-              "git_commit": commit.stdout.strip() or None, "weights": "random (speed only)",
-              "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "git_commit": git_commit(), "weights": "random (speed only)", "started_at": started_at(),
               "request": {"width": width, "height": height, "num_frames": args.frames}}
     shape = latent_shape(width, height, args.frames)
     sections = [("attention", not args.skip_attention, lambda: attention(args, shape[2] * shape[3] * shape[4] // 4)),

@@ -23,12 +23,10 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from serve import free_port, spread  # bench/serve.py's, beside this file
+from common import ROOT, free_port, spread, started_at  # bench/common.py, beside this file
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 
 
@@ -139,7 +137,7 @@ def main() -> int:
         return 0
 
     report = {"bench": "hops", "host": platform.node(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-              "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "started_at": started_at(),
               "shape": {"audio_kb": args.audio_kb, "piece_kb": args.piece_kb, "pieces": args.pieces,
                         "requests": args.requests},
               "modes": {}}

@@ -20,35 +20,35 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, git_commit, spread, started_at  # bench/common.py, beside this file
 
 
 def child(args) -> None:
     """One process, one arena setting: JSON lines of (round, rss_mib, seconds)."""
-    sys.path.insert(0, str(ROOT))
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import psutil
+    from lipsync import wav  # bench/lipsync.py, beside this file
 
-    from bench.lipsync import wav
+    from deployments.common.payloads import Frames
     from deployments.lipsync import LipSync
     from deployments.profiles import load_profile
 
     stage = LipSync(load_profile("tiny").stages.lipsync)
     frames = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     box = (8, 8, 56, 56)
-    avatar = stage.create_avatar(frames, 16, face_box=box).avatar_id
+    clip = Frames(frames=frames, fps=16)
+    avatar = stage.create_avatar(clip, face_box=box).prepared_id
     audios = [wav(s) for s in (0.2, 0.5, 1.0)]
     proc = psutil.Process()
 
     def turn(i: int) -> int:
-        size = sum(len(piece) for piece in stage.speak_fmp4(avatar, audios[i % 3]))
+        size = sum(len(piece) for piece in stage.speak(avatar, audios[i % 3]))
         if i % 4 == 0:  # the same avatar again: found by its content hash
-            stage.create_avatar(frames, 16, face_box=box)
+            stage.create_avatar(clip, face_box=box)
         return size
 
     with ThreadPoolExecutor(args.threads) as pool:
@@ -87,14 +87,12 @@ def main() -> int:
         rss = [r["rss_mib"] for r in rounds]
         later = rss[len(rss) // 2:]  # after the first half: what the process settles at
         results[setting] = {"rss_mib": [round(v, 1) for v in rss],
-                            "settled_rss_mib": {"min": min(later), "median": statistics.median(later), "max": max(later)},
+                            "settled_rss_mib": spread(later),
                             "round_s_median": statistics.median(r["s"] for r in rounds)}
         print(setting, json.dumps(results[setting]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
     report = {"bench": "host_memory", "stage": "lipsync (tiny profile, CPU)", "threads": args.threads,
               "turns_per_round": args.turns, "rounds": args.rounds, "cpu_count": os.cpu_count(),
-              "git_commit": commit.stdout.strip() or None,
-              "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "results": results}
+              "git_commit": git_commit(), "started_at": started_at(), "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

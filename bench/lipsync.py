@@ -11,24 +11,21 @@ A talk turn here is what the ingress hands the stage: 16 kHz PCM for an avatar p
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, once, timed_result, wav_bytes  # bench/common.py, beside this file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deployments.config import LipSyncConfig  # noqa: E402
-from deployments.config_weights import RandomWeights  # noqa: E402
-from deployments.lipsync import LipSync  # noqa: E402
+from deployments.common.payloads import Frames
+from deployments.config import LipSyncConfig
+from deployments.config_weights import RandomWeights
+from deployments.lipsync import LipSync
 
 
 def wav(seconds: float, rate: int = 24000) -> bytes:
@@ -36,19 +33,7 @@ def wav(seconds: float, rate: int = 24000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     voice = sum(np.sin(2 * np.pi * f * t) / k for k, f in enumerate((140, 280, 420, 700), start=1))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    pcm = (0.2 * voice * envelope * 32767).astype(np.int16)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return wav_bytes((0.2 * voice * envelope * 32767).astype(np.int16), rate)
 
 
 def main() -> int:
@@ -74,27 +59,24 @@ def main() -> int:
     rng = np.random.RandomState(0)
     clip = rng.randint(0, 256, (81, 480, 832, 3), dtype=np.uint8)
     t0 = time.perf_counter()
-    info = stage.create_avatar(clip, 16, face_box=(316, 100, 516, 330))
+    info = stage.create_avatar(Frames(frames=clip, fps=16), face_box=(316, 100, 516, 330))
+    avatar = stage.get_avatar(info.prepared_id)
     prepare_s = time.perf_counter() - t0
     audio = wav(args.seconds)
-    pcm = stage.check_audio(audio)
+    pcm = stage.admit(audio).pcm
     n_frames = int(args.seconds * cfg.fps)
 
     # warm-up (kernels, cuDNN autotuning, compilation, allocator) at every batch size used
     for batch in {8, 32, cfg.batch_size, *(int(b) for b in args.batches.split(","))}:
-        for _ in stage.speak(info.avatar_id, pcm[: 16000 * 3], batch_size=batch):
+        for _ in stage.pipeline.frames(avatar, pcm[: 16000 * 3], batch_size=batch):
             pass
 
     results: dict = {"prepare_s": prepare_s, "frames_per_turn": n_frames, "speak": {}, "first_chunk": {},
                      "concurrent": {}}
     for batch in (int(b) for b in args.batches.split(",")):
-        times = []
-        for _ in range(args.repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            frames = sum(len(c) for c in stage.speak(info.avatar_id, pcm, batch_size=batch))
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        frames, times = timed_result(
+            lambda batch=batch: sum(len(c) for c in stage.pipeline.frames(avatar, pcm, batch_size=batch)),
+            args.repeats, warmup=0, device=device)
         assert frames == n_frames
         results["speak"][f"batch_{batch}"] = {"median_s": statistics.median(times),
                                               "fps": n_frames / statistics.median(times)}
@@ -103,7 +85,7 @@ def main() -> int:
     firsts, totals = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        stream = stage.speak_fmp4(info.avatar_id, audio)
+        stream = stage.speak(info.prepared_id, audio)
         next(stream)
         firsts.append(time.perf_counter() - t0)
         for _ in stream:
@@ -118,17 +100,17 @@ def main() -> int:
         done = []
 
         def turn():
-            done.append(sum(len(c) for c in stage.speak(info.avatar_id, pcm, batch_size=32)))
+            done.append(sum(len(c) for c in stage.pipeline.frames(avatar, pcm, batch_size=32)))
 
         threads = [threading.Thread(target=turn) for _ in range(k)]
-        sync(device)
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        sync(device)
-        elapsed = time.perf_counter() - t0
+
+        def all_turns(threads=threads):
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+
+        elapsed = once(all_turns, device)
         results["concurrent"][f"streams_{k}"] = {"s": elapsed, "aggregate_fps": sum(done) / elapsed,
                                                  "per_stream_fps": sum(done) / elapsed / k}
 
@@ -136,7 +118,7 @@ def main() -> int:
               "settings": {"channels_last": cfg.channels_last, "cudnn_benchmark": cfg.cudnn_benchmark,
                            "compile": cfg.compile},
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "dtype": str(stage.dtype), "torch": torch.__version__, "audio_seconds": args.seconds,
+              "dtype": str(stage.pipeline.dtype), "torch": torch.__version__, "audio_seconds": args.seconds,
               "weights": "random (speed does not depend on weight values)", "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"lipsync-{args.arch}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

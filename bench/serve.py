@@ -45,16 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 import yaml
+from common import ROOT, free_port, git_commit, once, spread, started_at, wav_bytes  # bench/common.py
 
-ROOT = Path(__file__).resolve().parent.parent
 APP = "avatar-serve"
 STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder", "LipSync"]
 FPS = 25  # of lip-synced output
@@ -86,7 +84,6 @@ def http_error(r: httpx.Response) -> RuntimeError:
 
 
 def portrait_png(width: int, height: int) -> bytes:
-    sys.path.insert(0, str(ROOT))
     from deployments.cli.demo import demo_image  # numpy + PIL only
 
     return demo_image(width, height)
@@ -96,17 +93,7 @@ def speech_wav(seconds: float, rate: int = 16000) -> bytes:
     """16 kHz mono 16-bit: a 220 Hz tone with a 3 Hz (syllable-like) amplitude envelope."""
     t = np.arange(int(seconds * rate)) / rate
     pcm = 0.3 * 32767 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.astype(np.int16).tobytes())
-    return buf.getvalue()
-
-
-def spread(values: list[float]) -> dict | None:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
+    return wav_bytes(pcm.astype(np.int16), rate)
 
 
 async def timed(what: str, fn, *args) -> dict:
@@ -293,7 +280,7 @@ async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
     request and sampler. Its first call, then --repeats more (different seeds); up to the
     pipeline's float frames (no MP4: ours include the mux)."""
     import torch
-    from stages import diffusers_pipeline, pipeline_kwargs, plain_modules, sync  # bench/stages.py
+    from stages import diffusers_pipeline, pipeline_kwargs, plain_modules  # bench/stages.py
 
     from deployments.common.runtime import resolve_device
     from deployments.encoder import Encoder
@@ -313,11 +300,7 @@ async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
     def run(seed: int) -> float:
         params, pixels = prepare({**request, "seed": seed}, image)
         kwargs = pipeline_kwargs(params, pixels)
-        sync(device)
-        t = time.perf_counter()
-        pipe(**kwargs)
-        sync(device)
-        return time.perf_counter() - t
+        return once(lambda: pipe(**kwargs), device)
 
     with torch.no_grad():
         log("diffusers baseline: the first request, then sequential")
@@ -395,12 +378,6 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
 
 
 # ------------------------------------------------------------------ the cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts"}
@@ -769,11 +746,8 @@ def main() -> int:
     except ValueError:
         print(f"error: --ray-env takes VAR=VALUE, got {args.ray_env}", file=sys.stderr)
         return 2
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False)
     report = {"bench": "serve", "profile": args.profile, "overrides": args.overrides, "device": None,
-              "git_commit": commit.stdout.strip() or None,
-              "started_at": datetime.now(UTC).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
+              "git_commit": git_commit(), "started_at": started_at(), "cpu_count": os.cpu_count(),
               "request": request, "ray_env": ray_env, "startup_s": None, "inprocess": None, "diffusers_baseline": None,
               "served": None, "stage_metrics": None,
               "placement": None, "failures": []}

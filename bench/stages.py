@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,34 +20,19 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from common import summary, timed_result  # bench/common.py, beside this file
+from diffusers import WanImageToVideoPipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from diffusers import WanImageToVideoPipeline  # noqa: E402
-
-from deployments.local import LocalGraph  # noqa: E402
-from deployments.media.video import encode_mp4  # noqa: E402
-from deployments.models.wan.sampler import make_scheduler  # noqa: E402
-from deployments.profiles import load_profile  # noqa: E402
+from deployments.local import LocalGraph
+from deployments.media.video import encode_mp4
+from deployments.models.wan.sampler import make_scheduler
+from deployments.profiles import load_profile
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int, warmup: int = 1):
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                 "runs": len(times)}
+def measured(fn, device, repeats: int, warmup: int = 1):
+    """(`fn`'s last result, {"median_s", "min_s", "max_s", "runs"} of its timed calls)."""
+    out, times = timed_result(fn, repeats, warmup, device)
+    return out, summary(times, count="runs")
 
 
 def plain_modules(cfg, device: torch.device):
@@ -120,17 +104,17 @@ def main() -> int:
     params, pixels = graph.ingress.prepare(request, image)
 
     results: dict = {}
-    cond, results["encode"] = timed(lambda: enc.encode(params, pixels), device, args.repeats)
-    s_high, results["dit_high"] = timed(lambda: high.denoise(cond), device, args.repeats)
-    s_low, results["dit_low"] = timed(lambda: low.denoise(cond, s_high), device, args.repeats)
-    frames, results["decode"] = timed(lambda: dec.decode(s_low), device, args.repeats)
+    cond, results["encode"] = measured(lambda: enc.encode(params, pixels), device, args.repeats)
+    s_high, results["dit_high"] = measured(lambda: high.denoise(cond), device, args.repeats)
+    s_low, results["dit_low"] = measured(lambda: low.denoise(cond, s_high), device, args.repeats)
+    frames, results["decode"] = measured(lambda: dec.decode(s_low), device, args.repeats)
     try:
         import av  # noqa: F401
         output = "mp4"
-        _, results["mp4_mux"] = timed(lambda: encode_mp4(frames.frames, frames.fps), device, args.repeats)
+        _, results["mp4_mux"] = measured(lambda: encode_mp4(frames.frames, frames.fps), device, args.repeats)
     except ImportError:  # a GPU host without PyAV: time the request up to uint8 frames
         output = "frames"
-    _, results["request_in_process"] = timed(
+    _, results["request_in_process"] = measured(
         lambda: asyncio.run(graph.ingress.run(params, pixels, output)), device, args.repeats)
     results["request_in_process"]["output"] = output
     n_high = sum(s.expert == "high" for s in s_low.steps)
@@ -144,7 +128,7 @@ def main() -> int:
             transformers, vae = plain_modules(cfg, device)
         pipe = diffusers_pipeline(cfg, enc, transformers, vae)
         kwargs = pipeline_kwargs(params, pixels)
-        _, results["diffusers_pipeline_baseline"] = timed(lambda: pipe(**kwargs), device, args.repeats)
+        _, results["diffusers_pipeline_baseline"] = measured(lambda: pipe(**kwargs), device, args.repeats)
 
     report = {
         "bench": "stages", "profile": cfg.name, "device": str(device),

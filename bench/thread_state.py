@@ -26,25 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    synchronize()
-    t0 = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - t0
+from common import once  # bench/common.py, beside this file
 
 
 def in_new_thread(fn) -> tuple[float, float]:
     """(first call, second call) of `fn` in a thread that has run nothing else."""
     out = []
-    t = threading.Thread(target=lambda: out.extend([timed(fn), timed(fn)]))
+    t = threading.Thread(target=lambda: out.extend([once(fn), once(fn)]))
     t.start()
     t.join()
     return out[0], out[1]
@@ -66,7 +54,7 @@ def expert(args) -> dict:
 
     def forward():
         with torch.no_grad():
-            return timed(lambda: ex._forward_synchronised(x, ctx))
+            return once(lambda: ex._forward_synchronised(x, ctx))
 
     through = [ex.model.run(forward) for _ in range(3)]
     report = {"bench": "thread_state", "mode": "expert", "device": str(ex.device),
@@ -116,8 +104,8 @@ def main() -> None:
               "cudnn": torch.backends.cudnn.version(), "ops": {}}
     with torch.no_grad():
         for name, fn in ops.items():
-            cold = timed(fn)  # the process's first call
-            warm = statistics.median(timed(fn) for _ in range(5))
+            cold = once(fn)  # the process's first call
+            warm = statistics.median(once(fn) for _ in range(5))
             fresh = [in_new_thread(fn) for _ in range(args.threads)]
             report["ops"][name] = {
                 "first_call_in_process_ms": cold * 1e3, "warm_same_thread_ms": warm * 1e3,
