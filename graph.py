@@ -146,10 +146,11 @@ def deployment(cls: type, name: str, placement: Placement, http: bool = False, e
                             ray_actor_options=actor, **replicas)
 
 
-def stage_env(stage) -> dict:
-    """A model stage's environment: torch.compile's cache folder (StageBase.compile_cache_dir),
+def stage_env(cfg: GraphConfig, stage: str) -> dict:
+    """A model stage's environment: torch.compile's cache folder (GraphConfig.compile_cache_dir),
     read by torch when it first compiles, in the replica."""
-    return {"TORCHINDUCTOR_CACHE_DIR": stage.compile_cache_dir} if stage.compile_cache_dir else {}
+    folder = cfg.compile_cache_dir(stage)
+    return {"TORCHINDUCTOR_CACHE_DIR": folder} if folder else {}
 
 
 def deployment_name(cls: type, stage: str) -> str:
@@ -160,14 +161,14 @@ def deployment_name(cls: type, stage: str) -> str:
 
 
 def build_from_config(cfg: GraphConfig) -> Application:
-    def stage(cls: type, key: str, *args):
+    def stage(cls: type, key: str):
         stage_cfg = getattr(cfg.stages, key)
         return deployment(cls, deployment_name(cls, key), stage_cfg.placement,
-                          env=stage_env(stage_cfg)).bind(stage_cfg, *args)
+                          env=stage_env(cfg, key)).bind(stage_cfg, **cfg.stage_arguments(key))
 
     encoder = stage(Encoder, "encoder")
-    high = stage(DitExpert, "high", cfg.sampler)
-    low = stage(DitExpert, "low", cfg.sampler)
+    high = stage(DitExpert, "high")
+    low = stage(DitExpert, "low")
     decoder = stage(Decoder, "decoder")
     lipsync = stage(LipSync, "lipsync")
     ingress = deployment(Ingress, deployment_name(Ingress, "ingress"), cfg.stages.ingress.placement, http=True)

@@ -243,7 +243,7 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     cfg = load_profile(args.profile, args.overrides)
     # torch.compile's cache where the served replicas keep theirs (graph.py's stage_env; LocalGraph
     # leaves the process environment alone), so whichever phase runs second finds it warm.
-    cache = cfg.stages.lipsync.compile_cache_dir
+    cache = cfg.compile_cache_dir("lipsync")
     if cache:
         out["compile_cache"] = {"dir": cache, "existed": os.path.isdir(cache)}
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
@@ -788,7 +788,7 @@ def main() -> int:
         if not args.skip_served:
             from deployments.profiles import load_profile
 
-            cache = load_profile(args.profile, args.overrides).stages.lipsync.compile_cache_dir
+            cache = load_profile(args.profile, args.overrides).compile_cache_dir("lipsync")
             report["compile_cache"] = {"dir": cache, "existed_before_served": bool(cache) and os.path.isdir(cache)}
             log("phase 2: served")
             t0 = time.perf_counter()

@@ -47,7 +47,7 @@ def expert(args) -> dict:
     if not cfg.stages.high.warmup:
         raise SystemExit(f"profile {args.profile} warms its experts up at no shape (stages.high.warmup)")
     t0 = time.perf_counter()
-    ex = dit.DitExpert(cfg.stages.high, cfg.sampler)
+    ex = dit.DitExpert(cfg.stages.high, cfg.sampler, "high")
     built = time.perf_counter() - t0
     shape = cfg.stages.high.warmup[0]
     x, ctx = ex.warmup_inputs(shape.width, shape.height, shape.num_frames)

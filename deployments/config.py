@@ -17,6 +17,7 @@ with `extends: NAME`; names starting with `_` are bases, not servable themselves
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -109,9 +110,6 @@ class StageBase(Strict):
     placement: Placement = Field(Placement(), description="Where the stage's replicas run, and how many.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
         "`auto`: the first CUDA device the replica can see, else the CPU."))
-    weights_dir: str | None = Field(None, description=(
-        "The huggingface_hub cache folder the stage reads its weights from; filled in from the "
-        "profile's top-level `weights_dir` when the profile is loaded (set that one)."))
     warmup: list[WarmupShape] = Field(default_factory=list, description=(
         "Shapes the encoder, experts and decoder run once at start-up, so no user request pays for "
         "compiling or autotuning; the replica reports ready only after them."))
@@ -119,8 +117,8 @@ class StageBase(Strict):
         "torch.compile's on-disk cache for the stage's replicas (TORCHINDUCTOR_CACHE_DIR in their "
         "environment): compiled graphs and kernels outlive a restart, so a replica that starts again "
         "on the same disk skips most of its compiling (bench/README.md). Several replicas may share "
-        "it. Filled in as `<serving.storage_dir>/compile-cache` when the profile is loaded; null "
-        "leaves torch's default, a folder under /tmp that a new container does not have."))
+        "it. Not set: `<serving.storage_dir>/compile-cache` (GraphConfig.compile_cache_dir); null: "
+        "torch's default, a folder under /tmp that a new container does not have."))
 
     # The random architectures this stage's models come in.
     _random_archs: ClassVar[tuple[str, ...]] = ("tiny", "a14b")
@@ -158,11 +156,9 @@ class EncoderConfig(StageBase):
 
 
 class ExpertConfig(StageBase):
-    """One Wan2.2 expert; the same class serves the `high` and `low` roles."""
+    """One Wan2.2 expert: stages.high (the high-noise steps) or stages.low. The same class serves
+    both; which one it is follows from the slot (the graph passes it to the stage as its role)."""
 
-    role: Literal["high", "low"] = Field(description=(
-        "`high` (the high-noise steps) or `low`; follows from the slot, stages.high or stages.low, "
-        "so a profile need not set it."))
     compute_dtype: DType = Field("bfloat16", description="The expert's compute dtype on a GPU.")
     compute_dtype_cpu: DType = Field("float32", description="The expert's compute dtype on a CPU.")
     # A kernel choice is a config value, never an import side effect.
@@ -191,7 +187,7 @@ class ExpertConfig(StageBase):
     def _lora_names_unique(self) -> "ExpertConfig":
         names = [lora.adapter_name for lora in self.loras]
         if len(names) != len(set(names)):
-            raise ValueError(f"stages.{self.role}.loras: two LoRAs share the name "
+            raise ValueError("loras: two LoRAs share the name "
                              f"{next(n for n in names if names.count(n) > 1)!r}; give one a `name`")
         return self
 
@@ -230,9 +226,6 @@ class LipSyncConfig(StageBase):
         "mp4_keyframe_interval + 2 frames (14) is the smallest first batch whose bytes leave with "
         "it; a smaller one waits for the second batch, a larger one computes frames the first bytes "
         "do not need."))
-    max_audio_seconds: float = Field(30.0, gt=0, description=(
-        "A talk turn's audio is refused beyond this, in seconds, before any model runs. Copied from "
-        "`limits.max_audio_seconds` when the profile is loaded: set it there, once."))
     avatar_cache_dir: str | None = Field(None, description=(
         "Folder of prepared avatars (one .npz per content hash, written atomically), shared by the "
         "replicas that see it; None keeps them in memory only. Filled in as "
@@ -320,17 +313,15 @@ class Stages(Strict):
     """One config per stage of the graph."""
 
     encoder: EncoderConfig = Field(EncoderConfig(), description="The text and first-frame encoder.")
-    high: ExpertConfig = Field(ExpertConfig(role="high"), description="The high-noise expert.")
-    low: ExpertConfig = Field(ExpertConfig(role="low"), description="The low-noise expert.")
+    high: ExpertConfig = Field(ExpertConfig(), description="The high-noise expert.")
+    low: ExpertConfig = Field(ExpertConfig(), description="The low-noise expert.")
     decoder: DecoderConfig = Field(DecoderConfig(), description="The VAE decoder and MP4 muxer.")
     lipsync: LipSyncConfig = Field(LipSyncConfig(), description=(
         "The MuseTalk lip-sync stage (avatars, talk turns)."))
     ingress: IngressConfig = Field(IngressConfig(), description="The HTTP ingress.")
 
     @model_validator(mode="after")
-    def _roles_match_slots(self) -> "Stages":
-        if self.high.role != "high" or self.low.role != "low":
-            raise ValueError("stages.high must have role 'high' and stages.low role 'low'")
+    def _one_ingress(self) -> "Stages":
         if self.ingress.placement.replicas != 1:
             raise ValueError("stages.ingress.placement.replicas must be 1: one ingress owns the job store")
         return self
@@ -403,6 +394,26 @@ class GraphConfig(Strict):
         "What a request gets for the fields it leaves out."))
     limits: Limits = Field(Limits(), description="Bounds the ingress checks before any stage is called.")
     serving: ServingConfig = Field(ServingConfig(), description="Jobs, storage, API keys and LoRA folders.")
+
+    def stage_arguments(self, stage: str) -> dict:
+        """What the graph gives stage `stage` besides its own sub-config: values that belong to the
+        graph, not to the stage, passed as constructor arguments (graph.py and local.py alike):
+        where the weights are, an expert's role (its slot) and the sampler, the audio limit that the
+        ingress applies too."""
+        args: dict = {"weights_dir": self.weights_dir} if stage in MODEL_STAGES else {}
+        if stage in ("high", "low"):
+            args.update(sampler=self.sampler, role=stage)
+        if stage == "lipsync":
+            args["max_audio_seconds"] = self.limits.max_audio_seconds
+        return args
+
+    def compile_cache_dir(self, stage: str) -> str | None:
+        """The stage's torch.compile cache folder: its own `compile_cache_dir` when the profile
+        sets it (null: torch's default), else `<serving.storage_dir>/compile-cache`."""
+        stage_cfg = getattr(self.stages, stage)
+        if "compile_cache_dir" in stage_cfg.model_fields_set or not self.serving.storage_dir:
+            return stage_cfg.compile_cache_dir
+        return os.path.join(self.serving.storage_dir, "compile-cache")
 
     @property
     def max_talk_turns(self) -> int:

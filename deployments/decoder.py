@@ -61,13 +61,13 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 class Decoder:
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, weights_dir: str | None = None):
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
         self.device = resolve_device(cfg.device)
         self.dtype = dtype_for(self.device, cfg.vae_dtype, cfg.vae_dtype_cpu)
-        self.vae = load_vae(cfg.weights, self.dtype, self.device, cfg.weights_dir)
+        self.vae = load_vae(cfg.weights, self.dtype, self.device, weights_dir)
         if cfg.channels_last and self.device.type == "cuda":
             set_conv_format(self.vae, torch.channels_last_3d)
         # Cast once with the weights (see vae_norm_constants).

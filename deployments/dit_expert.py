@@ -94,18 +94,22 @@ def initial_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
 
 
 class DitExpert:
-    def __init__(self, cfg: ExpertConfig, sampler: SamplerConfig):
+    def __init__(self, cfg: ExpertConfig, sampler: SamplerConfig, role: str, weights_dir: str | None = None):
+        """`role`: "high" or "low", the expert's slot in the graph (stages.high / stages.low) and
+        its one name in metrics, logs and its model thread."""
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
-        self.role = cfg.role
+        if role not in ("high", "low"):
+            raise ValueError(f"an expert's role is 'high' or 'low', got {role!r}")
+        self.role, self.weights_dir = role, weights_dir
         self.sampler_cfg = sampler
         self.device = resolve_device(cfg.device)
         self.dtype = compute_dtype(cfg, self.device)
         # Start-up LoRAs are fused into the full-precision weights, so then the expert is
         # quantised only after they are in (a higher peak while loading).
-        self.transformer = load_expert(cfg.weights, cfg.role, self.dtype, self.device,
-                                       cfg.weights_dir, quantize="none" if cfg.loras else cfg.quantize)
+        self.transformer = load_expert(cfg.weights, role, self.dtype, self.device,
+                                       weights_dir, quantize="none" if cfg.loras else cfg.quantize)
         self._loras = None
         # The profile's start-up LoRAs: every one read and checked, then their full deltas added
         # to the weights (before fp8 quantisation of ours, so the sum is what gets quantised).
@@ -125,8 +129,8 @@ class DitExpert:
         if cfg.compile:
             self.transformer.compile_repeated_blocks(fullgraph=True)
         self.steps_run = 0  # denoise steps executed since start (tests, metrics)
-        self.metrics = StageMetrics(cfg.role)  # the expert's one name: its config key, high or low
-        self.model = ModelLock(self.metrics.observe_wait, name=cfg.role)
+        self.metrics = StageMetrics(role)
+        self.model = ModelLock(self.metrics.observe_wait, name=role)
         self.active_runs = 0  # denoise runs in progress (LoRA changes wait for none)
         for shape in cfg.warmup:
             self.warm_up(shape.width, shape.height, shape.num_frames)
@@ -145,7 +149,7 @@ class DitExpert:
         from deployments.models.wan.lora_match import prepare_lora
 
         prepared = [prepare_lora(self.transformer, lora.adapter_name,
-                                 resolve_file(lora.repo, lora.filename, self.cfg.weights_dir),
+                                 resolve_file(lora.repo, lora.filename, self.weights_dir),
                                  lora.strength, self.role, lora.skip_absent)
                     for lora in self.cfg.loras]
         for p in prepared:

@@ -79,7 +79,7 @@ def centre_crop(image_w: int, image_h: int, width: int, height: int) -> tuple[in
 
 
 class Encoder:
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, weights_dir: str | None = None):
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
@@ -87,8 +87,8 @@ class Encoder:
         self.text_dtype = text_encoder_dtype(cfg, self.device)
         self.vae_dtype = torch_dtype(cfg.vae_dtype)
         self.tokenizer, self.text_encoder = load_text_encoder(cfg.weights, self.text_dtype, self.device,
-                                                              cfg.weights_dir)
-        self.vae = load_vae(cfg.weights, self.vae_dtype, self.device, cfg.weights_dir)
+                                                              weights_dir)
+        self.vae = load_vae(cfg.weights, self.vae_dtype, self.device, weights_dir)
         if cfg.channels_last and self.device.type == "cuda":
             set_conv_format(self.vae, torch.channels_last_3d)
         self.temporal = self.vae.config.scale_factor_temporal

@@ -37,6 +37,7 @@ from deployments.common.runtime import (
     resolve_device,
 )
 from deployments.config import LipSyncConfig
+from deployments.config_serving import Limits
 from deployments.media.audio import admit_speech, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
 from deployments.models.musetalk.avatar import AvatarStore, FaceDetector, PreparedAvatar
@@ -49,7 +50,10 @@ Audio = Speech | np.ndarray | bytes  # admitted speech, float PCM at 16 kHz, or 
 
 
 class LipSync:
-    def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None):
+    def __init__(self, cfg: LipSyncConfig, detector: FaceDetector | None = None, *, weights_dir: str | None = None,
+                 max_audio_seconds: float = Limits.model_fields["max_audio_seconds"].default):
+        """`max_audio_seconds`: the graph's audio limit (limits.max_audio_seconds), which the stage
+        applies to raw audio; `detector`: a face-box source other than the configured one."""
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
@@ -62,7 +66,9 @@ class LipSync:
                         "bytes wait for its second batch (first_batch_size %d would send them with the first)",
                         first, cfg.mp4_keyframe_interval, cfg.mp4_keyframe_interval + 2)
         # The models, warmed up on the model thread (`run`) when on a GPU.
-        self.pipeline = MuseTalkPipeline(cfg, self.device, run=self.model.run, detector=detector)
+        self.pipeline = MuseTalkPipeline(cfg, self.device, run=self.model.run, detector=detector,
+                                         weights_dir=weights_dir)
+        self.max_audio_seconds = max_audio_seconds
         self.fps = cfg.fps
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
         self.startup_s = time.perf_counter() - started
@@ -99,7 +105,7 @@ class LipSync:
         checked now by the same rule (AudioError before any model runs)."""
         if isinstance(audio, Speech):
             return audio
-        return admit_speech(audio, self.cfg.max_audio_seconds, self.fps)
+        return admit_speech(audio, self.max_audio_seconds, self.fps)
 
     def speak(self, avatar: Avatar, audio: Audio, *, start_index: int = 0) -> Iterator[bytes]:
         """Lip-sync and mux: yields fragmented-MP4 bytes (H.264 + AAC of the same audio) as each

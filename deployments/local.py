@@ -112,12 +112,14 @@ class LocalGraph:
     """Every stage of `cfg` built in this process, behind an `Ingress`."""
 
     def __init__(self, cfg: GraphConfig):
-        s = cfg.stages
-        self.encoder = LocalHandle(Encoder(s.encoder))
-        self.high = LocalHandle(DitExpert(s.high, cfg.sampler))
-        self.low = LocalHandle(DitExpert(s.low, cfg.sampler))
-        self.decoder = LocalHandle(Decoder(s.decoder))
-        self.lipsync = LocalHandle(LipSync(s.lipsync))
+        def stage(cls: type, key: str) -> LocalHandle:  # built as graph.py binds them
+            return LocalHandle(cls(getattr(cfg.stages, key), **cfg.stage_arguments(key)))
+
+        self.encoder = stage(Encoder, "encoder")
+        self.high = stage(DitExpert, "high")
+        self.low = stage(DitExpert, "low")
+        self.decoder = stage(Decoder, "decoder")
+        self.lipsync = stage(LipSync, "lipsync")
         self.ingress = Ingress(self.encoder, self.high, self.low, self.decoder, cfg, self.lipsync)
 
     def app(self):

@@ -4,7 +4,8 @@
       = the file, merged over its `extends:` chain (bases `_...` are not servable)
       + `overrides` (GraphArgs.overrides in serve_config.yaml)
       + the `placement:` preset's GPU shares under the stages' own placement
-      -> GraphConfig, validated once; stages get `weights_dir` and the audio limit from it.
+      -> GraphConfig, validated once (graph-level values reach the stages as constructor
+         arguments: GraphConfig.stage_arguments).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from deployments.config import MODEL_STAGES, GraphConfig
-from deployments.config_serving import Limits, ServingConfig
+from deployments.config import GraphConfig
+from deployments.config_serving import ServingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -129,9 +130,9 @@ def read_keys(serving: dict, kind: str) -> list[str]:
 
 
 def validate_profile(raw: dict) -> GraphConfig:
-    """A profile's merged YAML -> GraphConfig: the roles follow the expert slots, `weights_dir`
-    and the audio limit reach the stages, API and admin keys from their environment variables and
-    files are added (read_keys)."""
+    """A profile's merged YAML -> GraphConfig: the placement preset's shares go under the stages'
+    own placement, storage defaults to the profile's folder (and the avatars beside it), API and
+    admin keys from their environment variables and files are added (read_keys)."""
     raw = copy.deepcopy(raw)
     preset = raw.get("placement")
     if preset is not None:
@@ -143,27 +144,17 @@ def validate_profile(raw: dict) -> GraphConfig:
         # serving.max_running_jobs wins).
         raw.setdefault("serving", {}).setdefault("max_running_jobs", RUNNING_JOBS[preset])
     stages = raw.setdefault("stages", {})
-    # The role of each expert follows from its slot; a profile need not repeat it.
-    for role in ("high", "low"):
-        stages.setdefault(role, {}).setdefault("role", role)
-    for name in MODEL_STAGES:
-        stages.setdefault(name, {}).setdefault("weights_dir", raw.get("weights_dir"))
-    # The audio limit is stated once, in `limits`; the lip-sync stage gets it for its own check.
-    if "max_audio_seconds" in stages["lipsync"]:
+    # The audio limit is stated once, in `limits`; the lip-sync stage gets it from the graph.
+    if "max_audio_seconds" in (stages.get("lipsync") or {}):
         raise ValueError("set the audio length limit as limits.max_audio_seconds (the ingress and the "
                          "lip-sync stage both apply it), not stages.lipsync.max_audio_seconds")
-    stages["lipsync"]["max_audio_seconds"] = raw.get("limits", {}).get(
-        "max_audio_seconds", Limits.model_fields["max_audio_seconds"].default)
     serving = raw.setdefault("serving", {})
     if not serving.get("storage_dir"):  # persistent by default: jobs outlive an ingress restart
         root = os.environ.get("AVATAR_SERVE_STORAGE") or os.path.join("~", ".cache", "avatar-serve")
         serving["storage_dir"] = os.path.join(os.path.expanduser(root), str(raw.get("name", "profile")))
     # Prepared avatars beside the jobs by default, so an avatar the ingress lists as ready after a
     # restart is still there for the lip-sync stage (a restarted replica reloads it from the folder).
-    stages["lipsync"].setdefault("avatar_cache_dir", os.path.join(serving["storage_dir"], "avatars"))
-    # Compiled graphs and kernels beside them too, so a restart does not compile again.
-    for name in MODEL_STAGES:
-        stages[name].setdefault("compile_cache_dir", os.path.join(serving["storage_dir"], "compile-cache"))
+    stages.setdefault("lipsync", {}).setdefault("avatar_cache_dir", os.path.join(serving["storage_dir"], "avatars"))
     for kind in ("api", "admin"):
         serving[f"{kind}_keys"] = list(serving.get(f"{kind}_keys") or []) + read_keys(serving, kind)
     return GraphConfig.model_validate(raw)

@@ -14,7 +14,9 @@ def test_tiny_profile_is_cpu_friendly_and_complete(tiny_cfg):
         stage = getattr(tiny_cfg.stages, name)
         assert stage.weights.kind == "random" and stage.placement.num_gpus == 0
         assert stage.placement.num_cpus <= 0.1  # a 2-core machine must fit every replica
-    assert tiny_cfg.stages.high.role == "high" and tiny_cfg.stages.low.role == "low"
+    # An expert's role is its slot, given to the stage by the graph, not a setting of the expert.
+    assert tiny_cfg.stage_arguments("high")["role"] == "high" and tiny_cfg.stage_arguments("low")["role"] == "low"
+    assert "role" not in tiny_cfg.stages.high.model_fields_set and "role" not in type(tiny_cfg.stages.high).model_fields
 
 
 def test_overrides_merge_deeply():
@@ -22,7 +24,9 @@ def test_overrides_merge_deeply():
     assert cfg.stages.high.placement.num_gpus == 1
     assert cfg.stages.high.placement.num_cpus == 0.1  # untouched siblings survive the merge
     assert cfg.stages.low.placement.num_gpus == 0
-    assert cfg.stages.decoder.weights_dir == "/w"  # propagated to every model stage
+    # Where the weights are is the graph's, given to every model stage as it is built.
+    assert all(cfg.stage_arguments(n)["weights_dir"] == "/w" for n in ("encoder", "high", "low", "decoder", "lipsync"))
+    assert "weights_dir" not in cfg.stage_arguments("ingress")
 
 
 def test_unknown_profile_lists_known_ones():
@@ -124,7 +128,7 @@ def test_bases_are_not_servable_and_circles_are_refused(tmp_path):
 
 def test_the_audio_limit_is_set_once_in_limits():
     cfg = load_profile("tiny", {"limits": {"max_audio_seconds": 7}})
-    assert cfg.limits.max_audio_seconds == cfg.stages.lipsync.max_audio_seconds == 7
+    assert cfg.limits.max_audio_seconds == cfg.stage_arguments("lipsync")["max_audio_seconds"] == 7
     with pytest.raises(ValueError, match="limits.max_audio_seconds"):
         load_profile("tiny", {"stages": {"lipsync": {"max_audio_seconds": 7}}})
 
@@ -281,9 +285,12 @@ def test_each_model_stage_compiles_into_a_cache_beside_the_jobs(tmp_path):
     cfg = load_profile("tiny", {"serving": {"storage_dir": str(tmp_path)},
                                 "stages": {"decoder": {"compile_cache_dir": None}}})
     want = str(tmp_path / "compile-cache")
-    assert {n: getattr(cfg.stages, n).compile_cache_dir for n in MODEL_STAGES} == {
+    assert {n: cfg.compile_cache_dir(n) for n in MODEL_STAGES} == {
         n: None if n == "decoder" else want for n in MODEL_STAGES}
-    got = deployment(DitExpert, "DitExpertHigh", cfg.stages.high.placement, env=stage_env(cfg.stages.high))
+    assert cfg.stages.high.compile_cache_dir is None  # derived when asked, not written into the config
+    own = load_profile("tiny", {"stages": {"high": {"compile_cache_dir": str(tmp_path / "mine")}}})
+    assert own.compile_cache_dir("high") == str(tmp_path / "mine")
+    got = deployment(DitExpert, "DitExpertHigh", cfg.stages.high.placement, env=stage_env(cfg, "high"))
     assert got.ray_actor_options["runtime_env"]["env_vars"] == {"TORCHINDUCTOR_CACHE_DIR": want,
                                                                   "MALLOC_ARENA_MAX": "2"}
-    assert stage_env(cfg.stages.decoder) == {}
+    assert stage_env(cfg, "decoder") == {}

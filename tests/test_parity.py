@@ -44,8 +44,8 @@ def across_processes(payload):
 
 def run_split(sampler: SamplerConfig, params, image):
     encoder = Encoder(EncoderConfig())
-    high = DitExpert(ExpertConfig(role="high"), sampler)
-    low = DitExpert(ExpertConfig(role="low"), sampler)
+    high = DitExpert(ExpertConfig(), sampler, "high")
+    low = DitExpert(ExpertConfig(), sampler, "low")
     decoder = Decoder(DecoderConfig())
     cond = across_processes(encoder.encode(params, image))
     after_high = across_processes(high.denoise(cond))

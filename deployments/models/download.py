@@ -221,9 +221,8 @@ def check_weights_present(cfg: GraphConfig, profile_name: str) -> None:
     unless every file the profile's stages read is on local disk. Never downloads."""
     missing: list[str] = []
     for need in _unique_needs(needs(cfg)):
-        weights_dir = getattr(cfg.stages, need.stage).weights_dir
         try:
-            _check(need, weights_dir)
+            _check(need, cfg.weights_dir)
         except MissingWeightsError as e:
             missing.append(e.what)
     if missing:

@@ -208,12 +208,14 @@ def test_profiles_differ_from_their_base_only_in_weights(name, parent):
     """... and, for LORA_PROFILES, in the experts' `loras` (checked exactly below); the
     distill-fp8 profile runs its experts' self-attention in FP8, and random-a14b, which stands in
     for it, does that too and quantises its experts to fp8."""
-    cfg, shared = load_profile(name).model_dump(), base(parent).model_dump()
+    loaded = {name: load_profile(name), parent: base(parent)}
+    cfg, shared = loaded[name].model_dump(), loaded[parent].model_dump()
     for profile, title in ((cfg, name), (shared, parent)):  # jobs, avatars, compiles: per profile
         storage = profile["serving"].pop("storage_dir")
         assert storage.endswith(title)
         for stage in MODEL_STAGES:
-            assert profile["stages"][stage].pop("compile_cache_dir") == f"{storage}/compile-cache"
+            assert profile["stages"][stage].pop("compile_cache_dir") is None  # not set: derived
+            assert loaded[title].compile_cache_dir(stage) == f"{storage}/compile-cache"
         assert profile["stages"]["lipsync"].pop("avatar_cache_dir") == f"{storage}/avatars"
     for key in ("sampler", "defaults", "limits", "serving"):
         assert cfg[key] == shared[key], key
@@ -393,7 +395,7 @@ def _assert_missing(cfg, profile, *fragments):
 def test_download_fills_a_cache_that_the_checks_and_hf_hub_download_accept(tmp_path, profile):
     cache = tmp_path / "weights"
     cfg = load_profile(profile, {"weights_dir": str(cache)})
-    assert {getattr(cfg.stages, s).weights_dir
+    assert {cfg.stage_arguments(s)["weights_dir"]
             for s in ("encoder", "high", "low", "decoder", "lipsync")} == {str(cache)}
     _assert_missing(cfg, profile, DIFFUSERS)
 
@@ -615,7 +617,7 @@ def test_downloaded_lipsync_files_are_enough_for_the_loader(tmp_path):
         snap = Path(paths[repo])
         assert {str(p.relative_to(snap)) for p in snap.rglob("*") if p.is_file()} == LIPSYNC[repo]
     w = cfg.stages.lipsync
-    _, encoder2, unet2, vae2 = load_models(w.weights, torch.float32, torch.device("cpu"), w.weights_dir)
+    _, encoder2, unet2, vae2 = load_models(w.weights, torch.float32, torch.device("cpu"), cfg.weights_dir)
     for a, b in ((encoder, encoder2), (unet, unet2), (vae, vae2)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

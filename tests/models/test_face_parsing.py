@@ -15,7 +15,6 @@ from deployments.common.payloads import Frames
 from deployments.config import LipSyncConfig
 from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
-from deployments.models.musetalk.pipeline import MuseTalkPipeline, face_parser_path
 from deployments.models.faces.face_parsing import (
     NUM_CLASSES,
     BiSeNet,
@@ -36,6 +35,7 @@ from deployments.models.musetalk.blend_mask import (
     parser_inputs,
     to_crop_coordinates,
 )
+from deployments.models.musetalk.pipeline import MuseTalkPipeline, face_parser_path
 
 H, W = 64, 96
 BOX = (24, 8, 72, 56)
@@ -420,9 +420,7 @@ def test_parser_file_is_resolved_from_the_musetalk_weights(tmp_path):
                            blend_mask="face_parsing")
     assert face_parser_path(folder) == local
     with pytest.raises(MissingWeightsError):  # not in the (empty) local Hub cache
-        face_parser_path(LipSyncConfig(
-            weights=MuseTalkWeights(face_parser="face-parse-bisent/79999_iter.pth"),
-            weights_dir=str(tmp_path), blend_mask="face_parsing"))
+        face_parser_path(LipSyncConfig(weights=MuseTalkWeights(face_parser="face-parse-bisent/79999_iter.pth"),
+                                       blend_mask="face_parsing"), weights_dir=str(tmp_path))
     with pytest.raises(ValueError):
-        face_parser_path(LipSyncConfig(weights=MuseTalkWeights(face_parser=None),
-                                                blend_mask="face_parsing"))
+        face_parser_path(LipSyncConfig(weights=MuseTalkWeights(face_parser=None), blend_mask="face_parsing"))

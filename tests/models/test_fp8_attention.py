@@ -105,7 +105,7 @@ def tiny_inputs(transformer):
 
 @pytest.mark.parametrize("backend", fp8_attention.BACKENDS)
 def test_processor_routes_every_block_and_matches_diffusers_within_tolerance(monkeypatch, backend):
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     inputs = tiny_inputs(transformer)
     with torch.no_grad():
         plain = transformer(**inputs)[0]
@@ -122,7 +122,7 @@ def test_processor_routes_every_block_and_matches_diffusers_within_tolerance(mon
 def test_compiled_blocks_keep_the_op_as_one_call(backend):
     """fullgraph=True fails on a graph break: the custom op must be traceable as one call, with
     the same result as eager."""
-    transformer = DitExpert(ExpertConfig(role="low"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "low").transformer
     fp8_attention.use_fp8_self_attention(transformer, torch.device("cpu"), backend)
     inputs = tiny_inputs(transformer)
     with torch.no_grad():
@@ -142,8 +142,8 @@ def test_expert_stage_takes_it_from_the_config(backend):
 
     cond = Encoder(EncoderConfig()).encode(get_dummy_params(num_inference_steps=2, guidance_scale=1.0,
                                                             guidance_scale_2=1.0), get_dummy_image())
-    plain = DitExpert(ExpertConfig(role="high"), SAMPLER)
-    fast = DitExpert(ExpertConfig(role="high", attention_backend=backend), SAMPLER)
+    plain = DitExpert(ExpertConfig(), SAMPLER, "high")
+    fast = DitExpert(ExpertConfig(attention_backend=backend), SAMPLER, "high")
     assert all(isinstance(b.attn1.processor, fp8_attention.Fp8SelfAttention) for b in fast.transformer.blocks)
     kernel = fp8_attention.attention if backend == fp8_attention.NAME else fp8_attention.attention_fa3
     assert all(b.attn1.processor.kernel is kernel for b in fast.transformer.blocks)
@@ -155,7 +155,7 @@ def test_expert_stage_takes_it_from_the_config(backend):
 @pytest.mark.parametrize("backend, module, package", [("cudnn_fp8", "cudnn", "nvidia-cudnn-frontend"),
                                                      ("fa3_fp8", "fa3_fwd_interface", "fa3-fwd")])
 def test_a_gpu_without_the_backends_package_is_told_at_start_up(monkeypatch, backend, module, package):
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     monkeypatch.setitem(sys.modules, module, None)  # import it -> ImportError
     with pytest.raises(RuntimeError, match=rf"{backend}.*pip install {package}"):
         fp8_attention.use_fp8_self_attention(transformer, torch.device("cuda"), backend)
@@ -163,7 +163,7 @@ def test_a_gpu_without_the_backends_package_is_told_at_start_up(monkeypatch, bac
 
 
 def test_a_gpu_older_than_hopper_is_told_at_start_up(monkeypatch):
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     monkeypatch.setitem(sys.modules, "cudnn", types.ModuleType("cudnn"))  # the package is there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
@@ -178,7 +178,7 @@ def test_a_backend_package_that_is_there_but_does_not_load_is_told_apart(monkeyp
     the other backend, not 'pip install' again."""
     import builtins
 
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     real_import = builtins.__import__
 
     def failing(name, *args, **kwargs):
@@ -196,7 +196,7 @@ def test_a_backend_package_that_is_there_but_does_not_load_is_told_apart(monkeyp
 
 def test_fa3_on_a_gpu_newer_than_hopper_is_told_at_start_up(monkeypatch):
     """FlashAttention-3's kernels are built for sm90 alone; a Blackwell card gets cuDNN's named."""
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     monkeypatch.setitem(sys.modules, "fa3_fwd_interface", types.ModuleType("fa3_fwd_interface"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
@@ -208,7 +208,7 @@ def test_fa3_on_a_gpu_newer_than_hopper_is_told_at_start_up(monkeypatch):
 
 
 def test_an_unknown_backend_is_refused():
-    transformer = DitExpert(ExpertConfig(role="high"), SAMPLER).transformer
+    transformer = DitExpert(ExpertConfig(), SAMPLER, "high").transformer
     with pytest.raises(ValueError, match=r"'sage_fp8'.*cudnn_fp8, fa3_fp8"):
         fp8_attention.use_fp8_self_attention(transformer, torch.device("cpu"), "sage_fp8")
 
@@ -271,7 +271,7 @@ def test_fp8_expert_denoises_requests_at_once_as_alone(backend):
     conds = [encoder.encode(get_dummy_params(width=w, height=h, num_frames=f, seed=seed, num_inference_steps=2,
                                              guidance_scale=1.0, guidance_scale_2=1.0), get_dummy_image(seed))
              for w, h, f, seed in shapes]
-    expert = DitExpert(ExpertConfig(role="high", attention_backend=backend), SAMPLER)
+    expert = DitExpert(ExpertConfig(attention_backend=backend), SAMPLER, "high")
     alone = [unpack(expert.denoise(c).latents) for c in conds]
     for _ in range(2):
         with ThreadPoolExecutor(len(conds)) as pool:

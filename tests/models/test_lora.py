@@ -450,8 +450,8 @@ def test_profile_start_up_loras_load_at_start(tmp_path):
     dl.check_weights_present(cfg, "tiny")   # a local file: checked, nothing to fetch
     assert dl.plan(cfg) == []
 
-    high = DitExpert(cfg.stages.high, cfg.sampler)
-    low = DitExpert(cfg.stages.low, cfg.sampler)
+    high = DitExpert(cfg.stages.high, cfg.sampler, "high")
+    low = DitExpert(cfg.stages.low, cfg.sampler, "low")
     assert high.list_loras()["active"] == [{"name": "wan2_2_high_lora", "strength": 0.7, "target": "high",
                                             "path": str(path), "permanent": True}]
     assert low.list_loras()["active"] == []
@@ -461,7 +461,7 @@ def test_profile_start_up_loras_load_at_start(tmp_path):
     # A file that cannot be applied stops the start-up, naming the key.
     save_file({**lora, "diffusion_model.blocks.9.norm3.diff": torch.ones(TINY_INNER)}, str(path))
     with pytest.raises(LoraError, match=r"blocks\.9\.norm3\.diff"):
-        DitExpert(cfg.stages.high, cfg.sampler)
+        DitExpert(cfg.stages.high, cfg.sampler, "high")
 
 
 def test_non_zero_tensors_for_absent_parts_need_the_profiles_leave(tmp_path, caplog):
@@ -495,7 +495,7 @@ def test_non_zero_tensors_for_absent_parts_need_the_profiles_leave(tmp_path, cap
     cfg = load_profile("tiny", {"stages": {"low": {"loras": [
         {"filename": str(path), "name": "distill", "skip_absent": patterns}]}}})
     with caplog.at_level(logging.WARNING, logger="avatar_serve.dit_expert"):
-        low = DitExpert(cfg.stages.low, cfg.sampler)
+        low = DitExpert(cfg.stages.low, cfg.sampler, "low")
     assert "4 NON-ZERO tensors for parts this expert lacks skipped" in caplog.text
     reference = _experts()[1]
     reference.load_state_dict(apply_by_hand(reference.state_dict(), lora, 1.0))

@@ -27,8 +27,8 @@ def test_compiled_experts_match_the_plain_ones():
     counters.clear()
     results = {}
     for compiled in (False, True):
-        high = DitExpert(ExpertConfig(role="high", compile=compiled), SAMPLER)
-        low = DitExpert(ExpertConfig(role="low", compile=compiled), SAMPLER)
+        high = DitExpert(ExpertConfig(compile=compiled), SAMPLER, "high")
+        low = DitExpert(ExpertConfig(compile=compiled), SAMPLER, "low")
         after_high = high.denoise(cond)
         results[compiled] = (unpack(after_high.latents), unpack(low.denoise(cond, after_high).latents))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # the blocks really ran compiled
@@ -47,8 +47,8 @@ def test_warm_up_compiles_what_the_first_request_runs():
     warmup = [{"width": params.width, "height": params.height, "num_frames": params.num_frames}]
     torch._dynamo.reset()
     counters.clear()
-    high = DitExpert(ExpertConfig(role="high", compile=True, warmup=warmup), SAMPLER)
-    low = DitExpert(ExpertConfig(role="low", compile=True, warmup=warmup), SAMPLER)
+    high = DitExpert(ExpertConfig(compile=True, warmup=warmup), SAMPLER, "high")
+    low = DitExpert(ExpertConfig(compile=True, warmup=warmup), SAMPLER, "low")
     compiled_at_start = counters["stats"]["unique_graphs"]
     assert compiled_at_start > 0
     low.denoise(cond, high.denoise(cond))

@@ -145,7 +145,7 @@ def test_two_jobs_on_one_expert_take_turns_step_by_step(tiny_cfg):
 
     cfg = tiny_cfg.model_copy(update={"stages": tiny_cfg.stages.model_copy(update={
         "high": tiny_cfg.stages.high.model_copy(update={"simulate_step_seconds": 0.05})})})
-    encoder, expert = Encoder(cfg.stages.encoder), DitExpert(cfg.stages.high, cfg.sampler)
+    encoder, expert = Encoder(cfg.stages.encoder), DitExpert(cfg.stages.high, cfg.sampler, "high")
     ingress = LocalGraph(tiny_cfg).ingress
     conds = {name: encoder.encode(ingress.prepare({**REQUESTS[0], "num_inference_steps": 8, "seed": seed},
                                                    get_dummy_image(seed), job_id=name)[0], get_dummy_image(seed))

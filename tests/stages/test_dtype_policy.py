@@ -36,7 +36,7 @@ def test_encoder_output_stays_in_text_encoder_dtype(cond):
 @pytest.mark.parametrize("dit_dtype", ["float16", "bfloat16"])
 def test_expert_casts_context_on_arrival_and_keeps_fp32_latents(cond, dit_dtype):
     seen = []
-    experts = [DitExpert(ExpertConfig(role=r, compute_dtype_cpu=dit_dtype), SAMPLER) for r in ("high", "low")]
+    experts = [DitExpert(ExpertConfig(compute_dtype_cpu=dit_dtype), SAMPLER, r) for r in ("high", "low")]
     for e in experts:
         e.transformer.register_forward_pre_hook(
             lambda m, a, kw: seen.append((kw["hidden_states"].dtype, kw["encoder_hidden_states"].dtype)),
@@ -68,7 +68,7 @@ def test_vae_constants_are_cast_with_the_vae(cond):
     # Decoding bf16 latents with bf16 constants never upcasts: hook the VAE's decoder input.
     seen = []
     decoder.vae.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
-    experts = [DitExpert(ExpertConfig(role=r), SAMPLER) for r in ("high", "low")]
+    experts = [DitExpert(ExpertConfig(), SAMPLER, r) for r in ("high", "low")]
     state = experts[1].denoise(cond, experts[0].denoise(cond))
     frames = decoder.decode(state)
     assert seen and all(d == torch.bfloat16 for d in seen)

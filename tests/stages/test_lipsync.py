@@ -18,9 +18,9 @@ from deployments.config import LipSyncConfig
 from deployments.config_weights import MuseTalkWeights, RandomWeights
 from deployments.lipsync import LipSync
 from deployments.models.musetalk import pipeline as musetalk_pipeline
-from deployments.models.musetalk.pipeline import lipsync_dtype
 from deployments.models.musetalk.avatar import PreparedAvatar, blend_face, crop_face
 from deployments.models.musetalk.components import TINY
+from deployments.models.musetalk.pipeline import lipsync_dtype
 from helpers import decode_mp4_tracks, synthetic_landmarks
 
 H, W = 64, 96
@@ -164,9 +164,8 @@ def test_turn_frames_continue_the_cycle_from_start_index(stage, avatar):
 
 def test_speak_refuses_bad_audio_before_any_model_runs(stage, avatar):
     before = stage.pipeline.frames_generated
-    cfg = stage.cfg
     with pytest.raises(AudioError, match="limit"):
-        next(stage.speak(avatar, np.zeros(int((cfg.max_audio_seconds + 1) * 16000), np.float32)))
+        next(stage.speak(avatar, np.zeros(int((stage.max_audio_seconds + 1) * 16000), np.float32)))
     with pytest.raises(AudioError, match="shorter than one video frame"):
         next(stage.speak(avatar, np.zeros(100, np.float32)))
     with pytest.raises(AudioError, match="reach 1e"):
@@ -262,7 +261,7 @@ def test_missing_musetalk_files_name_the_download_command(stage, tmp_path):
     weights = MuseTalkWeights(repo="TMElyralab/MuseTalk", vae="stabilityai/sd-vae-ft-mse",
                               whisper="openai/whisper-tiny")
     with pytest.raises(MissingWeightsError, match="avatar-serve download"):
-        LipSync(LipSyncConfig(weights=weights, device="cpu", weights_dir=str(tmp_path / "hub")))
+        LipSync(LipSyncConfig(weights=weights, device="cpu"), weights_dir=str(tmp_path / "hub"))
     # A local layout without the UNet file.
     write_musetalk_layout(tmp_path / "layout", stage)
     (tmp_path / "layout" / "musetalkV15" / "unet.pth").unlink()

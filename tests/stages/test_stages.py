@@ -107,7 +107,7 @@ def test_empty_negative_prompt_means_the_profiles_default(encoder, monkeypatch):
 
 def test_the_high_expert_shifts_by_the_clips_size(encoder):
     sampler = SAMPLER.model_copy(update={"flow_shift_720p": 5.0})
-    expert = DitExpert(ExpertConfig(role="high"), sampler)
+    expert = DitExpert(ExpertConfig(), sampler, "high")
     small = expert.start(encoder.encode(get_dummy_params(width=32, height=16), get_dummy_image()))
     assert small.sampler.config["flow_shift"] == 3.0
     cond = encoder.encode(get_dummy_params(width=32, height=16), get_dummy_image())
@@ -128,8 +128,8 @@ def _reference_step(pipe, transformer, cond, latents, scheduler, index, guidance
 def test_3_one_dit_step_per_expert(pipe, encoder):
     params = get_dummy_params(num_inference_steps=2)
     cond = encoder.encode(params, get_dummy_image())
-    high = DitExpert(ExpertConfig(role="high"), SAMPLER)
-    low = DitExpert(ExpertConfig(role="low"), SAMPLER)
+    high = DitExpert(ExpertConfig(), SAMPLER, "high")
+    low = DitExpert(ExpertConfig(), SAMPLER, "low")
 
     after_high = high.denoise(cond)
     assert [s.expert for s in after_high.steps] == ["high"] and after_high.next_step == 1
@@ -148,7 +148,7 @@ def test_3_one_dit_step_per_expert(pipe, encoder):
 
 def test_expert_leaves_other_experts_steps_alone(encoder):
     cond = encoder.encode(get_dummy_params(num_inference_steps=2), get_dummy_image())
-    low = DitExpert(ExpertConfig(role="low"), SAMPLER)
+    low = DitExpert(ExpertConfig(), SAMPLER, "low")
     state = low.denoise(cond)  # a fresh state starts at step 0, which belongs to the high expert
     assert state.next_step == 0 and state.steps == () and low.steps_run == 0
 
@@ -194,7 +194,7 @@ def test_warm_up_shapes_run_before_the_stage_reports_ready():
     assert WARMUP_FORWARDS == 2
     shapes = [WarmupShape(width=32, height=16, num_frames=5)]
     encoder = Encoder(EncoderConfig(device="cpu", warmup=shapes))
-    expert = DitExpert(ExpertConfig(role="high", device="cpu", warmup=shapes), SAMPLER)
+    expert = DitExpert(ExpertConfig(device="cpu", warmup=shapes), SAMPLER, "high")
     decoder = Decoder(DecoderConfig(device="cpu", warmup=shapes))
     for stage, runs in ((encoder, 1), (expert, WARMUP_FORWARDS), (decoder, 1)):
         # each ran its model under its lock during construction (the expert's warm-up is two

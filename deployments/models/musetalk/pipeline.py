@@ -79,7 +79,7 @@ def lipsync_dtype(cfg: LipSyncConfig, device: torch.device) -> torch.dtype:
     return dtype_for(device, cfg.dtype, cfg.dtype_cpu)
 
 
-def face_parser_path(cfg: LipSyncConfig):
+def face_parser_path(cfg: LipSyncConfig, weights_dir: str | None = None):
     """The BiSeNet state dict for `blend_mask: face_parsing`; None (random) for random weights."""
     weights = cfg.weights
     if isinstance(weights, RandomWeights):
@@ -89,7 +89,7 @@ def face_parser_path(cfg: LipSyncConfig):
         # file path, or a file of `repo` when that is a local folder.
         if os.path.isfile(weights.face_parser):
             return weights.face_parser
-        return resolve_file(weights.repo, weights.face_parser, cfg.weights_dir)
+        return resolve_file(weights.repo, weights.face_parser, weights_dir)
     raise ValueError("blend_mask 'face_parsing' needs weights.face_parser (the BiSeNet file)")
 
 
@@ -99,19 +99,19 @@ class MuseTalkPipeline:
     avatar adds none); `frames_generated` counts frames the UNet made."""
 
     def __init__(self, cfg: LipSyncConfig, device: torch.device, run: Callable = inline,
-                 detector: FaceDetector | None = None):
+                 detector: FaceDetector | None = None, weights_dir: str | None = None):
         self.cfg, self.device, self.run = cfg, device, run
         self.dtype = lipsync_dtype(cfg, device)
         self.fps = cfg.fps
         self.feature_extractor, self.whisper, self.unet, self.vae = load_models(
-            cfg.weights, self.dtype, device, cfg.weights_dir)
+            cfg.weights, self.dtype, device, weights_dir)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         if detector is None:
             detector = self._landmark_detector() if cfg.face_detector == "landmarks" else CenterBox(tuple(cfg.center_box))
         self.detector = detector
         self.face_parser = None
         if cfg.blend_mask == "face_parsing":
-            self.face_parser = load_face_parser(face_parser_path(cfg), device, self.dtype,
+            self.face_parser = load_face_parser(face_parser_path(cfg, weights_dir), device, self.dtype,
                                                 seed=getattr(cfg.weights, "seed", 0) + SEED_OFFSET["face_parser"])
         self.feathered_mask = lower_face_mask(cfg.blend_upper_ratio, cfg.blend_feather)
         self.pe = positional_encoding(window_length(cfg.fps) * HIDDEN_STATES).to(device)
