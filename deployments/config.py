@@ -287,6 +287,9 @@ class LipSyncConfig(StageBase):
     aac_sample_rate: int = Field(48000, description=(
         "Sample rate of the MP4's AAC audio, in Hz: at 48 kHz an AAC frame (1024 samples) lasts "
         "21 ms, so the audio stays within one video frame of the video."))
+    live_idle_cache_mb: int = Field(64, ge=1, description=(
+        "Live sessions: encoded idle frames (the base clip's cycle, the same for every session on an "
+        "avatar) kept per replica, least recently used dropped first, in MiB."))
 
     @model_validator(mode="after")
     def _replicas_share_avatars(self) -> "LipSyncConfig":

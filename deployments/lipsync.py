@@ -9,6 +9,9 @@ replicas through `avatar_cache_dir`), speech admission, fragmented MP4 out, metr
     stream          `speak` for DeploymentHandle callers (the talk turn, streamed)
     lipsync_mp4     `speak` whole, for video jobs with audio
     lipsync_frames  the lip-synced frames themselves (Python API)
+    live_speech     a live session's batch: frames of an utterance whose audio is still arriving,
+                    lip-synced and H.264-encoded as one closed GOP -> VideoChunk
+    live_idle       a live session's idle frames: the base clip's cycle, encoded, no model (cached)
 
 Concurrency: every model call (whisper, UNet + VAE decode of a batch, VAE encode, face models)
 runs through `self.model`, a ModelLock (one at a time, on the replica's one model thread), so
@@ -19,14 +22,16 @@ the frames, H.264) runs in parallel outside it. The avatar store has its own loc
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
 
 from deployments.common.errors import AvatarNotFound
 from deployments.common.metrics import StageMetrics, TurnClock
-from deployments.common.payloads import AvatarInfo, Frames, Speech
+from deployments.common.payloads import AvatarInfo, Frames, Speech, VideoChunk
 from deployments.common.runtime import (
     ModelLock,
     apply_threads,
@@ -40,6 +45,7 @@ from deployments.config import LipSyncConfig
 from deployments.config_serving import Limits
 from deployments.media.audio import admit_speech, frames_for_samples
 from deployments.media.fmp4 import stream_fmp4
+from deployments.media.live_mp4 import encode_gop
 from deployments.models.musetalk.avatar import AvatarStore, FaceDetector, PreparedAvatar
 from deployments.models.musetalk.pipeline import MuseTalkPipeline
 
@@ -71,6 +77,8 @@ class LipSync:
         self.max_audio_seconds = max_audio_seconds
         self.fps = cfg.fps
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
+        self._idle: OrderedDict[tuple, VideoChunk] = OrderedDict()  # (prepared id, position, count) -> GOP
+        self._idle_bytes, self._idle_lock = 0, threading.Lock()
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
         log_memory(log, "lipsync", self.device)
@@ -96,6 +104,9 @@ class LipSync:
 
     def delete_avatar(self, prepared_id: str) -> bool:
         self.pipeline.forget(prepared_id)
+        with self._idle_lock:
+            for key in [k for k in self._idle if k[0] == prepared_id]:
+                self._idle_bytes -= _chunk_bytes(self._idle.pop(key))
         return self.store.delete(prepared_id)
 
     # ------------------------------------------------------------------ speech
@@ -148,6 +159,54 @@ class LipSync:
             avatar, speech = self.get_avatar(avatar), self.admit(audio)
             return Frames(frames=np.concatenate(list(self.pipeline.frames(avatar, speech.pcm))), fps=self.fps)
 
+    # ------------------------------------------------------------------ live sessions
+
+    def _encode(self, frames: np.ndarray) -> VideoChunk:
+        cfg = self.cfg
+        units = encode_gop(frames, self.fps, crf=cfg.mp4_crf, preset=cfg.mp4_preset, codec=cfg.mp4_codec,
+                           threads=cfg.placement.threads or 0)
+        return VideoChunk(units=tuple(units), width=int(frames.shape[2]), height=int(frames.shape[1]), fps=self.fps)
+
+    def live_speech(self, avatar: Avatar, audio: Audio, first: int, count: int, start_index: int = 0) -> VideoChunk:
+        """Frames first..first+count-1 of an utterance whose audio so far, from its start, is
+        `audio`: lip-synced (whisper's features over the audio so far) and encoded as one closed
+        GOP. Frame j shows the base clip's cycle at j + `start_index` (the session frame where the
+        utterance began), so speech continues the motion of the idle frames before it."""
+        avatar, speech = self.get_avatar(avatar), self.admit(audio)
+        if first < 0 or count < 1:
+            raise ValueError(f"frames {first}..{first + count - 1}: need first >= 0 and count >= 1")
+        with self.metrics.timed("live_speech"):
+            rgba = self.cfg.mp4_codec == "h264_nvenc"
+            frames = np.concatenate(list(self.pipeline.frames(avatar, speech.pcm, first=first, count=count,
+                                                              batch_size=count, start_index=start_index, rgba=rgba)))
+            return self._encode(frames)
+
+    def live_idle(self, avatar: Avatar, start: int, count: int) -> VideoChunk:
+        """Session frames start..start+count-1 without speech: the avatar's base clip cycled
+        forward and backward, as a talk turn's frames would show it, encoded as one closed GOP. No
+        model runs; the same frames of the cycle are encoded once (kept by an LRU bounded in
+        bytes, `live_idle_cache_mb`) for every session on the avatar."""
+        avatar = self.get_avatar(avatar)
+        if start < 0 or count < 1:
+            raise ValueError(f"frames {start}..{start + count - 1}: need start >= 0 and count >= 1")
+        key = (avatar.prepared_id, start % (2 * avatar.num_frames), count)
+        with self._idle_lock:
+            chunk = self._idle.get(key)
+            if chunk is not None:
+                self._idle.move_to_end(key)
+                return chunk
+        frames = avatar.frames[[avatar.source_frame(start + i) for i in range(count)]]
+        if self.cfg.mp4_codec == "h264_nvenc":
+            frames = np.concatenate([frames, np.full_like(frames[..., :1], 255)], axis=-1)
+        chunk = self._encode(frames)
+        with self._idle_lock:
+            if key not in self._idle:
+                self._idle[key] = chunk
+                self._idle_bytes += _chunk_bytes(chunk)
+            while self._idle_bytes > self.cfg.live_idle_cache_mb * 2**20 and len(self._idle) > 1:
+                self._idle_bytes -= _chunk_bytes(self._idle.popitem(last=False)[1])
+        return chunk
+
     # ------------------------------------------------------------------ health
 
     def check_health(self) -> None:
@@ -157,3 +216,6 @@ class LipSync:
         return {**placement_info(self.device), "startup_s": self.startup_s, "compiled": self.pipeline.compiled,
                 "frames_generated": self.pipeline.frames_generated}
 
+
+def _chunk_bytes(chunk: VideoChunk) -> int:
+    return sum(len(u) for u in chunk.units)

@@ -4,7 +4,8 @@ module needs numpy only (no torch), so the ingress and clients can import it.
     Ingress --VideoParams--> Encoder --Conditioning--> DitExpert(high) --DenoiseState-->
     DitExpert(low) --DenoiseState--> Decoder --Frames / MP4 bytes--> Ingress
     Decoder --Frames--> LipSync --AvatarInfo / MP4 bytes--> Ingress
-    Ingress --Speech--> LipSync --fMP4 pieces--> Ingress
+    Ingress --Speech--> LipSync --fMP4 pieces--> Ingress               (a talk turn)
+    Ingress --utterance so far--> LipSync --VideoChunk--> Ingress      (a live session's frames)
 """
 
 from __future__ import annotations
@@ -138,6 +139,23 @@ class Frames:
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
+
+
+@dataclass(frozen=True)
+class VideoChunk:
+    """Encoded frames for a live session: H.264 access units (Annex-B bytes, one per frame), a
+    closed GOP from an IDR that carries the stream's parameter sets in-band, so a chunk may follow
+    any other chunk of the same avatar and be cut after any frame. A few tens of kB per frame at
+    most, so it crosses handles cheaply (the frames themselves stay on the lip-sync stage)."""
+
+    units: tuple[bytes, ...]
+    width: int
+    height: int
+    fps: int
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.units)
 
 
 @dataclass(frozen=True)

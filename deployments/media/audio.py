@@ -116,3 +116,42 @@ def admit_speech(audio: np.ndarray | bytes, max_seconds: float, fps: int) -> Spe
     if frames_for_samples(pcm.shape[0], fps) == 0:
         raise AudioLengthError(f"audio is shorter than one video frame (1/{fps} s)")
     return Speech(pcm)
+
+
+# ------------------------------------------------------------------ streamed PCM
+
+PCM_FORMATS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+STREAM_RATES = (16000, 24000, 48000)
+
+
+class PcmStream:
+    """Raw mono PCM arriving in chunks of any size (a live session's audio) -> float32 at 16 kHz,
+    converted and resampled continuously (libswresample keeps its state between chunks, so the
+    result does not depend on where the chunks were cut). A chunk that splits a sample keeps the
+    partial bytes for the next one."""
+
+    def __init__(self, fmt: str, rate: int):
+        if fmt not in PCM_FORMATS:
+            raise AudioError(f"format {fmt!r}: expected one of {', '.join(PCM_FORMATS)}")
+        if rate not in STREAM_RATES:
+            raise AudioError(f"sample_rate {rate}: expected one of {', '.join(map(str, STREAM_RATES))}")
+        self.dtype, self.rate = PCM_FORMATS[fmt], rate
+        self._partial = b""
+        self._resampler = None if rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono",
+                                                                            rate=SAMPLE_RATE)
+        self._pts = 0
+
+    def push(self, data: bytes) -> np.ndarray:
+        """Bytes as they came -> the float32 16 kHz samples they complete (maybe none yet)."""
+        data = self._partial + bytes(data)
+        whole = len(data) - len(data) % self.dtype.itemsize
+        self._partial = data[whole:]
+        pcm = np.frombuffer(data[:whole], dtype=self.dtype)
+        pcm = pcm.astype(np.float32) / 32768.0 if self.dtype.kind == "i" else pcm.astype(np.float32)
+        if self._resampler is None or not len(pcm):
+            return pcm if self._resampler is None else np.zeros(0, np.float32)
+        frame = av.AudioFrame.from_ndarray(pcm[None], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = self.rate, self._pts
+        self._pts += len(pcm)
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)

@@ -25,14 +25,13 @@ from deployments.models.musetalk.avatar import (
     prepare_avatar,
 )
 from deployments.models.musetalk.components import FULL
-from deployments.models.musetalk.features import (
-    AudioFeatures,
+from deployments.models.musetalk.features import AudioFeatures, positional_encoding
+from deployments.models.musetalk.timing import (
     base_frame_index,
     encoder_frames_for_samples,
     feature_padding,
     feature_window,
     num_output_frames,
-    positional_encoding,
     retime_indices,
     window_length,
 )

@@ -30,7 +30,7 @@ import PIL.Image
 import PIL.ImageFilter
 
 from deployments.common.payloads import AvatarInfo
-from deployments.models.musetalk.features import VIDEO_FPS, base_frame_index, retime_indices
+from deployments.models.musetalk.timing import VIDEO_FPS, base_frame_index, retime_indices
 
 CROP_SIZE = 256
 # Bump when what is stored (or how it is computed) changes: old cache entries stop matching.

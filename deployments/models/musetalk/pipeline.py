@@ -57,14 +57,9 @@ from deployments.models.musetalk.blend_mask import (
     to_crop_coordinates,
 )
 from deployments.models.musetalk.components import SEED_OFFSET, load_models
-from deployments.models.musetalk.features import (
-    AUDIO_DIM,
-    HIDDEN_STATES,
-    AudioFeatures,
-    positional_encoding,
-    window_length,
-)
+from deployments.models.musetalk.features import AUDIO_DIM, HIDDEN_STATES, AudioFeatures, positional_encoding
 from deployments.models.musetalk.paste import PasteBack
+from deployments.models.musetalk.timing import window_length
 
 
 def inline(fn: Callable, *args, **kwargs):
@@ -312,7 +307,8 @@ class MuseTalkPipeline:
         return paste
 
     def frames(self, avatar: PreparedAvatar, pcm: np.ndarray, *, batch_size: int | None = None,
-               start_index: int = 0, clock: TurnClock | None = None, rgba: bool = False) -> Iterator[np.ndarray]:
+               start_index: int = 0, clock: TurnClock | None = None, rgba: bool = False,
+               first: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
         """Lip-sync `pcm` (float32 (S,), 16 kHz mono, already admitted) onto a prepared avatar.
 
         Yields uint8 frame chunks (B, H, W, 3): with `batch_size` given, B = batch_size; by
@@ -321,11 +317,14 @@ class MuseTalkPipeline:
         cycle[(i + start_index) % 2M] of the retimed clip (pass the previous turn's frame count to
         continue the cycle). `clock` notes when the first features, batch and frames are done.
         `rgba`: (B, H, W, 4) frames with an opaque alpha channel, for encoders that take RGBA.
+        `first`, `count`: only frames first..first+count-1 (a live session's batch: `pcm` is its
+        utterance so far, the features are whisper's over it, and frames whose window reaches past
+        its end see zeros there, as the turn's last frames do past the end of its audio).
         """
         if avatar.fps != self.fps:
             raise ValueError(f"avatar was prepared for {avatar.fps} fps, the pipeline runs at {self.fps}")
         clock = clock or TurnClock()
-        n = frames_for_samples(pcm.shape[0], self.fps)
+        n = frames_for_samples(pcm.shape[0], self.fps) if count is None else first + count
         first_size = batch_size or min(self.cfg.first_batch_size, self.cfg.batch_size)
         batch_size = batch_size or self.cfg.batch_size
         features = self.audio_features(pcm)
@@ -347,10 +346,10 @@ class MuseTalkPipeline:
 
         pending = None  # the batch whose crops are on their way to the host
         # A smaller first batch brings the first chunk sooner; full batches after it.
-        starts = [0, *range(first_size, n, batch_size)] if n > 0 else []
-        for k, (first, end) in enumerate(zip(starts, [*starts[1:], n])):
-            sources = [avatar.source_frame(i, start_index) for i in range(first, end)]
-            windows = features.windows(range(first, end))  # whisper runs here when the turn needs a new piece
+        starts = [first, *range(first + first_size, n, batch_size)] if n > first else []
+        for k, (lo, hi) in enumerate(zip(starts, [*starts[1:], n])):
+            sources = [avatar.source_frame(i, start_index) for i in range(lo, hi)]
+            windows = features.windows(range(lo, hi))  # whisper runs here when the turn needs a new piece
             clock.mark("features")
             host = self.run(self._launch_batch, avatar, sources, windows, paste)
             previous, pending = pending, (sources, *host)
