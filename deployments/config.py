@@ -419,6 +419,12 @@ class GraphConfig(Strict):
         return os.path.join(self.serving.storage_dir, "compile-cache")
 
     @property
+    def max_live_sessions(self) -> int:
+        """Concurrent live sessions the ingress admits."""
+        placement = self.stages.lipsync.placement
+        return self.serving.live.max_sessions or placement.max_replicas * placement.max_ongoing_requests
+
+    @property
     def max_talk_turns(self) -> int:
         """Concurrent talk turns the ingress admits."""
         placement = self.stages.lipsync.placement

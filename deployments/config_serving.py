@@ -53,6 +53,44 @@ class Limits(Strict):
         return self.max_image_pixels or 64 * self.max_pixels
 
 
+class LiveConfig(Strict):
+    """Live sessions (`GET /v1/avatars/{id}/live`, a WebSocket): audio in as it is produced, one
+    continuous lip-synced fragmented MP4 out at real-time pace."""
+
+    max_sessions: int | None = Field(None, ge=1, description=(
+        "Live sessions open at once; one more is refused (close code 4429 with a retry hint). None: "
+        "what the lip-sync stage can take, its (maximum) replicas x max_ongoing_requests."))
+    retry_after_s: int = Field(5, ge=1, description="The retry hint, in seconds, of a session refused at capacity.")
+    fragment_frames: int = Field(2, ge=1, le=25, description=(
+        "Idle frames per fMP4 fragment: speech can start after any fragment, so smaller fragments "
+        "start it sooner, at a few hundred bytes of overhead each."))
+    idle_gop_frames: int = Field(12, ge=1, le=250, description=(
+        "Frames per GOP of idle video (encoded once per avatar and reused); an IDR starts each."))
+    max_batch_frames: int = Field(8, ge=1, le=64, description=(
+        "Most frames of one lip-sync call of a session: as many frames as the audio allows are "
+        "rendered at once, up to this."))
+    start_margin_frames: int = Field(3, ge=0, le=50, description=(
+        "Idle frames played between the moment an utterance's first frames are requested and its "
+        "first frame (time to render them); speech continues the base clip's cycle from that frame, "
+        "so it is fixed in advance. Too small: the stream waits for the frames (a stall)."))
+    lead_s: float = Field(0.08, ge=0, le=5, description=(
+        "How far ahead of real time the stream is sent: fragments whose media time is further ahead "
+        "wait. Larger absorbs network jitter; an interrupt cannot recall what was sent."))
+    render_ahead_s: float = Field(2.0, gt=0, le=60, description=(
+        "Speech rendered but not yet sent, at most (a voice agent's TTS may send audio faster than "
+        "real time; rendering waits beyond this)."))
+    max_buffered_audio_s: float = Field(60.0, gt=0, description=(
+        "Audio received but not yet played, at most, in seconds; past it the session ends (4413)."))
+    max_chunk_bytes: int = Field(1024 * 1024, ge=1024, description="Largest audio message, in bytes (1009 beyond).")
+    max_session_s: float = Field(3600.0, gt=0, description="Longest session, in seconds (then closed, 4408).")
+    send_buffer_s: float = Field(5.0, gt=0, description=(
+        "Media the client has not read yet, at most, in seconds of stream: a client that reads more "
+        "slowly than real time is told (an error event) and closed (4408), not buffered without end."))
+    utterance_gap_s: float = Field(1.0, gt=0, description=(
+        "An utterance without end_of_utterance ends once no audio has come for this long."))
+    stats_every_s: float = Field(1.0, gt=0, description="How often a `stats` event is sent, in seconds.")
+
+
 class ServingConfig(Strict):
     """The ingress: jobs, limits, storage, auth."""
 
@@ -72,6 +110,7 @@ class ServingConfig(Strict):
         "instead of waiting, since a live turn that starts late is no use. None: what the lip-sync "
         "stage can take, its (maximum) replicas x max_ongoing_requests."))
     turn_retry_after_s: int = Field(1, ge=1, description="Retry-After, in seconds, of a 429 for a talk turn.")
+    live: LiveConfig = Field(LiveConfig(), description="Live sessions over a WebSocket.")
     body_timeout_s: float = Field(30.0, gt=0, description=(
         "Seconds within which a request body (an upload) must arrive, or the request gets 408: a "
         "client that trickles its body cannot hold the ingress."))

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
+from deployments.api.live import LiveError, LiveSession, Receive, Send
 from deployments.api.protocol import (
     ApiError,
     Avatar,
@@ -94,6 +95,7 @@ class Ingress:
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
         self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
+        self.live_sessions = 0  # live sessions open now (admitted up to cfg.max_live_sessions)
 
     # ------------------------------------------------------------------ validation
 
@@ -381,6 +383,39 @@ class Ingress:
             # lip-sync stage logs its own phases of the same turn.
             log.info("turn on %s: audio decode %.3f s, first byte %s, %d bytes in %.2f s", avatar_id, decoded,
                      "none" if first_byte is None else f"{first_byte:.3f} s", sent, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ live sessions
+
+    async def live(self, avatar_id: str, receive: Receive, send: Send) -> tuple[int, str] | None:
+        """A live session on a ready avatar (api/live.py): `receive()` gives the client's next
+        message (JSON text or audio bytes; None once it has gone), `send(bytes | dict)` hands it
+        fMP4 pieces and events. -> the close code and reason, or None when the client left. The
+        WebSocket route drives it; it needs the two coroutines, so handle callers cannot."""
+        return await LiveSession(self, avatar_id, receive, send).run()
+
+    def live_avatar(self, avatar_id: str) -> AvatarRecord:
+        if self.lipsync is None:
+            raise LiveError("not_found", "this deployment has no lip-sync stage, so no avatars", "avatar_id")
+        record = self.records.avatars.get(avatar_id)
+        if record is None:
+            raise LiveError("not_found", f"no avatar {avatar_id!r}", "avatar_id")
+        if record.status != "ready" or not record.prepared_id:
+            raise LiveError("conflict", f"avatar {avatar_id} is {record.status}; a live session needs it ready",
+                            "avatar_id")
+        return record
+
+    def admit_live(self) -> bool:
+        if self.live_sessions >= self.cfg.max_live_sessions:
+            retry = self.cfg.serving.live.retry_after_s
+            raise LiveError("busy", f"{self.live_sessions} live sessions are open, the most this deployment "
+                                    f"takes; retry in {retry} s", None, retry_after=retry)
+        self.live_sessions += 1
+        self.metrics.live_sessions(self.live_sessions)
+        return True
+
+    def release_live(self) -> None:
+        self.live_sessions -= 1
+        self.metrics.live_sessions(self.live_sessions)
 
     # ------------------------------------------------------------------ LoRA admin
 

@@ -11,6 +11,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from deployments.api.protocol import ApiError
 
@@ -22,7 +23,7 @@ def get_ingress(request: Request):
 IngressDep = Annotated[Any, Depends(get_ingress)]
 
 
-def bearer(request: Request) -> str:
+def bearer(request: HTTPConnection) -> str:
     header = request.headers.get("authorization", "")
     return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
@@ -41,6 +42,16 @@ def require_key(request: Request, ingress: IngressDep) -> None:
     if serving.api_keys and not matches(bearer(request), serving.api_keys + serving.admin_keys):
         raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", None,
                        type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+
+def live_key_ok(websocket: HTTPConnection, serving) -> bool:
+    """A live session's key: the Authorization header, or (browsers cannot set headers on a
+    WebSocket) the `access_token` query parameter. Mind that URLs may reach access logs: keys
+    for browsers are best short-lived or scoped to one user."""
+    if not serving.api_keys:
+        return True
+    token = bearer(websocket) or websocket.query_params.get("access_token", "")
+    return matches(token, serving.api_keys + serving.admin_keys)
 
 
 def require_admin(request: Request, ingress: IngressDep) -> None:

@@ -281,6 +281,92 @@ class AvatarClient:
     def models(self) -> dict:
         return self._request("GET", "/v1/models").json()
 
+    def live(self, avatar_id: str, format: str = "pcm_s16le", sample_rate: int = 16000) -> "LiveConnection":
+        """A live session on a ready avatar (async): `async with client.live(avatar) as session:`
+        then `await session.send_audio(pcm_bytes)`, `end_of_utterance()`, `interrupt()`,
+        `close()`, and `async for message in session` for the stream's fMP4 bytes and its event
+        dicts. The session's `ready` event is in `session.ready`."""
+        base = str(self.http.base_url).rstrip("/")
+        url = ("wss" if base.startswith("https") else "ws") + base[base.index(":"):] + f"/v1/avatars/{avatar_id}/live"
+        return LiveConnection(url, self.http.headers.get("authorization"), format, sample_rate)
+
+
+class LiveConnection:
+    """One live session over a WebSocket (`AvatarClient.live`). A session the server ends with an
+    error raises ClientError (the close code as its status, the error event as its envelope)."""
+
+    def __init__(self, url: str, authorization: str | None, format: str, sample_rate: int):
+        self.url, self.authorization = url, authorization
+        self.start = {"type": "start", "format": format, "sample_rate": sample_rate}
+        self.ready: dict | None = None
+        self.error: dict | None = None
+        self._ws = None
+
+    async def __aenter__(self) -> "LiveConnection":
+        import websockets
+
+        headers = {"Authorization": self.authorization} if self.authorization else {}
+        try:
+            self._ws = await websockets.connect(self.url, additional_headers=headers, max_size=None)
+        except (OSError, websockets.exceptions.InvalidHandshake) as exc:
+            raise ClientError(0, {"type": "connection_error", "message": f"cannot open {self.url}: {exc}",
+                                  "param": None}) from exc
+        await self._ws.send(json.dumps(self.start))
+        first = await self._next()
+        if first is None or not isinstance(first, dict) or first.get("type") != "ready":
+            raise self._failure()
+        self.ready = first
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._ws.close()
+
+    async def _next(self):
+        import websockets
+
+        try:
+            message = await self._ws.recv()
+        except websockets.exceptions.ConnectionClosed:
+            return None
+        if isinstance(message, str):
+            message = json.loads(message)
+            if message.get("type") == "error":
+                self.error = message
+        return message
+
+    def _failure(self) -> ClientError:
+        rcvd = getattr(self._ws, "close_rcvd", None)
+        code = self.error.get("code") if self.error else getattr(rcvd, "code", 0)
+        error = self.error or {"type": "error", "message": getattr(rcvd, "reason", "") or "the session closed",
+                               "param": None}
+        return ClientError(code or 0, {"type": "live_session_error", "message": error.get("message", ""),
+                                       "param": error.get("param")})
+
+    async def send_audio(self, pcm: bytes) -> None:
+        await self._ws.send(bytes(pcm))
+
+    async def end_of_utterance(self) -> None:
+        await self._ws.send(json.dumps({"type": "end_of_utterance"}))
+
+    async def interrupt(self) -> None:
+        await self._ws.send(json.dumps({"type": "interrupt"}))
+
+    async def close(self) -> None:
+        """Ask the server to end the session; what it sends until then still arrives."""
+        await self._ws.send(json.dumps({"type": "close"}))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        message = await self._next()
+        if message is None:
+            rcvd = getattr(self._ws, "close_rcvd", None)
+            if self.error is not None or (rcvd is not None and rcvd.code not in (1000, 1001)):
+                raise self._failure()
+            raise StopAsyncIteration
+        return message
+
 
 def _uploads(image: str | Path | bytes, audio: str | Path | bytes | None = None) -> dict:
     """The multipart files of a video / avatar request: `input_reference`, and `audio` if given."""

@@ -13,23 +13,22 @@ anything else is a 500 without a stack trace (the log has it). All use one envel
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from deployments.api.auth import IngressDep, require_admin, require_key
+from deployments.api.auth import IngressDep, live_key_ok, require_admin, require_key
+from deployments.api.docs import ERROR_TEXT, docs_router, openapi
 from deployments.api.jobs import sse
+from deployments.api.live import Gone, LiveError
 from deployments.api.protocol import (
     BINARY,
     EXAMPLE_IMAGE,
@@ -74,14 +73,6 @@ ERRORS: dict[type[BaseException], tuple[int, str, str | None]] = {
 MP4 = {200: {"content": {"video/mp4": {"schema": BINARY}}}}
 START_INDEX = re.compile(r"[0-9]{1,9}")
 STATIC = Path(__file__).with_name("static")  # the web page: index.html, app.js, style.css
-# Swagger UI and Redoc, vendored (static/docs/README.md): /docs and /redoc load nothing from elsewhere.
-DOCS_ASSETS = {"swagger_js": "swagger-ui-bundle.js", "swagger_css": "swagger-ui.css",
-               "redoc_js": "redoc.standalone.js", "favicon": "favicon.svg"}
-# ... and the browser is told so: Redoc's "by Redocly" logo (a CDN image, hidden when it fails) is
-# never requested, and no other request leaves the origin.
-DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:")
-BEARER = "bearerAuth"  # the OpenAPI security scheme of every route behind a key
 
 
 # ------------------------------------------------------------------ the app
@@ -89,7 +80,6 @@ BEARER = "bearerAuth"  # the OpenAPI security scheme of every route behind a key
 
 def build_app(ingress) -> FastAPI:
     """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
-    # The docs and the OpenAPI schema are routes of `api` below: they follow the API's auth.
     app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Talking-avatar video: Wan2.2 I2V + MuseTalk stages on Ray Serve.")
     app.state.ingress = ingress
@@ -104,39 +94,9 @@ def build_app(ingress) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # public, like the page
     app.include_router(api, dependencies=[Depends(require_key)])
     app.include_router(admin, dependencies=[Depends(require_admin)])
-    app.openapi = lambda: openapi(app)
+    app.include_router(docs_router, dependencies=[Depends(require_key)])  # the docs follow the API's auth
+    app.openapi = lambda: openapi(app, (api, admin, docs_router))
     return app
-
-
-def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema of `app`, plus the bearer security scheme listed on every operation of the
-    routers behind a key (`api`, `admin`: all of /v1, not /healthz and /readyz), and 422s in the
-    app's error envelope (FastAPI's default is its own validation shape)."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    spec = FastAPI.openapi(app)  # builds and caches app.openapi_schema
-    components = spec.setdefault("components", {})
-    components["securitySchemes"] = {BEARER: {
-        "type": "http", "scheme": "bearer",
-        "description": "an API key (serving.api_keys); the /v1/admin routes need an admin key "
-                       "(serving.admin_keys). Checked only when the deployment has keys."}}
-    for router in (api, admin):  # included by build_app with require_key / require_admin
-        for route in router.routes:
-            if isinstance(route, APIRoute) and route.include_in_schema:
-                for method in route.methods:
-                    spec["paths"][route.path_format][method.lower()]["security"] = [{BEARER: []}]
-    envelope = {"description": ERROR_TEXT[422],
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-    for operations in spec["paths"].values():
-        for operation in operations.values():
-            default = operation.get("responses", {}).get("422", {})
-            if "HTTPValidationError" in json.dumps(default):
-                operation["responses"]["422"] = envelope
-    schemas = components.get("schemas", {})
-    if "HTTPValidationError" not in json.dumps(spec["paths"]):  # now unused: leave it out
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-    return spec
 
 
 # ------------------------------------------------------------------ errors
@@ -176,21 +136,6 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 # ------------------------------------------------------------------ routes
 
-ERROR_TEXT = {
-    400: "bad input: not an image or audio, malformed form or JSON",
-    401: "no valid key (Authorization: Bearer <key>)",
-    403: "an API key on an admin route",
-    404: "unknown or expired id",
-    408: "the body did not arrive within serving.body_timeout_s",
-    409: "conflict: not finished yet, or busy",
-    413: "the body or a file is over its limit",
-    422: "a field is invalid; `param` names it",
-    429: "full: retry after Retry-After seconds",
-    500: "internal error (details in the server log)",
-    504: "the job passed serving.job_timeout_s",
-}
-
-
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses for these error statuses, each the one error envelope."""
     out: dict[int | str, dict[str, Any]] = {}
@@ -216,36 +161,6 @@ api = APIRouter(responses=errors(401))
 admin = APIRouter(prefix="/v1/admin", responses=errors(401, 403))
 
 
-@api.get("/openapi.json", include_in_schema=False)
-async def openapi_schema(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.openapi())
-
-
-def docs_urls(request: Request) -> dict[str, str]:
-    """The schema's and the vendored assets' URLs, under the app's root path."""
-    root = request.scope.get("root_path", "").rstrip("/")
-    return {"openapi": f"{root}/openapi.json", **{k: f"{root}/static/docs/{v}" for k, v in DOCS_ASSETS.items()}}
-
-
-@api.get("/docs", include_in_schema=False)
-async def docs(request: Request) -> Response:
-    urls = docs_urls(request)
-    page = get_swagger_ui_html(openapi_url=urls["openapi"], title="avatar-serve", swagger_js_url=urls["swagger_js"],
-                               swagger_css_url=urls["swagger_css"], swagger_favicon_url=urls["favicon"],
-                               swagger_ui_parameters={"validatorUrl": None})
-    page.headers["Content-Security-Policy"] = DOCS_CSP
-    return page
-
-
-@api.get("/redoc", include_in_schema=False)
-async def redoc(request: Request) -> Response:
-    urls = docs_urls(request)
-    page = get_redoc_html(openapi_url=urls["openapi"], title="avatar-serve", redoc_js_url=urls["redoc_js"],
-                          redoc_favicon_url=urls["favicon"], with_google_fonts=False)
-    page.headers["Content-Security-Policy"] = DOCS_CSP
-    return page
-
-
 @public.get("/", include_in_schema=False)
 async def web_page() -> FileResponse:
     """The web page (public: it asks for the API key itself and sends it with each call)."""
@@ -264,6 +179,40 @@ async def readyz(ingress: IngressDep) -> JSONResponse:
     ready, stages = await ingress.ready()
     return JSONResponse({"status": "ready" if ready else "starting", "profile": ingress.cfg.name,
                          "stages": stages}, status_code=200 if ready else 503)
+
+
+@public.websocket("/v1/avatars/{avatar_id}/live")
+async def live_session(websocket: WebSocket, avatar_id: str) -> None:
+    """A live session (api/live.py; the protocol is in the app's description). Public here: the
+    key is checked in the session, from the header or `access_token`, since browsers cannot set
+    headers on a WebSocket."""
+    ingress = websocket.app.state.ingress
+    await websocket.accept()
+    if not live_key_ok(websocket, ingress.cfg.serving):
+        error = LiveError("unauthorized", "a valid API key is required (Authorization: Bearer <key>, or "
+                                          "?access_token=<key>)")
+        await websocket.send_json(error.event())
+        await websocket.close(error.code, error.message)
+        return
+
+    async def receive():
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        return message["text"] if message.get("text") is not None else message.get("bytes") or b""
+
+    async def send(message) -> None:
+        try:
+            await (websocket.send_bytes(message) if isinstance(message, bytes) else websocket.send_json(message))
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            raise Gone() from None
+
+    closing = await ingress.live(avatar_id, receive, send)
+    if closing is not None:
+        try:
+            await websocket.close(*closing)
+        except (WebSocketDisconnect, RuntimeError, OSError):  # the client went first
+            pass
 
 
 @api.get("/v1/models", response_model=ModelList, responses=errors(500))

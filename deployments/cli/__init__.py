@@ -7,6 +7,7 @@
     avatar-serve download PROFILE [--dry-run]
     avatar-serve generate IMAGE PROMPT [--audio FILE] [-o out.mp4]     (a running server)
     avatar-serve speak AUDIO (--avatar ID | --image IMAGE --prompt TEXT) [-o speech.mp4]
+    avatar-serve live AVATAR --audio FILE [-o live.mp4]      (a live session, streamed at real-time pace)
 
 Failures end with one line on stderr and a non-zero exit status, never a traceback (set
 AVATAR_SERVE_DEBUG=1 to see one): 1 for an error answer or an unreachable server, 2 for bad
@@ -14,7 +15,7 @@ arguments, 130 for Ctrl-C (which cancels a running `generate` job on the server)
 
 The commands live beside this module: demo.py (`demo`), download.py (`download`), remote.py
 (`generate` and `speak` on a running server, and `explain`, the one line a failure ends with),
-progress.py (the progress bars they draw).
+live.py (`live`: a live session from a file), progress.py (the progress bars they draw).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 
 from deployments.cli.demo import cmd_demo
 from deployments.cli.download import cmd_download
+from deployments.cli.live import cmd_live
 from deployments.cli.remote import API_KEY_ENV, EXIT_INTERRUPTED, cmd_generate, cmd_speak, explain
 
 
@@ -90,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     spk.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
     spk.add_argument("--timeout", type=float, default=None, help=timeout_help)
     spk.set_defaults(fn=cmd_speak)
+    live = sub.add_parser("live", help="a live session on an avatar: stream a speech file at real-time pace over "
+                                       "the WebSocket and save the continuous stream that comes back")
+    live.add_argument("avatar", help="a ready avatar's id")
+    live.add_argument("--audio", required=True, help="speech file: wav, mp3, ogg/opus, flac, m4a")
+    live.add_argument("-o", "--output", "--out", default="live.mp4")
+    live.add_argument("--chunk-ms", type=float, default=100.0, help="audio sent per message, in ms (default 100)")
+    live.add_argument("--lead-in", type=float, default=0.5, help="seconds of idle before the speech (default 0.5)")
+    live.add_argument("--tail", type=float, default=1.0, help="seconds of idle after it, then close (default 1)")
+    live.add_argument("--url", default="http://127.0.0.1:8000")
+    live.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
+    live.add_argument("--timeout", type=float, default=None, help=timeout_help)
+    live.set_defaults(fn=cmd_live)
     args = parser.parse_args(argv)
     if os.environ.get("AVATAR_SERVE_DEBUG"):
         return args.fn(args)

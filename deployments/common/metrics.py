@@ -13,6 +13,7 @@ classes only when it finds itself in a running Ray worker.
     avatar_serve_jobs_total{status}                     counter (jobs reaching a final status)
     avatar_serve_queue_depth / avatar_serve_jobs_running   gauges
     avatar_serve_talk_turns                             gauge (talk turns streaming now)
+    avatar_serve_live_sessions                          gauge (live sessions open now)
     avatar_serve_turn_phase_seconds{stage, phase}      histogram: where a talk turn's time goes
         (ingress: audio_decode, first_byte; lipsync: features, first_batch, first_frames,
         first_bytes, total -- each from the start of the turn in that stage)
@@ -141,6 +142,7 @@ class IngressMetrics:
         self.queue_depth = _make("Gauge", "avatar_serve_queue_depth", "Jobs waiting to run", ())
         self.running = _make("Gauge", "avatar_serve_jobs_running", "Jobs running", ())
         self.turns = _make("Gauge", "avatar_serve_talk_turns", "Talk turns streaming now", ())
+        self.live = _make("Gauge", "avatar_serve_live_sessions", "Live sessions open now", ())
         self.phase = _phase_histogram()
 
     def observe_phase(self, phase: str, seconds: float) -> None:
@@ -148,6 +150,9 @@ class IngressMetrics:
 
     def talk_turns(self, n: int) -> None:
         self.turns.set(n)
+
+    def live_sessions(self, n: int) -> None:
+        self.live.set(n)
 
     def finished(self, status: str) -> None:
         self.jobs.inc(1, tags={"status": status})
