@@ -10,6 +10,7 @@ no Ray cluster is started here.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -242,6 +243,26 @@ def test_speak_shows_the_avatar_being_prepared(slow_url, files, tmp_path, capsys
     seed = int(re.search(r"avatar avatar_\w+ \(seed (\d+)\)", err).group(1))
     assert seed >= 0
     assert durations(out.read_bytes())[0] == 15
+
+
+def test_live_streams_a_file_at_real_time_pace_and_saves_the_session(url, files, tmp_path, capsys):
+    """`avatar-serve live`: the file's speech goes out in 100 ms pieces after a little idle, the
+    session ends after a little idle again; the one continuous MP4 holds idle and speech, and the
+    events say where the speech is. Without a key: one line and exit 1."""
+    avatar = AvatarClient(url, api_key=KEY).create_avatar(files / "p.png", "live", size="32x32")["id"]
+    out = tmp_path / "live.mp4"
+    (tmp_path / "s.wav").write_bytes(wav_bytes(0.4))
+    assert cli.main(["live", avatar, "--audio", str(tmp_path / "s.wav"), "--out", str(out), "--lead-in", "0.2",
+                     "--tail", "0.2", "--url", url, "--api-key", KEY]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    events = {e["type"]: e for e in map(json.loads, lines) if "type" in e}
+    assert events["ready"]["avatar_id"] == avatar
+    assert events["speech_ended"]["frame"] - events["speech_started"]["frame"] == 10  # 0.4 s
+    assert durations(out.read_bytes())[0] >= events["speech_ended"]["frame"]
+    assert cli.main(["live", avatar, "--audio", str(tmp_path / "s.wav"), "--out", str(out), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "live session closed (4401)" in err and "Traceback" not in err
+    assert f"this server needs an API key: give --api-key or set {API_KEY_ENV}" in err
 
 
 def test_avatar_printer_labels():

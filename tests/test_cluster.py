@@ -437,6 +437,58 @@ def test_avatar_and_streamed_speech_over_http(client):
     assert client.delete(f"/v1/avatars/{avatar_id}").json()["deleted"] is True
 
 
+def test_a_live_session_over_a_websocket_through_serve(cluster, client):
+    """A live session through Ray Serve's HTTP proxy: idle, an utterance streamed in 100 ms
+    pieces, the close; one playable stream whose speech frames sit where the events say. A key
+    in the query string works too; a wrong one gets its close code."""
+    import websockets.sync.client as ws_client
+
+    from deployments.api.client import AvatarClient
+
+    r = client.post("/v1/avatars", data={"prompt": "a woman talks live", "size": "32x32", "num_frames": "5",
+                                         "num_inference_steps": "2", "seed": "21"},
+                    files={"input_reference": ("p.png", IMAGE, "image/png")})
+    avatar = wait_ready(client, r.json()["id"])
+    assert avatar["status"] == "ready", avatar
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * np.arange(6400) / 16000) * 32767).astype("<i2").tobytes()  # 0.4 s
+
+    async def session():
+        events, data = [], []
+        async with AvatarClient(cluster["url"], api_key="cluster-key").live(avatar["id"]) as live:
+            async def talk():
+                await asyncio.sleep(0.3)
+                for i in range(0, len(pcm), 3200):
+                    await live.send_audio(pcm[i:i + 3200])
+                    await asyncio.sleep(0.1)
+                await live.end_of_utterance()
+
+            speaking = asyncio.create_task(talk())
+            async for message in live:
+                (data if isinstance(message, bytes) else events).append(message)
+                if isinstance(message, dict) and message["type"] == "speech_ended":
+                    await live.close()
+            await speaking
+            return live.ready, events, b"".join(data)
+
+    ready, events, mp4 = asyncio.run(asyncio.wait_for(session(), 180))
+    kinds = [e["type"] for e in events if e["type"] != "stats"]
+    assert ready["avatar_id"] == avatar["id"] and kinds == ["speech_started", "speech_ended"], kinds
+    started, ended = (e["frame"] for e in events if e["type"] in ("speech_started", "speech_ended"))
+    assert ended - started == 10  # 0.4 s at 25 fps
+    frames, _, _ = durations(mp4)
+    assert frames >= ended
+    base = cluster["url"].replace("http", "ws") + f"/v1/avatars/{avatar['id']}/live"
+    with ws_client.connect(base + "?access_token=cluster-key") as ws:
+        ws.send(json.dumps({"type": "start", "format": "pcm_s16le", "sample_rate": 16000}))
+        assert json.loads(ws.recv())["type"] == "ready"
+    with ws_client.connect(base + "?access_token=nope") as ws:
+        assert json.loads(ws.recv())["code"] == 4401
+        with pytest.raises(Exception):
+            ws.recv()
+        assert ws.close_code == 4401
+    assert client.delete(f"/v1/avatars/{avatar['id']}").json()["deleted"] is True
+
+
 def test_a_clip_larger_than_a_grpc_message_crosses_from_the_decoder_to_lipsync(client):
     """A 256x256x9 avatar's decoded clip (1.8 MB) is over the gRPC message limit between replicas
     in the throughput-optimized mode (scaled down here, see GRPC_LIMIT; at full size a 480p

@@ -291,6 +291,16 @@ class AvatarClient:
         return LiveConnection(url, self.http.headers.get("authorization"), format, sample_rate)
 
 
+class LiveSessionError(ClientError):
+    """A live session the server ended with an error: `status` is the WebSocket close code (4000 +
+    the HTTP status of the same error where there is one: 4401 no valid key, 4429 full, ...)."""
+
+    def __init__(self, code: int, error: dict):
+        self.status, self.error = code, error
+        param = f" ({error.get('param')})" if error.get("param") else ""
+        RuntimeError.__init__(self, _one_line(f"live session closed ({code}): {error.get('message', '')}{param}", 600))
+
+
 class LiveConnection:
     """One live session over a WebSocket (`AvatarClient.live`). A session the server ends with an
     error raises ClientError (the close code as its status, the error event as its envelope)."""
@@ -311,7 +321,10 @@ class LiveConnection:
         except (OSError, websockets.exceptions.InvalidHandshake) as exc:
             raise ClientError(0, {"type": "connection_error", "message": f"cannot open {self.url}: {exc}",
                                   "param": None}) from exc
-        await self._ws.send(json.dumps(self.start))
+        try:
+            await self._ws.send(json.dumps(self.start))
+        except websockets.exceptions.ConnectionClosed:
+            pass  # the server refused at once (a key, an avatar): its error event is still to read
         first = await self._next()
         if first is None or not isinstance(first, dict) or first.get("type") != "ready":
             raise self._failure()
@@ -334,13 +347,13 @@ class LiveConnection:
                 self.error = message
         return message
 
-    def _failure(self) -> ClientError:
+    def _failure(self) -> LiveSessionError:
         rcvd = getattr(self._ws, "close_rcvd", None)
         code = self.error.get("code") if self.error else getattr(rcvd, "code", 0)
         error = self.error or {"type": "error", "message": getattr(rcvd, "reason", "") or "the session closed",
                                "param": None}
-        return ClientError(code or 0, {"type": "live_session_error", "message": error.get("message", ""),
-                                       "param": error.get("param")})
+        return LiveSessionError(code or 0, {"type": "live_session_error", "message": error.get("message", ""),
+                                            "param": error.get("param")})
 
     async def send_audio(self, pcm: bytes) -> None:
         await self._ws.send(bytes(pcm))

@@ -148,7 +148,8 @@ class LiveSession:
         self.changed = asyncio.Event()  # audio, an end, a chunk, a sent fragment: wakes renderer and pacer
         self.idle: tuple[int, list[bytes]] | None = None  # (session frame of units[0], units left)
         self.lags: deque[float] = deque(maxlen=100)
-        self.stats = {"frames_sent": 0, "speech_frames": 0, "stalls": 0, "utterances": 0}
+        self.stalling = False
+        self.stats = {"frames_sent": 0, "speech_frames": 0, "stalls": 0, "stalled_ms": 0, "utterances": 0}
         self.inflight = None  # the stage call rendering now
         self.epoch = 0  # interrupts so far: a render begun before one is dropped
         self.stream: PcmStream | None = None
@@ -391,6 +392,13 @@ class LiveSession:
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_every_s
                 self._event(self._stats())
+            behind = (now - self.started) - self.emitted / self.fps
+            if behind > self.cfg.lead_s:
+                # The stream stalled (speech frames came late): the client's player waited too, so
+                # the clock goes on from here instead of bursting idle frames to catch up, which
+                # would only sit in the client's buffer and delay the next speech by as much.
+                self.started += behind - self.cfg.lead_s
+                self.stats["stalled_ms"] += round(1000 * (behind - self.cfg.lead_s))
             ahead = self.emitted / self.fps - (now - self.started) - self.cfg.lead_s
             if ahead > 0:
                 await asyncio.sleep(min(ahead, self.cfg.stats_every_s))
@@ -402,9 +410,12 @@ class LiveSession:
                 continue
             if u is not None and u.start_frame is not None and self.emitted >= u.start_frame:
                 if u.ready and u.ready[0][0] == u.sent:
+                    self.stalling = False
                     self._speak(u)
                     continue
-                self.stats["stalls"] += 1  # speaking, the next frames are not rendered yet: wait for them
+                if not self.stalling:  # speaking, the next frames are not rendered yet: wait for them
+                    self.stalling = True
+                    self.stats["stalls"] += 1
                 self.changed.clear()
                 await self._wait_change(0.1)
                 continue

@@ -40,7 +40,7 @@ def explain(exc: BaseException, args: argparse.Namespace | None = None) -> str:
         return f"{exc}{hint}"
     if isinstance(exc, ClientError):
         given = bool(args is not None and (getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)))
-        if exc.status == 401:
+        if exc.status in (401, 4401):  # (4401: a live session's close code)
             return f"{exc} -- " + ("the server refused this API key" if given else
                                    f"this server needs an API key: give --api-key or set {API_KEY_ENV}")
         if exc.status == 403:
