@@ -75,13 +75,26 @@ START_INDEX = re.compile(r"[0-9]{1,9}")
 STATIC = Path(__file__).with_name("static")  # the web page: index.html, app.js, style.css
 
 
+DESCRIPTION = """Talking-avatar video: Wan2.2 I2V + MuseTalk stages on Ray Serve.
+
+**Live sessions** (a WebSocket, so not listed below): `GET /v1/avatars/{id}/live` on a ready avatar,
+with `Authorization: Bearer <key>` or `?access_token=<key>`. Send `{"type": "start", "format":
+"pcm_s16le" | "pcm_f32le", "sample_rate": 16000 | 24000 | 48000}`, then binary mono audio of any size
+and `{"type": "end_of_utterance" | "interrupt" | "close"}`. Receive one fragmented MP4 (H.264 + AAC,
+real-time pace, idle and speech) as binary messages, and JSON events: `ready` (with the MSE `mime`),
+`speech_started` / `speech_ended` / `interrupted` (with `frame`), `stats`, `error` before a close.
+Close codes: 1000 normal, 1009 audio message too big, 4400 bad message, 4401 key, 4404 unknown avatar,
+4409 avatar not ready or deleted, 4413 too much audio, 4408 session too long or client reading too
+slowly, 4429 full (`retry_after`), 1011 internal."""
+
+
 # ------------------------------------------------------------------ the app
 
 
 def build_app(ingress) -> FastAPI:
     """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
     app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
-                  description="Talking-avatar video: Wan2.2 I2V + MuseTalk stages on Ray Serve.")
+                  description=DESCRIPTION)
     app.state.ingress = ingress
     app.add_exception_handler(ApiError, api_error)
     for kind in ERRORS:
