@@ -263,7 +263,7 @@ class LipSyncConfig(StageBase):
         "cuDNN autotuning on a GPU: faster for one stream, but it tunes again in every new thread, "
         "and concurrent turns ran 3x slower (bench/README.md): off."))
     compile: bool = Field(False, description=(
-        "torch.compile the UNet and VAE decoder for batch_size and first_batch_size at start-up "
+        "torch.compile the UNet and VAE decoder for batch_size, first_batch_size and live_batch_frames at start-up "
         "(minutes on a GPU), for more frames per second, most with concurrent turns (bench/README.md)."))
     simulate_batch_seconds: float = Field(0.0, ge=0, le=60, description=(
         "Testing and demos only: each batch of a talk turn takes at least this long, so a tiny model "
@@ -287,6 +287,9 @@ class LipSyncConfig(StageBase):
     aac_sample_rate: int = Field(48000, description=(
         "Sample rate of the MP4's AAC audio, in Hz: at 48 kHz an AAC frame (1024 samples) lasts "
         "21 ms, so the audio stays within one video frame of the video."))
+    live_batch_frames: int = Field(8, ge=1, le=64, description=(
+        "Live sessions: most frames of one lip-sync call (a session renders as many frames as its "
+        "audio allows at once, up to this). With `compile`, one more compiled batch size."))
     live_idle_cache_mb: int = Field(64, ge=1, description=(
         "Live sessions: encoded idle frames (the base clip's cycle, the same for every session on an "
         "avatar) kept per replica, least recently used dropped first, in MiB."))

@@ -66,9 +66,6 @@ class LiveConfig(Strict):
         "start it sooner, at a few hundred bytes of overhead each."))
     idle_gop_frames: int = Field(12, ge=1, le=250, description=(
         "Frames per GOP of idle video (encoded once per avatar and reused); an IDR starts each."))
-    max_batch_frames: int = Field(8, ge=1, le=64, description=(
-        "Most frames of one lip-sync call of a session: as many frames as the audio allows are "
-        "rendered at once, up to this."))
     start_margin_frames: int = Field(3, ge=0, le=50, description=(
         "Idle frames played between the moment an utterance's first frames are requested and its "
         "first frame (time to render them); speech continues the base clip's cycle from that frame, "

@@ -135,6 +135,7 @@ class LiveSession:
         self.receive, self.send = receive, send
         self.cfg = ingress.cfg.serving.live
         self.max_audio_s = ingress.cfg.limits.max_audio_seconds
+        self.batch_frames = ingress.cfg.stages.lipsync.live_batch_frames  # what the stage is compiled for
         self.lipsync = ingress.turn_lipsync
         self.prepared_id: str | None = None
         self.fps = 25
@@ -322,7 +323,7 @@ class LiveSession:
                     continue
                 floor = before.start_frame + before.frames if before is not None and before.start_frame is not None else 0
                 u.start_frame = max(self.committed + self.cfg.start_margin_frames, floor)
-            count = min(u.renderable() - u.requested, self.cfg.max_batch_frames)
+            count = min(u.renderable() - u.requested, self.batch_frames)
             first, epoch = u.requested, self.epoch
             u.requested += count
             self.inflight = self.lipsync.live_speech.remote(self.prepared_id, Speech(u.audio()), first, count,

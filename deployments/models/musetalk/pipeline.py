@@ -180,8 +180,10 @@ class MuseTalkPipeline:
 
     @property
     def batch_sizes(self) -> list[int]:
-        """The batch sizes a turn runs: its (smaller) first batch and the rest."""
-        return sorted({min(self.cfg.first_batch_size, self.cfg.batch_size), self.cfg.batch_size})
+        """The batch sizes the UNet runs (compiled for each; a shorter batch is padded up to one):
+        a turn's (smaller) first batch and the rest, and a live session's."""
+        cfg = self.cfg
+        return sorted({min(cfg.first_batch_size, cfg.batch_size), cfg.batch_size, cfg.live_batch_frames})
 
     # ------------------------------------------------------------------ avatar preparation
 
