@@ -52,6 +52,7 @@ import httpx
 import numpy as np
 import yaml
 from common import ROOT, free_port, git_commit, once, spread, started_at, wav_bytes  # bench/common.py
+from live import inprocess_opener, live_levels, websocket_opener  # bench/live.py
 
 APP = "avatar-serve"
 STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder", "LipSync"]
@@ -140,7 +141,7 @@ def timeline_marks(timeline: list[dict]) -> dict:
 
 
 async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None,
-                  video_job=None) -> dict:
+                  video_job=None, live_opener=None) -> dict:
     """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
     `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown;
     `video_job(seed)` (served only) -> {"bytes", "timeline", "marks"}: the same request as a job,
@@ -207,7 +208,27 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None, pha
             out["turns"]["concurrency"][str(n)]["phases_mean_s"] = phase_delta(before, await asyncio.to_thread(phases))
     if args.turns_beside_video and not args.skip_video:
         out["turns"]["beside_video"] = await turns_beside_video(args, video, turn, avatar_id, frames)
+    if args.turn_series:
+        out["turns"]["series"] = await turn_series(args, create_avatar, turn)
+    if args.live_sessions and live_opener is not None:
+        out["live"] = await live_levels(live_opener, avatar_id, args.live_sessions, args.live_seconds,
+                                        args.live_lead_in, FAILURES, log)
     return out
+
+
+async def turn_series(args, create_avatar, turn) -> dict:
+    """A fresh avatar, then --turn-series talk turns one after another from the moment it is
+    ready, the first ones included: what a user who just made an avatar meets."""
+    log(f"a fresh avatar, then {args.turn_series} turns in a row")
+    avatar = await timed("series avatar", create_avatar, AVATAR_SEED + 1)
+    if "id" not in avatar:
+        return {"avatar": avatar}
+    runs = [await timed("series turn", turn, avatar["id"]) for _ in range(args.turn_series)]
+    ok = [r for r in runs if "error" not in r]
+    firsts = [r["first_s"] for r in ok]
+    return {"turns": len(runs), "failures": len(runs) - len(ok), "first_byte_s": firsts,
+            "first_byte_p50_s": statistics.median(firsts) if firsts else None,
+            "first_byte_p95_s": sorted(firsts)[min(len(firsts) - 1, int(0.95 * len(firsts)))] if firsts else None}
 
 
 async def turns_beside_video(args, video, turn, avatar_id: str, frames: int) -> dict:
@@ -255,8 +276,8 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
         asked = {**request, "seed": seed, **({"size": size} if size else {})}
         return {"bytes": len((await ingress.generate(asked, image, "mp4")).mp4)}
 
-    async def create_avatar():
-        avatar, _ = await ingress.create_avatar({**request, "seed": AVATAR_SEED}, image)
+    async def create_avatar(seed=AVATAR_SEED):
+        avatar, _ = await ingress.create_avatar({**request, "seed": seed}, image)
         while (avatar := ingress.avatar(avatar.id)).status in ("queued", "in_progress"):
             await asyncio.sleep(0.05)
         if avatar.status != "ready":
@@ -270,7 +291,7 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
             pieces.append(piece)
         return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
 
-    return out | await measure(args, video, create_avatar, turn)
+    return out | await measure(args, video, create_avatar, turn, live_opener=inprocess_opener(ingress))
 
 
 async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
@@ -326,8 +347,8 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
                 raise http_error(r)
             return {"bytes": len(r.content)}
 
-        async def create_avatar():
-            r = await client.post("/v1/avatars", data={**fields, "seed": str(AVATAR_SEED)}, files=picture)
+        async def create_avatar(seed=AVATAR_SEED):
+            r = await client.post("/v1/avatars", data={**fields, "seed": str(seed)}, files=picture)
             if r.status_code not in (200, 201):
                 raise http_error(r)
             avatar, deadline = r.json(), time.monotonic() + args.request_timeout
@@ -374,7 +395,8 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
             timeline.append({"t": round(time.time() - sent, 3), "event": "downloaded"})
             return {"bytes": len(mp4), "timeline": timeline, "marks": timeline_marks(timeline)}
 
-        return await measure(args, video, create_avatar, turn, out, phases, video_job)
+        return await measure(args, video, create_avatar, turn, out, phases, video_job,
+                             websocket_opener(base, args.api_key))
 
 
 # ------------------------------------------------------------------ the cluster
@@ -649,6 +671,15 @@ def summary(report: dict, args) -> str:
         rows.append((f"turns x{args.turns_beside_video} beside a video: 1st byte s, fps/turn, video s", [
             f"{fmt(dig(b, 'first_byte_s', 'median'))}, {fmt(dig(b, 'fps_per_turn', 'median'), '.1f')}, "
             f"{fmt(dig(b, 'video', 's'), '.1f')}" for b in beside]))
+    if args.turn_series and not args.skip_turns:
+        rows.append((f"{args.turn_series} turns on a new avatar: 1st byte p50, p95 s", [
+            f"{fmt(dig(p, 'turns', 'series', 'first_byte_p50_s'))}, {fmt(dig(p, 'turns', 'series', 'first_byte_p95_s'))}"
+            for p in phases]))
+    for n in map(str, args.live_sessions):
+        rows.append((f"live x{n}: 1st frame p50/p95 s, lag p50 ms, real-time", [
+            f"{fmt(dig(c, 'first_frame_s', 'p50'))}/{fmt(dig(c, 'first_frame_s', 'p95'))}, "
+            f"{fmt(dig(c, 'lag_ms', 'p50'), '.0f')}, {dig(c, 'kept_real_time')}/{dig(c, 'sessions')}"
+            for c in (dig(p, "live", "levels", n) for p in phases)]))
     extra = []
     if base := report.get("diffusers_baseline"):
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in (report.get("vs_diffusers") or {}).items())
@@ -697,6 +728,12 @@ def main() -> int:
                     help="then batches of this many turns at once while a video request runs (0: skip)")
     ap.add_argument("--beside-delay", type=float, default=3.0, help="seconds between starting that video and the turns")
     ap.add_argument("--warmup-turns", type=int, default=2, help="concurrent warm-up turns (one per lip-sync replica)")
+    ap.add_argument("--turn-series", type=int, default=0,
+                    help="a fresh avatar, then this many talk turns in a row, its first ones included")
+    ap.add_argument("--live-sessions", type=ints, default=[],
+                    help="live sessions at once, per level (e.g. 1,4,16): over the WebSocket served (bench/live.py)")
+    ap.add_argument("--live-seconds", type=float, default=10.0, help="speech per live session, sent at real-time pace")
+    ap.add_argument("--live-lead-in", type=float, default=1.0, help="idle seconds before a live session speaks")
     ap.add_argument("--diffusers-baseline", action="store_true",
                     help="also time diffusers' one-process pipeline (plain bf16 experts and VAE, eager) on the "
                          "same request, in its own subprocess after the in-process phase")
