@@ -73,7 +73,7 @@ class LipSync:
                         first, cfg.mp4_keyframe_interval, cfg.mp4_keyframe_interval + 2)
         # The models, warmed up on the model thread (`run`) when on a GPU.
         self.pipeline = MuseTalkPipeline(cfg, self.device, run=self.model.run, detector=detector,
-                                         weights_dir=weights_dir)
+                                         weights_dir=weights_dir, submit=self.model.submit)
         self.max_audio_seconds = max_audio_seconds
         self.fps = cfg.fps
         self.store = AvatarStore(cfg.avatar_cache_dir, cfg.max_avatars_in_memory)
@@ -178,7 +178,8 @@ class LipSync:
         with self.metrics.timed("live_speech"):
             rgba = self.cfg.mp4_codec == "h264_nvenc"
             frames = np.concatenate(list(self.pipeline.frames(avatar, speech.pcm, first=first, count=count,
-                                                              batch_size=count, start_index=start_index, rgba=rgba)))
+                                                              batch_size=count, start_index=start_index, rgba=rgba,
+                                                              shared=True)))
             return self._encode(frames)
 
     def live_idle(self, avatar: Avatar, start: int, count: int) -> VideoChunk:

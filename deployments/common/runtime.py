@@ -8,7 +8,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -56,6 +56,10 @@ class ModelLock:
         if threading.get_ident() == self.thread_id:
             return fn(*args, **kwargs)
         return self._submit(fn, args, kwargs).result()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> Future:
+        """Queue `fn(*args, **kwargs)` for the model thread without waiting -> its Future."""
+        return self._submit(fn, args, kwargs)
 
     async def arun(self, fn: Callable, *args, **kwargs):
         """As `run`, from a coroutine: the event loop stays free while the call waits and runs. A

@@ -5,6 +5,8 @@ folders) written to tmp_path. Model-side pieces alone are in tests/models/test_m
 from __future__ import annotations
 
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -413,3 +415,33 @@ def test_on_a_gpu_the_first_batch_goes_out_before_the_second_is_launched(stage, 
     assert len(got) == len(expected) == 5
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+def test_live_batches_at_once_are_merged_into_fewer_model_calls_with_the_same_frames(stage, avatar):
+    """Live sessions' batches that wait at the same time run as one UNet + VAE call (up to the
+    largest batch size: 8 here, the live one); each caller gets its own crops, equal to its batch alone within
+    rounding (another batch size: fp32 sums in another order; at most 2 levels)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipeline = stage.pipeline
+    features = pipeline.audio_features(_speech(1.0))
+    asks = [(0, 2, 0), (2, 2, 3), (4, 1, 7), (5, 2, 1), (7, 1, 9), (8, 2, 4)]  # (first, count, start_index)
+    batches = [([avatar.source_frame(i, start) for i in range(first, first + count)],
+                features.windows(range(first, first + count))) for first, count, start in asks]
+    alone = [pipeline.run(pipeline._launch_batch, avatar, sources, windows, None)[0].numpy()
+             for sources, windows in batches]
+    calls = pipeline.merged_calls
+    release = threading.Event()
+    stage.model.submit(release.wait)  # the model thread is busy: every batch below waits, then merges
+    with ThreadPoolExecutor(len(batches)) as pool:
+        pending = [pool.submit(pipeline._launch_shared, avatar, sources, windows, None) for sources, windows in batches]
+        deadline = time.monotonic() + 120  # a hang guard, not a speed bound
+        while len(pipeline._shared) < len(batches):  # every batch is waiting for the model thread
+            assert time.monotonic() < deadline, "the batches never queued"
+            time.sleep(0.01)
+        release.set()
+        together = [p.result()[0].numpy() for p in pending]
+    assert pipeline.batch_sizes[-1] == 8
+    assert pipeline.merged_calls - calls == 2  # ten frames, at most 8 a call: two calls for six batches
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 2

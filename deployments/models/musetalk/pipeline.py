@@ -23,8 +23,10 @@ batch by batch; by default calls run inline (scripts, tests).
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
@@ -94,8 +96,12 @@ class MuseTalkPipeline:
     avatar adds none); `frames_generated` counts frames the UNet made."""
 
     def __init__(self, cfg: LipSyncConfig, device: torch.device, run: Callable = inline,
-                 detector: FaceDetector | None = None, weights_dir: str | None = None):
+                 detector: FaceDetector | None = None, weights_dir: str | None = None, submit: Callable | None = None):
         self.cfg, self.device, self.run = cfg, device, run
+        # Queues model work without waiting (the stage's ModelLock.submit); None: run it inline.
+        self.submit = submit
+        self._shared: deque[_SharedBatch] = deque()  # live batches waiting to be merged (see `_launch_shared`)
+        self._shared_lock = threading.Lock()
         self.dtype = lipsync_dtype(cfg, device)
         self.fps = cfg.fps
         self.feature_extractor, self.whisper, self.unet, self.vae = load_models(
@@ -113,6 +119,7 @@ class MuseTalkPipeline:
         self._pastes: OrderedDict = OrderedDict()  # (prepared id, channels) -> PasteBack, through run
         self.vae_encodes = 0  # counted through run
         self.frames_generated = 0  # counted through run
+        self.merged_calls = 0  # model calls that ran shared batches (several callers' at once)
         self.memory_format = torch.contiguous_format
         self.compiled = False
         if device.type == "cuda":
@@ -310,7 +317,7 @@ class MuseTalkPipeline:
 
     def frames(self, avatar: PreparedAvatar, pcm: np.ndarray, *, batch_size: int | None = None,
                start_index: int = 0, clock: TurnClock | None = None, rgba: bool = False,
-               first: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
+               first: int = 0, count: int | None = None, shared: bool = False) -> Iterator[np.ndarray]:
         """Lip-sync `pcm` (float32 (S,), 16 kHz mono, already admitted) onto a prepared avatar.
 
         Yields uint8 frame chunks (B, H, W, 3): with `batch_size` given, B = batch_size; by
@@ -322,6 +329,9 @@ class MuseTalkPipeline:
         `first`, `count`: only frames first..first+count-1 (a live session's batch: `pcm` is its
         utterance so far, the features are whisper's over it, and frames whose window reaches past
         its end see zeros there, as the turn's last frames do past the end of its audio).
+        `shared`: the UNet and VAE run this batch merged with other callers' shared batches that
+        wait at the same time (live sessions), in one model call of up to the largest batch size:
+        fewer, fuller GPU calls; each caller's frames match its batch alone within rounding.
         """
         if avatar.fps != self.fps:
             raise ValueError(f"avatar was prepared for {avatar.fps} fps, the pipeline runs at {self.fps}")
@@ -353,7 +363,10 @@ class MuseTalkPipeline:
             sources = [avatar.source_frame(i, start_index) for i in range(lo, hi)]
             windows = features.windows(range(lo, hi))  # whisper runs here when the turn needs a new piece
             clock.mark("features")
-            host = self.run(self._launch_batch, avatar, sources, windows, paste)
+            if shared:
+                host = self._launch_shared(avatar, sources, windows, paste)
+            else:
+                host = self.run(self._launch_batch, avatar, sources, windows, paste)
             previous, pending = pending, (sources, *host)
             if previous is not None:
                 yield blended(*previous)  # the GPU is already working on this batch meanwhile
@@ -366,6 +379,50 @@ class MuseTalkPipeline:
         if pending is not None:
             yield blended(*pending)
 
+    def _launch_shared(self, avatar: PreparedAvatar, sources: list[int], windows: torch.Tensor,
+                       paste: PasteBack | None):
+        """`_launch_batch` merged with other shared batches: the batch joins the waiting ones and a
+        merge is queued on the model thread; whichever merge runs first takes every waiting batch
+        (up to the largest compiled batch size) into one UNet + VAE call and hands each caller its
+        rows. Written here because the batches come from separate stage calls (one per live
+        session), which Ray Serve's own @serve.batch would have to wrap at the deployment, in Ray."""
+        lock = getattr(self.submit, "__self__", None)
+        if self.submit is None or threading.get_ident() == getattr(lock, "thread_id", None):
+            return self.run(self._launch_batch, avatar, sources, windows, paste)  # nothing to merge with
+        batch = _SharedBatch(avatar, sources, windows, paste)
+        with self._shared_lock:
+            self._shared.append(batch)
+        self.submit(self._merge)
+        return batch.future.result()
+
+    def _merge(self) -> None:
+        """On the model thread: the waiting shared batches, as many as fit in the largest batch
+        size, through one `_generate`; each gets its own crops pasted and on their way to the host."""
+        limit = self.batch_sizes[-1]
+        with self._shared_lock:
+            taken, total = [], 0
+            while self._shared and (not taken or total + len(self._shared[0].sources) <= limit):
+                taken.append(self._shared.popleft())
+                total += len(taken[-1].sources)
+        if not taken:
+            return  # an earlier merge took them
+        try:
+            latents = np.concatenate([b.avatar.latents[b.sources] for b in taken])
+            crops = self._generate(latents, torch.cat([b.windows for b in taken]))
+            self.frames_generated += total
+            self.merged_calls += 1
+            at = 0
+            for b in taken:
+                own = crops[at:at + len(b.sources)]
+                at += len(b.sources)
+                b.future.set_result(_to_host(own if b.paste is None else b.paste(b.sources, own)))
+            if self.cfg.simulate_batch_seconds:
+                time.sleep(self.cfg.simulate_batch_seconds)
+        except BaseException as exc:  # noqa: BLE001 - every caller of the merge gets the failure
+            for b in taken:
+                if not b.future.done():
+                    b.future.set_exception(exc)
+
     def _launch_batch(self, avatar: PreparedAvatar, sources: list[int], windows: torch.Tensor,
                       paste: PasteBack | None):
         """One batch of a turn (through `run`): generate, paste (on the device) and start the copy
@@ -376,6 +433,14 @@ class MuseTalkPipeline:
         if self.cfg.simulate_batch_seconds:
             time.sleep(self.cfg.simulate_batch_seconds)
         return host
+
+
+class _SharedBatch:
+    """One caller's batch waiting to be merged with others (`MuseTalkPipeline._launch_shared`)."""
+
+    def __init__(self, avatar: PreparedAvatar, sources: list[int], windows: torch.Tensor, paste: PasteBack | None):
+        self.avatar, self.sources, self.windows, self.paste = avatar, sources, windows, paste
+        self.future: Future = Future()
 
 
 def _to_host(crops: torch.Tensor):
