@@ -338,3 +338,45 @@ def test_speech_recorded_from_the_microphone_is_answered(url, browser, files):
     assert not text(browser, "t-audio-error") and not text(browser, "t-form-error")
     wait(browser, lambda d: js(d, "return document.getElementById('t-video').currentTime > 0"), 20)
     shot(browser, "10-talk-recorded", show="t-video")
+
+
+EVENTS_TEXT = "return document.getElementById('l-events').textContent"
+
+
+def test_a_live_session_idles_lip_syncs_the_microphone_and_is_interrupted(url, browser, files):
+    """Live mode: the session opens on the avatar and its stream plays (idle); Chromium's fake
+    microphone, captured by the AudioWorklet, becomes an utterance that is lip-synced and ends
+    back in idle; a second one is interrupted; the session is closed from the page."""
+    open_page(browser, url, tab="tab-talk")
+    browser.find_element(By.ID, "a-image").send_keys(str(files["portrait"]))
+    browser.find_element(By.ID, "a-create").click()
+    wait(browser, lambda d: d.find_element(By.ID, "a-status").get_attribute("data-status") == "ready", 120)
+    browser.find_element(By.ID, "l-start").click()
+    metrics = lambda d: js(d, "return {...document.getElementById('l-metrics').dataset}")  # noqa: E731
+    wait(browser, lambda d: metrics(d).get("mime"), 60, "the session did not become ready")
+    assert re.fullmatch(r'video/mp4; codecs="avc1\.64[0-9a-f]{4}, mp4a\.40\.2"', metrics(browser)["mime"])
+    wait(browser, lambda d: js(d, "return document.getElementById('l-video').currentTime > 0.5"), 60,
+         "the idle stream did not play")
+    shot(browser, "11-live-idle", show="live-card")
+    talk = browser.find_element(By.ID, "l-talk")
+    talk.click()
+    wait(browser, lambda d: d.find_element(By.ID, "l-talk").get_attribute("aria-pressed") == "true", 20)
+    time.sleep(1.5)  # speak for a while (the fake microphone's beeps), then end the utterance
+    talk.click()
+    try:
+        got = wait(browser, lambda d: metrics(d).get("speechEnded") and metrics(d), 240)
+    except TimeoutException:
+        raise AssertionError(f"the utterance did not end: {metrics(browser)}, {text(browser, 'l-error')}, "
+                             f"{js(browser, EVENTS_TEXT)}") from None
+    assert int(got["speechStarted"]) < int(got["speechEnded"]), got
+    assert not text(browser, "l-error")
+    wait(browser, lambda d: metrics(d).get("lagMs"), 30, "no lag was shown")
+    shot(browser, "12-live-spoken", show="live-card")
+    talk.click()  # a second utterance, interrupted once it is heard
+    wait(browser, lambda d: js(d, EVENTS_TEXT).count("speech_started") == 2, 240, "the second utterance was not heard")
+    browser.find_element(By.ID, "l-interrupt").click()
+    wait(browser, lambda d: metrics(d).get("interrupted"), 30, "the interrupt was not confirmed")
+    browser.find_element(By.ID, "l-end").click()
+    wait(browser, lambda d: metrics(d).get("closeCode") == "1000", 30, "the session did not close normally")
+    assert js(browser, "return document.getElementById('l-video').error") is None
+    shot(browser, "13-live-ended", show="live-card")
