@@ -146,7 +146,10 @@ class LiveSession:
         self.carry = np.zeros(0, np.float32)  # an utterance's audio past its last whole frame
         self.out: asyncio.Queue = asyncio.Queue()
         self.queued_frames = 0  # frames in `out` the client has not taken yet
-        self.changed = asyncio.Event()  # audio, an end, a chunk, a sent fragment: wakes renderer and pacer
+        # Wake-ups, one per waiter (each clears its own before it looks, so none is lost): the
+        # renderer on audio, an end or a sent fragment; the pacer on a rendered chunk.
+        self.wake_renderer = asyncio.Event()
+        self.wake_pacer = asyncio.Event()
         self.idle: tuple[int, list[bytes]] | None = None  # (session frame of units[0], units left)
         self.lags: deque[float] = deque(maxlen=100)
         self.stalling = False
@@ -269,7 +272,7 @@ class LiveSession:
             else:
                 raise LiveError("invalid", f"unknown message type {kind!r}; expected one of "
                                            f"{', '.join(MESSAGE_TYPES[1:])}", "type")
-            self.changed.set()
+            self.wake_renderer.set()
 
     def _audio(self, data: bytes) -> None:
         if len(data) > self.cfg.max_chunk_bytes:
@@ -293,7 +296,7 @@ class LiveSession:
         if unplayed > self.cfg.max_buffered_audio_s:
             raise LiveError("too_much", f"{unplayed:.1f} s of audio wait to be played; the limit is "
                                         f"{self.cfg.max_buffered_audio_s:g} s", "audio")
-        self.changed.set()
+        self.wake_renderer.set()
 
     def _interrupt(self) -> None:
         """Stop speaking now: drop every utterance and the audio not yet played, cancel the stage
@@ -309,17 +312,17 @@ class LiveSession:
 
     async def _render(self) -> None:
         while True:
+            self.wake_renderer.clear()
+            self._end_quiet_utterances()
             u = next((u for u in self.utterances if u.requested < u.renderable()), None)
             ahead = sum(u.requested - u.sent for u in self.utterances) / self.fps
             if u is None or ahead >= self.cfg.render_ahead_s:
-                self.changed.clear()
-                await self._wait_change(0.25)
-                self._end_quiet_utterances()
+                await _wait(self.wake_renderer, 0.25)
                 continue
             if u.start_frame is None:
                 before = self.utterances[self.utterances.index(u) - 1] if u is not self.utterances[0] else None
                 if before is not None and not before.ended:
-                    await self._wait_change(0.25)  # an utterance starts after the one before it ends
+                    await _wait(self.wake_renderer, 0.25)  # an utterance starts after the one before it ends
                     continue
                 floor = before.start_frame + before.frames if before is not None and before.start_frame is not None else 0
                 u.start_frame = max(self.committed + self.cfg.start_margin_frames, floor)
@@ -339,20 +342,13 @@ class LiveSession:
                 self.inflight = None
             if self.epoch == epoch:
                 u.ready.append((first, chunk))
-                self.changed.set()
+                self.wake_pacer.set()
 
     def _end_quiet_utterances(self) -> None:
         now = time.monotonic()
         for u in self.utterances:
             if not u.ended and now - u.last_audio > self.cfg.utterance_gap_s:
                 u.ended = True
-                self.changed.set()
-
-    async def _wait_change(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self.changed.wait(), timeout)
-        except TimeoutError:
-            pass
 
     # ------------------------------------------------------------------ output
 
@@ -385,6 +381,7 @@ class LiveSession:
     async def _pace(self) -> str:
         next_stats = time.monotonic() + self.cfg.stats_every_s
         while True:
+            self.wake_pacer.clear()
             now = time.monotonic()
             if self.avatar_id not in self.ingress.records.avatars:
                 raise LiveError("conflict", f"avatar {self.avatar_id} was deleted", "avatar_id")
@@ -417,8 +414,7 @@ class LiveSession:
                 if not self.stalling:  # speaking, the next frames are not rendered yet: wait for them
                     self.stalling = True
                     self.stats["stalls"] += 1
-                self.changed.clear()
-                await self._wait_change(0.1)
+                await _wait(self.wake_pacer, 0.1)
                 continue
             count = self.cfg.fragment_frames
             if u is not None and u.start_frame is not None:
@@ -452,7 +448,7 @@ class LiveSession:
             self.utterances.popleft()
             self.carry = np.concatenate([self.carry, audio[u.sent * self.spf:]])
             self._event({"type": "speech_ended", "frame": self.emitted})
-        self.changed.set()
+        self.wake_renderer.set()
 
     def _stats(self) -> dict:
         unplayed = sum(u.samples - u.sent * self.spf for u in self.utterances) / SAMPLE_RATE
@@ -465,3 +461,11 @@ class LiveSession:
             message, frames = await self.out.get()
             await self.send(message)
             self.queued_frames -= frames
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set, or `timeout` seconds (the caller looks at its state again either way)."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        pass
