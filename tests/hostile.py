@@ -136,6 +136,8 @@ def cases() -> list[Case]:
              audio("a.flac", flac_without_duration(600), "audio/flac")),
         Case("NaN samples in a float WAV", "/v1/videos", 400, "audio", VIDEO, audio("a.wav", float_wav(np.full(8000, np.nan)))),
         Case("infinite samples", "/v1/videos", 400, "audio", VIDEO, audio("a.wav", float_wav(np.full(8000, np.inf)))),
+        # finite but far past [-1, 1]: it passed every check once and broke the AAC encoder after the diffusion
+        Case("samples of 1e12 in a float WAV", "/v1/videos", 400, "audio", VIDEO, audio("a.wav", float_wav(np.full(8000, 1e12)))),
         Case("audio shorter than a frame", "/v1/videos", 422, "audio", VIDEO, audio("a.wav", float_wav(np.zeros(100)))),
         Case("audio file empty", "/v1/videos", 400, "audio", VIDEO, audio("a.wav", b"")),
         Case("audio that is random bytes", "/v1/videos", 400, "audio", VIDEO,
@@ -198,6 +200,8 @@ def cases() -> list[Case]:
              {"audio": ("a.wav", wav_bytes(0.3), "audio/wav")}),
         Case("speech with NaN audio", speech, 400, "audio", None,
              {"audio": ("a.wav", float_wav(np.full(8000, np.nan)), "audio/wav")}),
+        Case("speech with samples of 1e12", speech, 400, "audio", None,
+             {"audio": ("a.wav", float_wav(np.full(8000, 1e12)), "audio/wav")}),
         Case("speech FLAC of 10 minutes with no declared length", speech, 422, "audio",
              content=flac_without_duration(600), headers={"content-type": "audio/flac"}),
         Case("speech body over the limit", speech, 413, "audio", content=b"x" * 1_100_000,
