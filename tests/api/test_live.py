@@ -90,6 +90,13 @@ class Client:
         return [m["type"] for m in self.out if isinstance(m, dict) and m["type"] != "stats"]
 
 
+def open_session(graph: LocalGraph, avatar: str) -> tuple[Client, asyncio.Task]:
+    """A client that has sent `start`, and the session running for it (inside a running loop)."""
+    client = Client()
+    client.put(START)
+    return client, asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+
+
 async def talk(client: Client, pcm: bytes, chunk_ms: int = 100, real_time: bool = True) -> None:
     step = 16000 * chunk_ms // 1000 * 2
     for i in range(0, len(pcm), step):
@@ -200,9 +207,7 @@ def test_an_idle_session_streams_the_base_cycle_with_silence_and_no_model(shared
     before = graph.lipsync.calls["live_speech"]
 
     async def scenario():
-        client = Client()
-        client.put(START)
-        session = asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+        client, session = open_session(graph, avatar)
         await client.until_frames(30)
         client.put({"type": "close"})
         return client, await session
@@ -227,9 +232,7 @@ def test_speech_starts_on_a_later_frame_continues_the_cycle_and_ends_back_in_idl
     pcm = speech(0.6)
 
     async def scenario():
-        client = Client()
-        client.put(START)
-        session = asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+        client, session = open_session(graph, avatar)
         await client.until_frames(10)
         await talk(client, pcm.tobytes())
         client.put({"type": "end_of_utterance"})
@@ -266,9 +269,7 @@ def test_interrupt_stops_speech_within_a_fragment_and_idle_resumes(shared):
     graph, avatar = shared
 
     async def scenario():
-        client = Client()
-        client.put(START)
-        session = asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+        client, session = open_session(graph, avatar)
         await client.until_frames(4)
         asyncio.ensure_future(talk(client, speech(1.0).tobytes(), real_time=False))  # more than it says at once
         started = await client.until("speech_started")
@@ -296,9 +297,7 @@ def test_a_client_that_leaves_mid_utterance_stops_the_stage_work(shared):
     graph, avatar = shared
 
     async def scenario():
-        client = Client()
-        client.put(START)
-        session = asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+        client, session = open_session(graph, avatar)
         await client.until_frames(2)
         await talk(client, speech(2.0).tobytes(), real_time=False)
         await client.until("speech_started")
@@ -401,9 +400,7 @@ def test_deleting_the_avatar_ends_its_sessions(tmp_path):
 
     async def scenario():
         avatar = await ready_avatar(graph)
-        client = Client()
-        client.put(START)
-        session = asyncio.create_task(graph.ingress.live(avatar, client.receive, client.send))
+        client, session = open_session(graph, avatar)
         await client.until_frames(4)
         await graph.ingress.delete_avatar(avatar)
         return client, await asyncio.wait_for(session, 60)
