@@ -41,6 +41,7 @@ KEY = {"Authorization": "Bearer cluster-key"}
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
 SLOW = {**FAST, "num_inference_steps": "100"}  # 100 x 0.1 s: past the 8 s deadline
+pytestmark = pytest.mark.cluster
 
 
 # Lip-sync autoscales between 1 and 2 replicas, two turns each, quickly (for the test).

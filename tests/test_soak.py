@@ -22,6 +22,7 @@ SOAK_SECONDS, MAX_REQUESTS, CONCURRENCY = 150, 400, 8
 IMAGE = png_bytes(get_dummy_image())
 FILES = {"input_reference": ("p.png", IMAGE, "image/png")}
 VIDEO = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")

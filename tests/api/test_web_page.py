@@ -26,6 +26,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 KEY = "web-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 STEP_S = 0.25
+pytestmark = [pytest.mark.browser, pytest.mark.cluster]  # the page is served by a Ray cluster
 
 if not (CHROMIUM and CHROMEDRIVER):
     if os.environ.get("CI"):
