@@ -73,6 +73,7 @@ def test_whole_requests_at_once_equal_requests_alone(graph):
             np.testing.assert_array_equal(a.frames, b.frames)
 
 
+@pytest.mark.slow  # twelve talk turns on the CPU
 def test_talk_turns_at_once_equal_turns_alone(graph):
     async def prepare():
         avatar, _ = await graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
