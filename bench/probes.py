@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, free_port, spread, started_at  # bench/common.py, beside this file
+from common import ROOT, free_port, git_commit, spread, started_at  # bench/common.py, beside this file
 
 PROBE_TIMEOUT_S = 1.0  # Kubernetes' default timeoutSeconds
 HEADERS = (b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     import httpx
 
-    report = {"started_at": started_at(), "host": platform.node(), "profile": args.profile,
+    report = {"started_at": started_at(), "commit": git_commit(), "host": platform.node(), "profile": args.profile,
               "stuck": args.stuck, "trickling": args.trickling, "loads": {}}
     base, stop_server = serve(args)
     port = int(base.rsplit(":", 1)[1])
