@@ -1,7 +1,9 @@
 # make demo : create .venv, install, run the tiny profile's graph (real Ray Serve, HTTP): a video
 #             job from a generated portrait (out/demo.mp4), then an avatar from it and a lip-synced
 #             talk turn from generated speech-like audio (out/demo-talk.mp4); shut down.
-# make test : create/reuse .venv, install with test extras, run the tests.
+# make test : create/reuse .venv, install with test extras, run every test (what CI runs).
+# make test-fast : the same, without the tests marked cluster (Ray), browser or slow: the lane to
+#             run on every change (a few minutes on two cores; markers in pyproject.toml).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,7 +15,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.6"
 EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "test,fp8-attention" || echo "test")
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not cluster and not browser and not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/stages.py --profile tiny

@@ -135,19 +135,20 @@ def decode_mp4_tracks(data: bytes) -> tuple[np.ndarray, float, float]:
 FINAL = {"videos": ("completed", "failed", "cancelled"), "avatars": ("ready", "failed", "cancelled")}
 
 
-# A liveness probe as an orchestrator runs it (Kubernetes' default timeoutSeconds is 1): an answer
-# that does not come within the probe's timeout counts as a failed probe, whatever else it says.
-PROBE_TIMEOUT_S = 1.0
+# How long a test waits for an answer before it calls the server hung. Not a speed claim: a loaded
+# two-core machine may take seconds for what takes milliseconds elsewhere; the bound only turns a
+# hang into a failure instead of a stuck run. How fast the probes answer is measured in bench/.
+HANG_S = 60.0
 
 
-def health_probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """GET `url` as a health probe: None when it answers 200 within `timeout`, else why not."""
+def health_probe(url: str, timeout: float = HANG_S) -> str | None:
+    """GET `url` as a health probe: None when it answers 200, else why not ("hung" after `timeout`)."""
     import httpx
 
     try:
         r = httpx.get(url, timeout=timeout)
     except httpx.TimeoutException:
-        return f"{url}: no answer within the probe's {timeout:g} s"
+        return f"{url}: no answer in {timeout:g} s (hung)"
     return None if r.status_code == 200 else f"{url}: {r.status_code}"
 
 

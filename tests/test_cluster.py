@@ -22,6 +22,7 @@ from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
 from deployments.profiles import deep_merge
 from helpers import (
+    HANG_S,
     durations,
     free_port,
     get_dummy_image,
@@ -41,6 +42,8 @@ KEY = {"Authorization": "Bearer cluster-key"}
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
 SLOW = {**FAST, "num_inference_steps": "100"}  # 100 x 0.1 s: past the 8 s deadline
+LONG = {**FAST, "num_inference_steps": "400"}  # cancelled long before its end
+pytestmark = pytest.mark.cluster
 
 
 # Lip-sync autoscales between 1 and 2 replicas, two turns each, quickly (for the test).
@@ -55,7 +58,7 @@ def overrides(storage: Path) -> dict:
     stages["lipsync"]["placement"].update(autoscaling=AUTOSCALING, max_ongoing_requests=2)
     stages["lipsync"]["avatar_cache_dir"] = str(storage / "avatars")  # shared by the replicas
     stages["lipsync"]["simulate_batch_seconds"] = 0.3  # a batch of 8 frames: a busy GPU
-    return {"stages": stages, "limits": {"max_steps": 100, **LIMITS},
+    return {"stages": stages, "limits": {"max_steps": 400, **LIMITS},
             "serving": {"storage_dir": str(storage), "job_timeout_s": 8.0, "max_running_jobs": 4,
                         "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
 
@@ -223,15 +226,41 @@ def test_job_lifecycle_over_http(client):
     assert client.get(f"/v1/videos/{job['id']}").status_code == 404
 
 
+def high_steps(num_inference_steps: int) -> int:
+    """How many of a tiny-profile job's steps the high expert runs."""
+    from deployments.models.wan.sampler import expert_for_step, make_scheduler, set_timesteps
+    from deployments.profiles import load_profile
+
+    sampler = load_profile("tiny").sampler
+    scheduler = make_scheduler(sampler)
+    set_timesteps(scheduler, sampler, num_inference_steps, "cpu")
+    return sum(expert_for_step(sampler, i, t, scheduler.config.num_train_timesteps) == "high"
+               for i, t in enumerate(scheduler.timesteps))
+
+
+def settled_steps(name: str) -> int:
+    """A stage's `steps_run` once it has stopped moving (two reads a second apart agree: ten
+    steps' time at 0.1 s a step)."""
+    last, deadline = None, time.monotonic() + HANG_S
+    while True:
+        now = stage(name).info.remote().result(timeout_s=60)["steps_run"]
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"{name} never stopped stepping"
+        last = now
+        time.sleep(1.0)
+
+
 def test_cancel_mid_run_stops_the_expert_and_frees_it(client):
     before = stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"]
-    job = create(client, SLOW).json()
+    job = create(client, LONG).json()
     first_step(client, job["id"])
     assert client.delete(f"/v1/videos/{job['id']}").json()["status"] == "cancelled"
     assert wait_final(client, job["id"])["status"] == "cancelled"
-    time.sleep(0.5)  # let a step that was already running finish; none may start after it
-    ran = stage("DitExpertHigh").info.remote().result(timeout_s=60)["steps_run"] - before
-    assert 1 <= ran < 20
+    # The expert stopped (a step already running finishes, none starts after it) part-way
+    # through its share of the job: by the count of steps, not by how soon.
+    ran = settled_steps("DitExpertHigh") - before
+    assert 1 <= ran < high_steps(400), (ran, high_steps(400))
     assert wait_final(client, create(client).json()["id"])["status"] == "completed"
 
 
@@ -244,9 +273,10 @@ def test_deadline_fails_the_job_and_the_stage_serves_the_next(client):
 
 def gauge(cluster, name: str, want: float) -> float:
     """The ingress's gauge `name` as Prometheus reads it, waited on until it shows `want` (replicas
-    report every 0.5 s here; Ray's default is 10 s, see README)."""
+    report every 0.5 s here; Ray's default is 10 s, see README; the wait's bound only catches a
+    gauge that never gets there)."""
     pattern = re.compile(rf"^(?:ray_)?{name}\{{[^}}]*\}} (\S+)$", re.M)
-    deadline, value = time.monotonic() + 15, None
+    deadline, value = time.monotonic() + HANG_S, None
     while time.monotonic() < deadline:
         m = pattern.search(httpx.get(cluster["metrics"], timeout=10).text)
         value = None if m is None else float(m.group(1))
@@ -275,7 +305,8 @@ def test_queue_full_gives_429_then_recovers_and_the_gauges_follow(cluster, clien
 
 def test_many_slow_uploads_and_event_streams_do_not_starve_healthz(cluster, client):
     """80 clients that send headers and then nothing (each holds a request open at the ingress
-    until its body deadline), plus open event streams: /healthz and /readyz still answer at once."""
+    until its body deadline), plus open event streams: /healthz and /readyz still answer (a
+    probe that hangs fails; how fast they answer is a benchmark's, bench/probes.py)."""
     import socket
 
     host, port = cluster["url"].removeprefix("http://").split(":")
@@ -332,25 +363,19 @@ def stage_requests(cluster) -> dict[str, float]:
         last = now
 
 
-def test_hostile_requests_over_http_never_reach_a_stage_and_healthz_stays_fast(cluster, client):
+def test_hostile_requests_over_http_never_reach_a_stage_and_healthz_keeps_answering(cluster, client):
     """tests/hostile.py's cases against the served graph: each gets its 4xx naming the field, in
     words without a traceback; no stage handles a single request meanwhile (Serve's counters); and
-    /healthz, probed all along, answers fast throughout."""
+    /healthz, probed alongside every case, answers each time."""
     avatar = wait_ready(client, client.post("/v1/avatars", data=VIDEO, files=FILES).json()["id"])["id"]
     before = stage_requests(cluster)
-    probes, done = [], threading.Event()
-
-    def probe():
-        while not done.is_set():
-            probes.append(health_probe(cluster["url"] + "/healthz"))
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    wrong = []
-    try:
-        for case in hostile_cases():
+    cases = hostile_cases()
+    probes, wrong = [], []
+    with ThreadPoolExecutor(1) as prober:
+        for case in cases:
+            probe = prober.submit(health_probe, cluster["url"] + "/healthz")  # while the case is sent
             r = case.send(client, case.path.format(avatar=avatar))
+            probes.append(probe.result())
             try:
                 error = r.json()["error"]
             except (ValueError, KeyError):
@@ -358,18 +383,15 @@ def test_hostile_requests_over_http_never_reach_a_stage_and_healthz_stays_fast(c
             if (r.status_code, error.get("param")) != (case.status, case.param) or not error.get("message") \
                     or "Traceback" in r.text or "ray::" in r.text:
                 wrong.append((case.name, r.status_code, r.text[:200]))
-    finally:
-        done.set()
-        prober.join()
     assert not wrong, wrong
     assert stage_requests(cluster) == before
-    assert len(probes) > 20 and not any(probes), [p for p in probes if p][:5]
+    assert len(probes) == len(cases) and not any(probes), [p for p in probes if p][:5]
 
 
 def test_metrics_show_stage_histograms(cluster, client):
     assert wait_final(client, create(client).json()["id"])["status"] == "completed"
     pattern = re.compile(r'avatar_serve_stage_latency_seconds_count\{[^}]*stage="(\w+)"[^}]*\} (\d+(?:\.\d+)?)')
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S  # until the series show up; only missing ones reach it
     seen: dict[str, float] = {}
     while time.monotonic() < deadline:
         text = httpx.get(cluster["metrics"], timeout=10).text
@@ -516,7 +538,7 @@ def test_the_stages_info_logs_reach_the_serve_replica_logs(client):
     import ray
 
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HANG_S  # until the lines are flushed; only missing ones reach it
     while True:
         text = {f.name: f.read_text(errors="replace") for f in logs.glob("replica_*.log")}
         ingress = "".join(t for name, t in text.items() if "_Ingress_" in name)

@@ -37,6 +37,7 @@ def test_every_preset_names_every_stage_and_experts_apart_from_two_gpus():
             assert shares["high"] + shares["low"] > 1, preset
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("preset", list(GPUS))
 def test_a_preset_fits_its_gpus_and_keeps_the_experts_apart(preset, tmp_path):
     lipsync = {"placement": {"autoscaling": {"min_replicas": 2, "max_replicas": 2}},

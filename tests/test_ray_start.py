@@ -21,7 +21,7 @@ from helpers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 APP = "avatar-serve"
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 
 def run(*args: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:

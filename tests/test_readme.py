@@ -183,6 +183,7 @@ def test_cli_subcommands_answer_help():
         assert r.returncode == 0 and "usage: avatar-serve " + sub in r.stdout, (sub, r.stdout, r.stderr)
 
 
+@pytest.mark.slow  # each `ray` / `serve` command imports Ray first: seconds apiece
 def test_other_venv_tools_know_their_subcommands_and_options():
     """`.venv/bin/serve run ...`, `.venv/bin/ray start --metrics-export-port=...`: the subcommand
     answers --help and lists every option the README gives it."""

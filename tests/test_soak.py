@@ -1,7 +1,8 @@
-"""Soak: a few hundred mixed requests at concurrency 8 against the served tiny graph on a Ray
-cluster (jobs, synchronous videos, avatars, talk turns, cancels, bad input). Nothing answers 5xx,
-every job ends (none lost or stuck), and no Ray process keeps growing. Bounded in time: it stops
-issuing requests after SOAK_SECONDS."""
+"""Soak: 400 mixed requests at concurrency 8 against the served tiny graph on a Ray cluster (jobs,
+synchronous videos, avatars, talk turns, cancels, bad input). Every request is answered and none
+with a 5xx, every job ends (none lost or stuck), and no Ray process keeps growing. Bounded by the
+count of requests, not by time: how many a second the graph serves is a benchmark's
+(bench/serve.py), and pytest-timeout catches a soak that hangs."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import pytest
 from helpers import free_port, get_dummy_image, png_bytes, wait_final, wait_ready, wav_bytes
 
 APP = "avatar-serve"
-SOAK_SECONDS, MAX_REQUESTS, CONCURRENCY = 150, 400, 8
+REQUESTS, CONCURRENCY = 400, 8
 IMAGE = png_bytes(get_dummy_image())
 FILES = {"input_reference": ("p.png", IMAGE, "image/png")}
 VIDEO = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_mixed_requests_at_concurrency_8(served):
         ])()
 
     kinds = [job] * 7 + [sync] * 3 + [avatar] * 2 + [turn] * 5 + [cancel] * 2 + [bad] * 2
-    snapshots, started = [], time.monotonic()
+    snapshots = []
 
     def one(i):
         kind = rng.choice(kinds)
@@ -129,10 +131,8 @@ def test_mixed_requests_at_concurrency_8(served):
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         futures = []
-        for i in range(MAX_REQUESTS):
-            if time.monotonic() - started > SOAK_SECONDS:
-                break
-            if i in (40, MAX_REQUESTS // 2):
+        for i in range(REQUESTS):
+            if i in (40, REQUESTS // 2):
                 for f in futures:
                     f.result()
                 # after warm-up (every code path has run once), and half way
@@ -143,7 +143,7 @@ def test_mixed_requests_at_concurrency_8(served):
         for f in futures:
             f.result()
     statuses = [s for _, s in seen]
-    assert len(seen) >= 150, f"only {len(seen)} requests in {SOAK_SECONDS} s"
+    assert len(seen) == REQUESTS, f"{len(seen)} of {REQUESTS} requests answered"
     assert all(s < 500 for s in statuses), [x for x in seen if x[1] >= 500]
     counts = Counter(seen)
     print("soak:", len(seen), "requests", dict(sorted(counts.items())))

@@ -6,6 +6,7 @@ over HTTP."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from helpers import free_port, get_dummy_image, png_bytes, wait_final, wait_ready, wav_bytes
 
@@ -13,6 +14,7 @@ VIDEO = {"prompt": "a woman talks", "size": "32x32", "num_frames": "5", "num_inf
 FILES = {"input_reference": ("p.png", png_bytes(get_dummy_image()), "image/png")}
 STAGES = {"Encoder": "head", "DitExpertHigh": "experts", "DitExpertLow": "experts", "Decoder": "head",
           "LipSync": "head", "Ingress": "head"}
+pytestmark = pytest.mark.cluster
 
 
 def test_stages_split_over_two_nodes_serve_a_job_and_a_talk_turn(tmp_path):

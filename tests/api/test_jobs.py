@@ -61,20 +61,30 @@ def test_events_carry_ids_and_times_and_a_reconnect_resumes_after_the_last_id(tm
 
 
 def test_a_quiet_event_stream_sends_keepalives_and_loses_no_event():
+    """The source stays quiet until the stream has sent three keep-alives (an event, not a
+    sleep: as many as a loaded machine's timers give), then its events all arrive."""
     import asyncio
 
     from deployments.api.routes import with_keepalive
 
-    async def slow():
-        await asyncio.sleep(0.25)
-        yield {"event": "step", "id": 0}
-        yield {"event": "completed", "id": 1}
+    keepalive = ": keep-alive\n\n"
 
     async def collect():
-        return [line async for line in with_keepalive(slow(), 0.05)]
+        lines, quiet = [], asyncio.Event()
+
+        async def slow():
+            await quiet.wait()
+            yield {"event": "step", "id": 0}
+            yield {"event": "completed", "id": 1}
+
+        async for line in with_keepalive(slow(), 0.05):
+            lines.append(line)
+            if lines.count(keepalive) == 3:
+                quiet.set()
+        return lines
 
     lines = asyncio.run(collect())
-    assert lines[0] == ": keep-alive\n\n" and lines.count(": keep-alive\n\n") >= 3
+    assert lines[0] == keepalive and lines.count(keepalive) >= 3
     assert [line for line in lines if not line.startswith(":")] == [
         'id: 0\nevent: step\ndata: {"event": "step", "id": 0}\n\n',
         'id: 1\nevent: completed\ndata: {"event": "completed", "id": 1}\n\n']

@@ -21,6 +21,12 @@ def graph(tmp_path):
     return LocalGraph(load_profile("tiny", {"serving": {"lora_dirs": [str(tmp_path)]}}))
 
 
+@pytest.fixture(scope="module")
+def untouched(tmp_path_factory):
+    """A graph no request reaches a stage of: the bad requests below share it."""
+    return LocalGraph(load_profile("tiny", {"serving": {"lora_dirs": [str(tmp_path_factory.mktemp("loras"))]}}))
+
+
 def frames(graph):
     return asyncio.run(graph.ingress.generate(REQUEST, get_dummy_image(), "frames")).frames
 
@@ -49,11 +55,11 @@ def test_lora_reaches_only_its_target_and_removal_restores(graph, tmp_path):
     ({"name": "bad name!", "path": "/p", "target": "high"}, 422, "name"),
     ({"name": "x", "path": "/p", "target": "high", "strength": 100}, 422, "strength"),
 ])
-def test_bad_lora_requests_never_reach_an_expert(graph, body, status, param):
-    with TestClient(graph.app()) as c:
+def test_bad_lora_requests_never_reach_an_expert(untouched, body, status, param):
+    with TestClient(untouched.app()) as c:
         r = c.post("/v1/admin/loras", json=body)
         assert r.status_code == status and r.json()["error"]["param"] == param
-    assert graph.stage_calls == 0
+    assert untouched.stage_calls == 0
 
 
 def test_lora_matching_nothing_is_refused_and_expert_keeps_working(graph, tmp_path):

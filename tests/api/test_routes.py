@@ -31,6 +31,13 @@ def client(graph):
         yield c
 
 
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """A graph that wants the API key `s3cret`, for the tests of refused keys (none reaches a stage)."""
+    return LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path_factory.mktemp("keyed")),
+                                                        "api_keys": ["s3cret"]}}))
+
+
 # Rows of a video request (form overrides, files): each runs on POST /v1/videos and /v1/videos/sync.
 BAD_VIDEO = [
     # (case, form overrides, files, status, param)
@@ -142,8 +149,8 @@ def test_json_body_with_base64_image(client):
         assert r.status_code == status and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_auth_protects_every_route_but_healthz(tmp_path):
-    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "api_keys": ["s3cret"]}}))
+def test_auth_protects_every_route_but_healthz(keyed):
+    graph = keyed
     ok = {"Authorization": "Bearer s3cret"}
     with TestClient(graph.app()) as c:
         assert c.get("/healthz").status_code == 200
@@ -207,9 +214,8 @@ def test_keys_configured_but_unusable_stop_start_up(monkeypatch, tmp_path, servi
         load_profile("tiny", {"serving": serving})
 
 
-def test_a_header_with_bytes_past_ascii_gets_401_not_500(tmp_path):
-    graph = LocalGraph(load_profile("tiny", {"serving": {"storage_dir": str(tmp_path), "api_keys": ["s3cret"]}}))
-    with TestClient(graph.app()) as c:
+def test_a_header_with_bytes_past_ascii_gets_401_not_500(keyed):
+    with TestClient(keyed.app()) as c:
         for value in (b"Bearer \xff\xfe", "Bearer clé".encode("latin-1"), "Bearer s3cr\u00e9t".encode("utf-8")):
             r = c.get("/v1/models", headers=[(b"authorization", value)])
             assert r.status_code == 401, value

@@ -12,24 +12,39 @@ import torch
 
 from deployments.common.runtime import ModelLock, in_threads
 
+HOLD_S = 0.05  # how long the first call keeps the lock once the other three are queued behind it
+
 
 def test_model_lock_serialises_threads_and_reports_waits():
+    """Four threads ask at once: one call runs at a time, on the lock's thread, and each call that
+    queued behind the first reports a wait of at least the time the test kept it queued (a floor
+    the test sets, not a speed: a slow machine only makes the waits longer)."""
     waits, inside, most, ran_on = [], [0], [0], set()
     lock = ModelLock(waits.append)
+    entered, release = threading.Event(), threading.Event()
 
-    def work():
+    def work(hold: bool = False):
         inside[0] += 1
         most[0] = max(most[0], inside[0])
         ran_on.add(threading.get_ident())
-        time.sleep(0.02)
+        if hold:
+            entered.set()
+            release.wait()
         inside[0] -= 1
 
-    threads = [threading.Thread(target=lock.run, args=(work,)) for _ in range(4)]
-    for t in threads:
+    threads = [threading.Thread(target=lock.run, args=(work, True))]
+    threads[0].start()
+    entered.wait()
+    threads += [threading.Thread(target=lock.run, args=(work,)) for _ in range(3)]
+    for t in threads[1:]:
         t.start()
+    while lock._busy < 4:  # the three have queued (each took its queueing time before counting)
+        time.sleep(0.001)
+    time.sleep(HOLD_S)
+    release.set()
     for t in threads:
         t.join()
-    assert most[0] == 1 and len(waits) == 4 and max(waits) >= 0.04
+    assert most[0] == 1 and len(waits) == 4 and min(waits[1:]) >= HOLD_S, waits
     assert ran_on == {lock.thread_id} and lock.thread_id not in {t.ident for t in threads}
 
 
@@ -84,15 +99,20 @@ def test_a_cancelled_caller_keeps_the_lock_until_its_work_is_done():
     """Work that started is not interrupted, and nothing else enters the model before it ends."""
     lock = ModelLock()
     order = []
+    started, finish = threading.Event(), threading.Event()
 
     def slow():
-        time.sleep(0.1)
+        started.set()
+        finish.wait()
         order.append("slow done")
 
     async def scenario():
         task = asyncio.ensure_future(lock.arun(slow))
-        await asyncio.sleep(0.03)
+        await asyncio.to_thread(started.wait)  # the work is running
         task.cancel()
+        await asyncio.sleep(0.01)
+        assert not task.done()  # the cancelled caller waits for its work
+        finish.set()
         with pytest.raises(asyncio.CancelledError):
             await task  # returns only once the work is done
         order.append("caller cancelled")
@@ -139,12 +159,17 @@ def test_in_threads_cancelled_mid_piece_closes_after_it():
             closed.append(True)
 
     async def scenario():
+        two = asyncio.Event()
+
         async def consume():
+            got = 0
             async for _ in in_threads(pieces()):
-                pass
+                got += 1
+                if got == 2:
+                    two.set()  # the third piece is being made when the cancel comes
 
         task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.12)
+        await two.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

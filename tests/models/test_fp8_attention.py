@@ -118,6 +118,7 @@ def test_processor_routes_every_block_and_matches_diffusers_within_tolerance(mon
     assert 0 < rel(fast, plain) < EXPERT_TOLERANCE
 
 
+@pytest.mark.slow  # torch.compile: Inductor builds C++ kernels
 @pytest.mark.parametrize("backend", fp8_attention.BACKENDS)
 def test_compiled_blocks_keep_the_op_as_one_call(backend):
     """fullgraph=True fails on a graph break: the custom op must be traceable as one call, with

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from deployments.common.transport import unpack
@@ -17,6 +18,7 @@ from helpers import get_dummy_image, get_dummy_params
 SAMPLER = SamplerConfig(scheduler="euler", flow_shift=5.0, num_inference_steps=2, high_steps=1,
                         sigmas=[1.0, 0.5], guidance_scale=1.0, guidance_scale_2=1.0)
 TOLERANCE = 1e-4  # max abs difference of the latents after each expert's step (fp32, CPU)
+pytestmark = pytest.mark.slow  # torch.compile: Inductor builds C++ kernels (15-20 s each on a cold cache)
 
 
 def test_compiled_experts_match_the_plain_ones():

@@ -73,6 +73,7 @@ def test_whole_requests_at_once_equal_requests_alone(graph):
             np.testing.assert_array_equal(a.frames, b.frames)
 
 
+@pytest.mark.slow  # twelve talk turns on the CPU
 def test_talk_turns_at_once_equal_turns_alone(graph):
     async def prepare():
         avatar, _ = await graph.ingress.create_avatar(REQUESTS[3], png_bytes(get_dummy_image()))
@@ -136,7 +137,7 @@ def test_every_model_call_runs_on_its_stage_model_thread(tmp_path):
         assert threads == {stage.model.thread_id}, name
 
 
-def test_two_jobs_on_one_expert_take_turns_step_by_step(tiny_cfg):
+def test_two_jobs_on_one_expert_take_turns_step_by_step(graph, tiny_cfg):
     """The expert's model thread serves calls first in, first out, and each job queues its next
     step only once its last one is done: two jobs inside one expert alternate, A0 B0 A1 B1 ...,
     each keeping its own latents and sampler (the same result as alone)."""
@@ -146,7 +147,7 @@ def test_two_jobs_on_one_expert_take_turns_step_by_step(tiny_cfg):
     cfg = tiny_cfg.model_copy(update={"stages": tiny_cfg.stages.model_copy(update={
         "high": tiny_cfg.stages.high.model_copy(update={"simulate_step_seconds": 0.05})})})
     encoder, expert = Encoder(cfg.stages.encoder), DitExpert(cfg.stages.high, cfg.sampler, "high")
-    ingress = LocalGraph(tiny_cfg).ingress
+    ingress = graph.ingress  # only to validate the requests (prepare)
     conds = {name: encoder.encode(ingress.prepare({**REQUESTS[0], "num_inference_steps": 8, "seed": seed},
                                                    get_dummy_image(seed), job_id=name)[0], get_dummy_image(seed))
              for name, seed in (("A", 1), ("B", 2))}

@@ -358,6 +358,7 @@ def _speech(seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
+@pytest.mark.slow  # a fresh stage and a 50-frame turn each, on the CPU
 @pytest.mark.parametrize("first_batch, chunks_before_first_bytes", [(14, 1), (13, 2)])
 def test_first_bytes_leave_with_the_first_batch_of_keyframe_interval_plus_two(
         avatar, cache_dir, first_batch, chunks_before_first_bytes):
@@ -387,6 +388,7 @@ def test_first_bytes_leave_with_the_first_batch_of_keyframe_interval_plus_two(
     assert video.shape[0] == 50
 
 
+@pytest.mark.slow  # two 25-frame turns on the CPU
 def test_on_a_gpu_the_first_batch_goes_out_before_the_second_is_launched(stage, avatar, monkeypatch):
     """With asynchronous copies (a GPU) later batches overlap -- batch k is blended while the
     device computes k+1 -- but the first chunk is yielded as soon as it is ready, before the

@@ -1,5 +1,6 @@
-"""Each stage on its own, in pipeline order, against diffusers' components with the same weights:
-a regression shows up at the first stage that fails."""
+"""Each stage on its own, in pipeline order (text and image encoding, one step per expert, VAE
+decode), against diffusers' components with the same weights: a regression shows up at the first
+stage that fails."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def encoder():
     return Encoder(EncoderConfig())
 
 
-def test_1_text_encode_matches_pipeline(pipe, encoder):
+def test_text_encoding_equals_the_pipelines_prompt_embeddings(pipe, encoder):
     ref, ref_neg = pipe.encode_prompt("a cat talks", negative_prompt="dog", max_sequence_length=512,
                                       device="cpu")
     context = encoder.encode_text("a cat talks")
@@ -67,7 +68,7 @@ def test_the_encoder_crops_to_the_clip_aspect_and_never_stretches(image_w, image
     assert (x2 - x1 == image_w) or (y2 - y1 == image_h)  # only the excess side is trimmed
 
 
-def test_2_image_encode_matches_pipeline(pipe, encoder):
+def test_image_encoding_equals_the_pipelines_condition_latents(pipe, encoder):
     image = get_dummy_image()  # 24x20: the encoder centre-crops it to 2:1 (24x12), never stretches
     picture = PIL.Image.fromarray(image).crop((0, 4, 24, 16))
     assert centre_crop(24, 20, 32, 16) == (0, 4, 24, 16)
@@ -125,7 +126,7 @@ def _reference_step(pipe, transformer, cond, latents, scheduler, index, guidance
     return scheduler.step(neg + guidance * (pos - neg), t, latents, return_dict=False)[0]
 
 
-def test_3_one_dit_step_per_expert(pipe, encoder):
+def test_each_expert_runs_its_own_step_as_the_pipelines_transformer_does(pipe, encoder):
     params = get_dummy_params(num_inference_steps=2)
     cond = encoder.encode(params, get_dummy_image())
     high = DitExpert(ExpertConfig(), SAMPLER, "high")
@@ -153,7 +154,7 @@ def test_expert_leaves_other_experts_steps_alone(encoder):
     assert state.next_step == 0 and state.steps == () and low.steps_run == 0
 
 
-def test_4_vae_decode_matches_pipeline(pipe):
+def test_vae_decode_equals_the_pipelines_frames(pipe):
     decoder = Decoder(DecoderConfig())
     latents = torch.randn(1, 16, 3, 2, 4, generator=torch.Generator().manual_seed(3))
     scheduler = make_scheduler(SAMPLER)
