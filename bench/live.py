@@ -3,7 +3,7 @@ the WebSocket through Ray Serve, and in process; this module is the client side 
 
 Each session: `start`, `--live-lead-in` s of idle, then `--live-seconds` of speech sent as 16 kHz
 s16le in 100 ms messages at real-time pace (as a TTS stream arrives), `end_of_utterance`, and
-`close` half a second after `speech_ended`. N sessions run at once per level. Per session:
+`close` half a second after `speech_ended` (and the last audio sent). N sessions run at once per level. Per session:
 
     first_frame_s   the first lip-synced fragment's arrival after the first 200 ms of audio were
                     sent (the audio's 100 ms messages go out at real-time pace)
@@ -33,11 +33,30 @@ def speech_pcm(seconds: float) -> bytes:
     return (0.3 * 32767 * np.sin(2 * np.pi * 220 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype("<i2").tobytes()
 
 
-async def one_session(open_session, avatar_id: str, pcm: bytes, lead_in: float) -> dict:
+async def one_session(open_session, avatar_id: str, pcm: bytes, lead_in: float, timeout: float) -> dict:
     """`open_session(avatar_id)` -> (send, recv, close): send(str | bytes), recv() -> str | bytes |
-    None (closed), close()."""
+    None (closed), close(). A session that has not ended `timeout` s after it opened is closed and
+    reported with what it saw (events, fragments, the server's last stats), so that a stuck level
+    says where it stuck instead of holding the whole run."""
     t_open = time.perf_counter()
     send, recv, close = await open_session(avatar_id)
+    seen = {"events": [], "fragments": 0, "speech_fragments": 0, "stats": {}, "chunks_sent": 0}
+    try:
+        return await asyncio.wait_for(_session(send, recv, close, pcm, lead_in, t_open, seen), timeout)
+    except TimeoutError:
+        await close()
+        raise RuntimeError(f"session still open after {timeout:.0f} s: {json.dumps(seen)[:1500]}") from None
+
+
+async def close_after(speaking: asyncio.Task, send) -> None:
+    """`close` half a second after the speech ended and the whole audio was sent (the server may
+    end an utterance early when its audio pauses for longer than `utterance_gap_s`)."""
+    await asyncio.wait([speaking])
+    await asyncio.sleep(0.5)
+    await send(json.dumps({"type": "close"}))
+
+
+async def _session(send, recv, close, pcm: bytes, lead_in: float, t_open: float, seen: dict) -> dict:
     await send(json.dumps(START))
     ready = json.loads(await recv())
     if ready.get("type") != "ready":
@@ -51,35 +70,43 @@ async def one_session(open_session, avatar_id: str, pcm: bytes, lead_in: float) 
         for i in range(0, len(pcm), step):
             sent_at.append(time.perf_counter())
             await send(pcm[i:i + step])
+            seen["chunks_sent"] += 1
             await asyncio.sleep(CHUNK_S)
         await send(json.dumps({"type": "end_of_utterance"}))
+        seen["events"].append({"sent": "end_of_utterance", "at_s": round(time.perf_counter() - t_open, 3)})
 
     speaking = asyncio.create_task(talk())
     started = ended = None
     speech_fragments: list[float] = []
     stats: dict = {}
     closing = None
-    while (message := await recv()) is not None:
-        now = time.perf_counter()
-        if isinstance(message, bytes):
-            if started is not None and ended is None:
-                speech_fragments.append(now)
-            continue
-        event = json.loads(message)
-        kind = event["type"]
-        if kind == "speech_started":
-            started = event["frame"]
-        elif kind == "speech_ended":
-            ended = event["frame"]
-            closing = asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(send(json.dumps(
-                {"type": "close"}))))
-        elif kind == "stats":
-            stats = event
-        elif kind == "error":
-            raise RuntimeError(f"session error: {event}")
-    await speaking
-    if closing is not None:
-        closing.cancel()
+    try:
+        while (message := await recv()) is not None:
+            now = time.perf_counter()
+            if isinstance(message, bytes):
+                seen["fragments"] += 1
+                if started is not None and ended is None:
+                    speech_fragments.append(now)
+                    seen["speech_fragments"] += 1
+                continue
+            event = json.loads(message)
+            kind = event["type"]
+            if kind == "stats":
+                stats = seen["stats"] = event
+                continue
+            seen["events"].append({**event, "at_s": round(now - t_open, 3)})
+            if kind == "speech_started" and started is None:
+                started = event["frame"]
+            elif kind == "speech_ended":
+                ended = event["frame"]  # the last one: the server may cut the audio into utterances
+                closing = closing or asyncio.create_task(close_after(speaking, send))
+            elif kind == "error":
+                raise RuntimeError(f"session error: {event}")
+        await speaking
+    finally:
+        speaking.cancel()
+        if closing is not None:
+            closing.cancel()
     await close()
     if started is None or ended is None or len(sent_at) < 2 or not speech_fragments:
         raise RuntimeError(f"no speech in the session (started {started}, ended {ended})")
@@ -94,25 +121,27 @@ def spread(values: list) -> dict | None:
     values = sorted(v for v in values if v is not None)
     if not values:
         return None
-    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]
     return {"n": len(values), "p50": statistics.median(values), "p95": pick(0.95), "min": values[0], "max": values[-1]}
 
 
 async def live_levels(open_session, avatar_id: str, levels: list[int], seconds: float, lead_in: float,
-                      failures: list[str], log=print) -> dict:
-    """Each level: that many sessions at once on the avatar -> their numbers' spreads."""
+                      failures: list[str], log=print, out: dict | None = None) -> dict:
+    """Each level: that many sessions at once on the avatar -> their numbers' spreads. Fills `out`
+    level by level, so that a run stopped part-way keeps the levels it finished."""
     pcm = speech_pcm(seconds)
-    out = {"seconds": seconds, "lead_in_s": lead_in, "levels": {}}
+    out = {} if out is None else out
+    out.update({"seconds": seconds, "lead_in_s": lead_in, "levels": {}})
+    timeout = lead_in + seconds + 60  # generous: a session that keeps up ends about 1 s after its audio
     for n in levels:
         log(f"live sessions x{n}")
-        runs = await asyncio.gather(*(one_session(open_session, avatar_id, pcm, lead_in) for _ in range(n)),
+        runs = await asyncio.gather(*(one_session(open_session, avatar_id, pcm, lead_in, timeout) for _ in range(n)),
                                     return_exceptions=True)
         ok = [r for r in runs if isinstance(r, dict)]
-        for r in runs:
-            if not isinstance(r, dict):
-                failures.append(f"live x{n}: {type(r).__name__}: {r}")
+        errors = [f"{type(r).__name__}: {r}" for r in runs if not isinstance(r, dict)]
+        failures += [f"live x{n}: {e}" for e in errors]
         out["levels"][str(n)] = {
-            "sessions": n, "failures": n - len(ok),
+            "sessions": n, "failures": n - len(ok), "errors": errors[:4],
             "first_frame_s": spread([r["first_frame_s"] for r in ok]),
             "lag_ms": spread([r["lag_ms"] for r in ok]), "stalls": spread([r["stalls"] for r in ok]),
             "stalled_ms": spread([r["stalled_ms"] for r in ok]), "speech_fps": spread([r["speech_fps"] for r in ok]),

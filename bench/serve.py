@@ -211,8 +211,9 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None, pha
     if args.turn_series:
         out["turns"]["series"] = await turn_series(args, create_avatar, turn)
     if args.live_sessions and live_opener is not None:
-        out["live"] = await live_levels(live_opener, avatar_id, args.live_sessions, args.live_seconds,
-                                        args.live_lead_in, FAILURES, log)
+        out["live"] = {}
+        await live_levels(live_opener, avatar_id, args.live_sessions, args.live_seconds, args.live_lead_in,
+                          FAILURES, log, out["live"])
     return out
 
 
