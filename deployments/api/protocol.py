@@ -352,13 +352,17 @@ def resolve(req: VideoRequest, cfg, request_id: str = "", image_size: tuple[int,
                        guidance_scale_2=g2, fps=fps, request_id=request_id)
 
 
+ORIENTATION_TAG = 0x0112  # EXIF's Orientation: 1 as stored, 3 turned 180, 6 / 8 turned 90 (5 / 7 mirrored too)
+
+
 def decode_image(data: bytes, max_bytes: int, max_pixels: int = 64_000_000,
                  fit: tuple[int, int] | None = None, param: str = "input_reference") -> np.ndarray:
     """Upload bytes -> uint8 RGB (H, W, 3), or ApiError (413 too large, 400 not an image, 422 more
     than `max_pixels`). The size is checked from the header, before any pixel is decoded; an image
     larger than `fit` (width, height) is decoded reduced where the format allows (JPEG) and shrunk
-    to fit, keeping its aspect: what is kept per queued job stays small."""
-    from PIL import Image, UnidentifiedImageError
+    to fit, keeping its aspect: what is kept per queued job stays small. An EXIF orientation is
+    applied: the pixels come out as the image is meant to be seen."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ApiError(400, "the image file is empty", param)
@@ -372,10 +376,13 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int = 64_000_000,
             if width * height > max_pixels:
                 raise ApiError(422, f"the image is {width}x{height} pixels; this deployment takes at most "
                                     f"{max_pixels} pixels", param)
-            if fit is not None:
-                img.draft("RGB", fit)  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers fit
+            # A phone's portrait is often stored sideways with an EXIF orientation saying how to
+            # turn it: turned first, so the clip is upright and `fit` applies to what is shown.
+            turned = img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            if fit is not None:  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers fit
+                img.draft("RGB", fit[::-1] if turned else fit)
             img.load()
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
             if fit is not None and (rgb.width > fit[0] or rgb.height > fit[1]):
                 rgb.thumbnail(fit, Image.Resampling.LANCZOS)
             return np.asarray(rgb, dtype=np.uint8)

@@ -5,6 +5,7 @@ public models carry no internal stage state."""
 from __future__ import annotations
 
 import asyncio
+import io
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from deployments.api.jobs import AvatarRecord
-from deployments.api.protocol import ApiError, Avatar, Deleted, Job, VideoList
+from deployments.api.protocol import ORIENTATION_TAG, ApiError, Avatar, Deleted, Job, VideoList, decode_image
 from deployments.local import LocalGraph, LocalResponse
 from helpers import get_dummy_image, png_bytes, wav_bytes
 
@@ -52,6 +53,34 @@ def test_an_image_sent_without_size_keeps_its_aspect(graph, tiny_cfg, image_wh, 
         return job.size
 
     assert asyncio.run(job_size()) == f"{clip_wh[0]}x{clip_wh[1]}"
+
+
+def jpeg_with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation,shown", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                               (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_an_exif_orientation_is_applied_before_anything_else(graph, orientation, shown):
+    """A phone's portrait stored sideways (landscape pixels + EXIF orientation 6 or 8) is decoded
+    upright, and becomes a portrait clip, not a landscape one with the face on its side."""
+    stored = np.zeros((40, 80, 3), np.uint8)
+    stored[:20, :40] = (250, 30, 30)  # one red quarter says which way up the pixels came out
+    stored[20:, 40:] = (30, 30, 250)
+    data = jpeg_with_orientation(stored, orientation)
+    decoded = decode_image(data, len(data), fit=(160, 160))
+    expected = shown(stored)
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded.astype(int) - expected).mean() < 8
+    request = {k: v for k, v in REQUEST.items() if k != "size"}
+    result = asyncio.run(graph.ingress.generate(request, data, output="frames"))
+    assert (result.params.width < result.params.height) == (orientation in (6, 8))
 
 
 def test_python_api_validates_too(graph):
