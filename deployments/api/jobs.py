@@ -295,13 +295,18 @@ class JobEvents:
         self._changed.set()
 
     async def follow(self, after: int = -1):
-        """Yield events in order (those with an id above `after`) until the job's final event."""
-        i = after + 1
+        """Yield events in order (those with an id above `after`) until the job's final event.
+        Every stream ends with the final event: a client that resumes at or past it (an id it
+        was sent last, or one the job never reached) gets it again once the job has ended."""
+        i, sent = after + 1, None
         while True:
             while i < len(self.events):
-                yield self.events[i]
+                sent = self.events[i]
+                yield sent
                 i += 1
             if self.closed:
+                if self.events and sent is not self.events[-1]:
+                    yield self.events[-1]
                 return
             await self._changed.wait()
 

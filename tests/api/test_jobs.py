@@ -17,7 +17,7 @@ from deployments.ingress import Ingress
 from deployments.local import LocalGraph
 from deployments.media.video import decode_mp4
 from deployments.profiles import load_profile
-from helpers import get_dummy_image, png_bytes, wait_final
+from helpers import HANG_S, get_dummy_image, png_bytes, wait_final
 
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
@@ -58,6 +58,43 @@ def test_events_carry_ids_and_times_and_a_reconnect_resumes_after_the_last_id(tm
         with c.stream("GET", f"/v1/videos/{job['id']}/events") as r:
             lines = list(r.iter_lines())
         assert lines[0] == "retry: 2000" and f"id: {evs[-1]['id']}" in lines
+
+
+def test_a_stream_resumed_at_or_past_the_end_still_ends_with_the_final_event(tmp_path):
+    graph = make_graph(tmp_path)
+    with TestClient(graph.app()) as c:
+        job = create(c).json()
+        evs = events(c, job["id"])
+        final = evs[-1]
+        for last in (final["id"], final["id"] + 1, 999_999_999):
+            assert events(c, job["id"], {"Last-Event-ID": str(last)}) == [final], last
+
+
+def test_a_running_job_resumed_past_its_last_event_ends_with_its_final_one():
+    """Last-Event-ID beyond anything the job has sent, while it runs: nothing until it ends, then
+    its final event (not a stream that never ends or ends empty)."""
+    import asyncio
+
+    from deployments.api.jobs import JobEvents
+
+    async def run():
+        job = JobEvents()
+        job.emit("queued")
+        got = []
+
+        async def listen():
+            async for event in job.follow(after=50):
+                got.append(event["event"])
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0)
+        job.emit("in_progress")
+        job.emit("completed")
+        job.close()
+        await asyncio.wait_for(listener, HANG_S)
+        return got
+
+    assert asyncio.run(run()) == ["completed"]
 
 
 def test_a_quiet_event_stream_sends_keepalives_and_loses_no_event():
