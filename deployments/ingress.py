@@ -51,7 +51,7 @@ from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFou
 from deployments.common.metrics import IngressMetrics
 from deployments.common.payloads import Speech, StepRecord, VideoParams
 from deployments.config import GraphConfig
-from deployments.media.audio import admit_speech
+from deployments.media.audio import admit_speech, frames_for_samples
 
 log = logging.getLogger("avatar_serve.ingress")
 
@@ -197,11 +197,16 @@ class Ingress:
         params, pixels = await asyncio.to_thread(self.prepare, request, image)
         return params, pixels, await asyncio.to_thread(self.prepare_audio, audio)
 
-    def _job(self, params: VideoParams, has_audio: bool) -> Job:
+    def _job(self, params: VideoParams, audio: Speech | None) -> Job:
+        """The job's record says what it delivers: with audio, the lip-synced clip (the lip-sync
+        stage's fps, as many frames as the audio covers), not the base clip it is made from."""
+        fps, frames = params.fps, params.num_frames
+        if audio is not None:
+            fps = self.cfg.stages.lipsync.fps
+            frames = frames_for_samples(audio.num_samples, fps)
         return Job(id=params.request_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
-                   size=f"{params.width}x{params.height}", seconds=f"{params.num_frames / params.fps:g}",
-                   num_frames=params.num_frames, fps=params.fps, seed=params.seed,
-                   num_inference_steps=params.num_inference_steps, has_audio=has_audio)
+                   size=f"{params.width}x{params.height}", seconds=f"{frames / fps:g}", num_frames=frames, fps=fps,
+                   seed=params.seed, num_inference_steps=params.num_inference_steps, has_audio=audio is not None)
 
     async def generate(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                        output: Literal["mp4", "frames"] = "mp4", audio: bytes | None = None) -> VideoResult:
@@ -210,7 +215,7 @@ class Ingress:
         It waits in the same queue as jobs (429 when full, the same deadline), unlisted."""
         params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
-        job, result = self._job(params, pcm is not None), {}
+        job, result = self._job(params, pcm), {}
 
         async def work(progress: Progress) -> None:
             result["video"] = await self.run(params, pixels, output, progress, audio=pcm)
@@ -232,7 +237,7 @@ class Ingress:
         """Validate and queue a video job; raises ApiError (429 when the queue is full)."""
         params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
-        job = self._job(params, pcm is not None)
+        job = self._job(params, pcm)
 
         async def work(progress: Progress) -> None:
             result = await self.run(params, pixels, "mp4", progress, audio=pcm)

@@ -125,6 +125,9 @@ def test_video_job_with_audio_is_lip_synced(client):
     assert client.get(f"/v1/videos/{job_id}").json()["status"] == "completed"
     frames, video_s, audio_s = durations(client.get(f"/v1/videos/{job_id}/content").content)
     assert frames == 20 and abs(audio_s - video_s) <= 1 / 25
+    # The record says what was delivered (25 fps, 20 frames, 0.8 s), not the 5-frame base clip.
+    job = client.get(f"/v1/videos/{job_id}").json()
+    assert (job["fps"], job["num_frames"], float(job["seconds"])) == (25, frames, 0.8)
     r = client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("p.png", IMAGE, "image/png"),
                                                          "audio": ("a.wav", b"junk", "audio/wav")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "audio"
