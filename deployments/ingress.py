@@ -91,9 +91,9 @@ class Ingress:
         serving = cfg.serving
         self.metrics = IngressMetrics()
         store = JobStore(serving.storage_dir or tempfile.mkdtemp(prefix="avatar-serve-jobs-"))  # (profiles fill it)
-        self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes)
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
+        self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes, on_expire=self.queue.forget)
         self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
         self.live_sessions = 0  # live sessions open now (admitted up to cfg.max_live_sessions)
 
@@ -245,8 +245,7 @@ class Ingress:
 
         self.records.add(job)
         self.queue.start(job, work, self.records.save, total_steps=params.num_inference_steps)
-        for gone in self.records.expire():
-            self.queue.forget(gone)
+        self.records.expire()
         return job
 
     def job(self, job_id: str) -> Job:

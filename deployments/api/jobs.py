@@ -14,10 +14,11 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import AliasChoices, Field
 
@@ -25,8 +26,19 @@ from deployments.api.protocol import ApiError, Avatar, Deleted, Job, JobError, Q
 from deployments.common.errors import unwrap
 
 
+_last_id_ns = 0
+_id_lock = threading.Lock()
+
+
 def new_job_id() -> str:
-    return f"video_{uuid.uuid4().hex}"
+    """`video_` + 32 hex digits: the creation time in ns (16 digits), strictly increasing within
+    the process, then 16 random ones. Ids sort in creation order, so jobs created within one
+    second (`created_at`'s unit) keep their order across a restart."""
+    global _last_id_ns
+    with _id_lock:
+        _last_id_ns = max(time.time_ns(), _last_id_ns + 1)
+        stamp = _last_id_ns
+    return f"video_{stamp:016x}{uuid.uuid4().hex[:16]}"
 
 
 class AvatarRecord(Avatar):
@@ -194,10 +206,12 @@ class Records:
     """Every job and avatar this ingress knows, by id, backed by a JobStore: lookups that answer
     404, listing, deletion, result files and expiry."""
 
-    def __init__(self, store: JobStore, result_ttl_s: float, max_result_bytes: int):
-        self.store = store
+    def __init__(self, store: JobStore, result_ttl_s: float, max_result_bytes: int,
+                 on_expire: Callable[[str], None] | None = None):
+        """`on_expire(job_id)`: told of each job that expiry deletes (the queue drops its events)."""
+        self.store, self.on_expire = store, on_expire
         self.result_ttl_s, self.max_result_bytes = result_ttl_s, max_result_bytes
-        self.jobs: dict[str, Job] = {j.id: j for j in sorted(store.recover(), key=lambda j: j.created_at)}
+        self.jobs: dict[str, Job] = {j.id: j for j in sorted(store.recover(), key=lambda j: (j.created_at, j.id))}
         self.avatars: dict[str, AvatarRecord] = {a.id: a for a in store.recover_avatars()}
 
     def add(self, record: Job | AvatarRecord) -> None:
@@ -212,12 +226,18 @@ class Records:
     # -------------------------------------------------------------- jobs
 
     def job(self, job_id: str) -> Job:
-        try:
-            return self.jobs[job_id]
-        except KeyError:
-            raise ApiError(404, f"no video job {job_id!r}", "video_id", type="not_found_error") from None
+        """The job, or 404: also once it has outlived `result_ttl_s` (expired when asked for, not
+        only when the next job comes)."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.final and (job.completed_at or job.created_at) + self.result_ttl_s < time.time():
+            self.expire()
+            job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no video job {job_id!r}", "video_id", type="not_found_error")
+        return job
 
     def list_jobs(self, limit: int = 20, after: str | None = None) -> VideoList:
+        self.expire()
         # Newest first: by creation second, then by creation order within it (dict order).
         order = {job_id: i for i, job_id in enumerate(self.jobs)}
         jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, order[j.id]), reverse=True)
@@ -254,6 +274,8 @@ class Records:
         gone = self.store.expire(self.jobs, self.result_ttl_s, self.max_result_bytes)
         for job_id in gone:
             self.jobs.pop(job_id, None)
+            if self.on_expire is not None:
+                self.on_expire(job_id)
         return gone
 
     # -------------------------------------------------------------- avatars

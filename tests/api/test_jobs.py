@@ -10,8 +10,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.api.jobs import Job, JobStore
-from deployments.api.protocol import frames_for_seconds
+from deployments.api.jobs import Job, JobStore, Records, new_job_id
+from deployments.api.protocol import ApiError, frames_for_seconds
 from deployments.api.routes import build_app
 from deployments.ingress import Ingress
 from deployments.local import LocalGraph
@@ -223,6 +223,51 @@ def test_restart_lists_jobs_serves_content_and_fails_interrupted(tmp_path):
         lost = c.get("/v1/videos/video_interrupted").json()
         assert lost["status"] == "failed" and lost["error"]["code"] == "interrupted"
         assert [e["event"] for e in events(c, done["id"])] == ["completed"]
+
+
+def finished_job(job_id: str, created_at: int, completed_at: int | None = None) -> Job:
+    return Job(id=job_id, status="completed", created_at=created_at, completed_at=completed_at or created_at,
+               model="tiny", prompt="x", size="16x16", seconds="1", num_frames=17, fps=16, seed=1,
+               num_inference_steps=2)
+
+
+def test_jobs_created_in_one_second_keep_their_order_across_a_restart(tmp_path):
+    """created_at is whole seconds: ids are made in creation order, so the listing (newest first)
+    and `after=` pages are the same after a restart as before it."""
+    store = JobStore(tmp_path)
+    records = Records(store, result_ttl_s=3600, max_result_bytes=10**9)
+    now = int(time.time())
+    for _ in range(12):
+        job = finished_job(new_job_id(), now)
+        records.add(job)
+        store.save_result(job.id, b"x")
+    before = [j.id for j in records.list_jobs(limit=100).data]
+    assert before == sorted(before, reverse=True)  # ids sort in creation order
+    again = Records(JobStore(tmp_path), result_ttl_s=3600, max_result_bytes=10**9)
+    assert [j.id for j in again.list_jobs(limit=100).data] == before
+    page = again.list_jobs(limit=5, after=before[3])
+    assert [j.id for j in page.data] == before[4:9]
+
+
+def test_a_result_expires_on_time_without_another_job_coming(tmp_path):
+    """Past result_ttl_s a job is gone when asked for (record, content, listing), and its file is
+    deleted: not only when the next job is submitted."""
+    store = JobStore(tmp_path)
+    forgotten = []
+    records = Records(store, result_ttl_s=20, max_result_bytes=10**9, on_expire=forgotten.append)
+    now = int(time.time())
+    old, fresh = finished_job("video_old", now - 30), finished_job("video_fresh", now - 5)
+    for job in (old, fresh):
+        records.add(job)
+        store.save_result(job.id, b"x")
+    with pytest.raises(ApiError) as exc:
+        records.content_path("video_old")
+    assert exc.value.status == 404 and not store.result_path("video_old").exists()
+    assert forgotten == ["video_old"]
+    assert records.content_path("video_fresh").exists()
+    assert [j.id for j in records.list_jobs().data] == ["video_fresh"]
+    with pytest.raises(ApiError):
+        records.job("video_old")
 
 
 @pytest.mark.parametrize("seconds,fps,frames", [(5, 16, 81), (0.1, 16, 1), (1, 25, 25), (2, 16, 33), (3.1, 16, 49)])
