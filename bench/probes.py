@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, free_port, git_commit, spread, started_at  # bench/common.py, beside this file
+from common import ROOT, git_commit, spread, started_at  # bench/common.py, beside this file
 
 PROBE_TIMEOUT_S = 1.0  # Kubernetes' default timeoutSeconds
 HEADERS = (b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -30,25 +30,11 @@ HEADERS = (b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/js
 
 def serve(args) -> tuple[str, callable]:
     """The graph's app under uvicorn in a thread -> (base URL, stop)."""
-    import uvicorn
-
-    from deployments.local import LocalGraph
+    from deployments.local import LocalGraph, serve_in_thread
     from deployments.profiles import load_profile
 
     overrides = {"serving": {"body_timeout_s": 3600.0}}  # the held bodies stay held
-    app = LocalGraph(load_profile(args.profile, overrides)).app()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-
-    def stop():
-        server.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}", stop
+    return serve_in_thread(LocalGraph(load_profile(args.profile, overrides)).app())
 
 
 def probe(client, url: str, n: int) -> dict:

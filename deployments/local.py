@@ -4,13 +4,17 @@
 `DeploymentHandle`: the call runs in a worker thread, and a response passed as an argument to a
 later call is awaited first, as Ray resolves `DeploymentResponse` arguments. Tests use it to
 check the ingress (and to count stage calls) in milliseconds; benchmarks use it to time stages.
+`serve_in_thread` puts its app (or any ASGI app) on a real socket, for clients that need one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from deployments.config import GraphConfig
 from deployments.decoder import Decoder
@@ -131,3 +135,25 @@ class LocalGraph:
     @property
     def stage_calls(self) -> int:
         return sum(sum(h.calls.values()) for h in (self.encoder, self.high, self.low, self.decoder, self.lipsync))
+
+
+def serve_in_thread(app, host: str = "127.0.0.1") -> tuple[str, Callable[[], None]]:
+    """An ASGI app (e.g. `LocalGraph(cfg).app()`) under uvicorn in a daemon thread on a free
+    port -> (base URL, stop()). For clients that need a real socket: trickled bodies, held
+    connections, subprocesses."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://{host}:{port}", stop

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 import wave
 from contextlib import contextmanager
@@ -208,20 +207,3 @@ def served_graph(overrides: dict, profile: str = "tiny", app_name: str = "avatar
         ray.shutdown()
 
 
-def serve_in_thread(app) -> tuple[str, callable]:
-    """A FastAPI app on a real socket (uvicorn in a thread), for clients that need one (trickling
-    bodies, subprocesses). -> (base URL, stop)."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-
-    def stop():
-        srv.should_exit = True
-        thread.join(10)
-
-    return f"http://127.0.0.1:{port}", stop

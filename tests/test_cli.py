@@ -31,11 +31,11 @@ from deployments.api.protocol import AvatarRequest, VideoRequest
 from deployments.cli.demo import demo_speech, random_weights_note
 from deployments.cli.progress import avatar_printer
 from deployments.cli.remote import API_KEY_ENV
-from deployments.local import LocalGraph
+from deployments.local import LocalGraph, serve_in_thread
 from deployments.media.audio import decode_audio
 from deployments.models import download as dl
 from deployments.profiles import load_profile
-from helpers import durations, free_port, get_dummy_image, png_bytes, serve_in_thread, wav_bytes
+from helpers import durations, free_port, get_dummy_image, png_bytes, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTINGS = ROOT / "tests" / "data" / "repo_listings"

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.local import LocalGraph
+from deployments.local import LocalGraph, serve_in_thread
 from deployments.profiles import load_profile
-from helpers import HANG_S, health_probe, serve_in_thread, wait_ready
+from helpers import HANG_S, health_probe, wait_ready
 from hostile import FILES, LIMITS, VIDEO, cases
 
 CASES = cases()
