@@ -117,6 +117,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def outlived(job: Job, ttl_s: float, now: float) -> bool:
+    """A finished job kept longer than `ttl_s` after it ended."""
+    return job.final and (job.completed_at or job.created_at) + ttl_s < now
+
+
 class JobStore:
     """Job and avatar records and results on disk. One ingress replica owns a storage directory."""
 
@@ -184,7 +189,7 @@ class JobStore:
         results fit in `max_bytes`. Returns the ids deleted."""
         now = time.time() if now is None else now
         finished = sorted((j for j in jobs.values() if j.final), key=lambda j: j.completed_at or j.created_at)
-        gone = [j.id for j in finished if (j.completed_at or j.created_at) + ttl_s < now]
+        gone = [j.id for j in finished if outlived(j, ttl_s, now)]
         sizes = {j.id: self.result_path(j.id).stat().st_size for j in finished
                  if j.id not in gone and self.result_path(j.id).exists()}
         total = sum(sizes.values())
@@ -229,7 +234,7 @@ class Records:
         """The job, or 404: also once it has outlived `result_ttl_s` (expired when asked for, not
         only when the next job comes)."""
         job = self.jobs.get(job_id)
-        if job is not None and job.final and (job.completed_at or job.created_at) + self.result_ttl_s < time.time():
+        if job is not None and outlived(job, self.result_ttl_s, time.time()):
             self.expire()
             job = self.jobs.get(job_id)
         if job is None:
@@ -237,7 +242,9 @@ class Records:
         return job
 
     def list_jobs(self, limit: int = 20, after: str | None = None) -> VideoList:
-        self.expire()
+        now = time.time()
+        if any(outlived(j, self.result_ttl_s, now) for j in self.jobs.values()):
+            self.expire()  # (reads the result files' sizes: only when some job is due)
         # Newest first: by creation second, then by creation order within it (dict order).
         order = {job_id: i for i, job_id in enumerate(self.jobs)}
         jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, order[j.id]), reverse=True)
