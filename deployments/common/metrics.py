@@ -18,12 +18,16 @@ classes only when it finds itself in a running Ray worker.
         (ingress: audio_decode, first_byte; lipsync: features, first_batch, first_frames,
         first_bytes, total -- each from the start of the turn in that stage)
     avatar_serve_startup_seconds{stage}                 gauge (construction incl. warm-up)
+
+Gauges stay in the scrape while they hold still (see `_KeptGauge`); the ingress's start at 0.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -62,11 +66,67 @@ class _Memory:
         self.values[tuple(sorted((tags or {}).items()))] = [value]
 
 
+class _KeptGauge:
+    """A Ray gauge whose last value of each tag set is sent again every export interval.
+
+    Ray's metrics agent drops a gauge series that the process has not reported within two export
+    intervals (about 20 s with Ray's default 10 s interval), and Ray's metric objects report a
+    gauge only when it is set. A gauge that holds still -- the start-up time, a queue depth of 0,
+    no talk turn for a minute -- would vanish from the scrape, and dashboards and alerts need it
+    there. Ray has no option for this, hence the refresher (one daemon thread per process for
+    every kept gauge)."""
+
+    _kept: "weakref.WeakSet[_KeptGauge]" = weakref.WeakSet()
+    _refresher: threading.Thread | None = None
+    _guard = threading.Lock()
+
+    def __init__(self, gauge, interval_s: float):
+        self.gauge = gauge
+        self.values: dict[tuple, float] = {}
+        self.lock = threading.Lock()
+        with _KeptGauge._guard:
+            _KeptGauge._kept.add(self)
+            if _KeptGauge._refresher is None:
+                _KeptGauge._refresher = threading.Thread(target=_KeptGauge._refresh_forever, args=(interval_s,),
+                                                         name="avatar-serve-gauges", daemon=True)
+                _KeptGauge._refresher.start()
+
+    def set(self, value, tags=None):
+        key = tuple(sorted((tags or {}).items()))
+        with self.lock:
+            self.values[key] = value
+            self.gauge.set(value, tags=tags)
+
+    def refresh(self) -> None:
+        with self.lock:
+            for key, value in self.values.items():
+                self.gauge.set(value, tags=dict(key) or None)
+
+    @staticmethod
+    def _refresh_forever(interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            for gauge in list(_KeptGauge._kept):
+                try:
+                    gauge.refresh()
+                except Exception:  # noqa: BLE001 - a metric must never take the process down
+                    pass
+
+
+def _gauge_refresh_s() -> float:
+    """Half of Ray's metrics export interval (`metrics_report_interval_ms`, floored at 1 s as Ray
+    does), so each export sees every kept gauge at least once."""
+    import ray
+
+    return max(ray._config.metrics_report_interval_ms(), 1000) / 2000.0
+
+
 def _make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **kw):
     metrics = _ray_metrics()
     if metrics is None:
         return _Memory()
-    return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
+    made = getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
+    return _KeptGauge(made, _gauge_refresh_s()) if kind == "Gauge" else made
 
 
 class StageMetrics:
@@ -144,6 +204,10 @@ class IngressMetrics:
         self.turns = _make("Gauge", "avatar_serve_talk_turns", "Talk turns streaming now", ())
         self.live = _make("Gauge", "avatar_serve_live_sessions", "Live sessions open now", ())
         self.phase = _phase_histogram()
+        # Every gauge in the scrape from the start: an idle deployment reads 0, not a missing series.
+        self.load(0, 0)
+        self.talk_turns(0)
+        self.live_sessions(0)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self.phase.observe(seconds, tags={"stage": "ingress", "phase": phase})
