@@ -282,22 +282,26 @@ def frames_for_seconds(seconds: float, fps: int) -> int:
 
 
 def size_for_image(image_w: int, image_h: int, cfg) -> tuple[int, int]:
-    """The clip size for an image sent without `size`: its aspect at the profile's default pixel
-    count, in multiples of 16 and inside the limits. Wan2.2's image2video.py rule (h = sqrt(area *
-    h/w), w = sqrt(area * w/h)) but rounded to the nearest multiple rather than down, which keeps
-    the aspect closer on small profiles; the encoder crops the small remainder."""
+    """The clip size for an image sent without `size`: its aspect within the profile's default
+    pixel count, inside the limits. Wan2.2's own rule (its generate.py; LightX2V does the same):
+    each side is sqrt(area * aspect) floored to the latent grid -- VAE stride 8 times patch 2, so
+    multiples of 16 -- which never passes the area (rounding to the nearest could: 1080x1920 at
+    832x480's area gave 480x848 where Wan gives 464x832) and keeps a portrait a portrait at small
+    areas. The encoder centre-crops the small remainder of the aspect."""
     d, lim = cfg.defaults, cfg.limits
     area, aspect = d.width * d.height, image_h / image_w
     height, width = math.sqrt(area * aspect), math.sqrt(area / aspect)
     scale = min(1.0, lim.max_width / width, lim.max_height / height)  # a very thin image
-    width, height = (max(16, min(limit, round(x * scale / 16) * 16))
-                     for x, limit in ((width, lim.max_width), (height, lim.max_height)))
-    while width * height > lim.max_pixels:  # rounding up may pass the pixel limit: step the longer side down
+    width, height = (max(LATENT_GRID, int(x * scale // LATENT_GRID) * LATENT_GRID) for x in (width, height))
+    while width * height > lim.max_pixels:  # only where a profile's default area passes its own limit
         if width >= height:
-            width -= 16
+            width -= LATENT_GRID
         else:
-            height -= 16
+            height -= LATENT_GRID
     return width, height
+
+
+LATENT_GRID = 16  # pixels per latent token side: the Wan VAE's spatial stride 8 x the DiT's patch 2
 
 
 def resolve(req: VideoRequest, cfg, request_id: str = "", image_size: tuple[int, int] | None = None) -> VideoParams:

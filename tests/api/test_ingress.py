@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deployments.api.jobs import AvatarRecord
-from deployments.api.protocol import ORIENTATION_TAG, ApiError, Avatar, Deleted, Job, VideoList, decode_image
+from deployments.api.protocol import ORIENTATION_TAG, ApiError, Avatar, Deleted, Job, VideoList, decode_image, size_for_image
 from deployments.local import LocalGraph, LocalResponse
 from helpers import get_dummy_image, png_bytes, wav_bytes
 
@@ -36,11 +36,12 @@ def test_python_api_returns_frames_and_fills_the_seed(graph):
     np.testing.assert_array_equal(again.frames, result.frames)
 
 
-@pytest.mark.parametrize("image_wh,clip_wh", [((40, 80), (16, 48)), ((80, 40), (48, 16)), ((50, 50), (32, 32)),
-                                               ((480, 832), (32, 48)), ((1920, 1080), (48, 32))])
+@pytest.mark.parametrize("image_wh,clip_wh", [((40, 80), (16, 32)), ((80, 40), (32, 16)), ((50, 50), (32, 32)),
+                                               ((480, 832), (16, 32)), ((1920, 1080), (32, 16))])
 def test_an_image_sent_without_size_keeps_its_aspect(graph, tiny_cfg, image_wh, clip_wh):
     """Without `size`, the clip takes the image's aspect at the profile's default pixel count
-    (tiny: 32x32), multiples of 16; a portrait gives a portrait clip; the job reports the size."""
+    (tiny: 32x32) by Wan's rule (floored to multiples of 16); a portrait gives a portrait clip; the
+    job reports the size."""
     image = get_dummy_image(width=image_wh[0], height=image_wh[1])
     request = {k: v for k, v in REQUEST.items() if k != "size"}
     result = asyncio.run(graph.ingress.generate(request, image, output="frames"))
@@ -220,3 +221,52 @@ def test_cancelling_a_job_cancels_the_stage_calls_it_dispatched(tiny_cfg):
 
     job = asyncio.run(scenario())
     assert job.status == "cancelled" and cancelled == [True] and graph.ingress.queue.running == 0
+
+
+def wan_size(image_w: int, image_h: int, max_area: int) -> tuple[int, int]:
+    """Wan2.2's generate.py / LightX2V, as they write it (VAE stride 8, patch 2)."""
+    vae_stride, patch_size = (4, 8, 8), (1, 2, 2)
+    aspect_ratio = image_h / image_w
+    lat_h = round(np.sqrt(max_area * aspect_ratio) // vae_stride[1] // patch_size[1] * patch_size[1])
+    lat_w = round(np.sqrt(max_area / aspect_ratio) // vae_stride[2] // patch_size[2] * patch_size[2])
+    return lat_w * vae_stride[2], lat_h * vae_stride[1]
+
+
+ASPECTS = [(1080, 1920), (1920, 1080), (720, 1280), (1000, 1500), (1500, 1000), (768, 1024), (1024, 768),
+           (512, 512), (832, 480), (480, 832), (1200, 1600), (2000, 900)]  # 2000x900: 1431 wide at 720p's area
+
+
+@pytest.mark.parametrize("area", [(832, 480), (1280, 720), (640, 640), (512, 288), (320, 192)])
+@pytest.mark.parametrize("image_wh", ASPECTS)
+def test_the_size_without_size_is_wans_rule(area, image_wh):
+    """Wan's floor to the latent grid, for several aspects and areas: 1080x1920 at 832x480's area
+    is 464x832 (rounding to the nearest gave 480x848, past the area)."""
+    from deployments.profiles import load_profile
+
+    cfg = load_profile("random-a14b", {"defaults": {"width": area[0], "height": area[1]}})
+    size, wan = size_for_image(*image_wh, cfg), wan_size(*image_wh, area[0] * area[1])
+    lim = cfg.limits
+    if wan[0] <= lim.max_width and wan[1] <= lim.max_height:
+        assert size == wan
+    else:  # past the profile's 1280 side limit: scaled down to it, then floored the same way
+        assert size[0] == lim.max_width and size[1] == int(lim.max_width * image_wh[1] / image_wh[0]) // 16 * 16
+    assert size[0] * size[1] <= area[0] * area[1]
+
+
+def test_a_phone_portrait_at_480p_is_464x832():
+    from deployments.profiles import load_profile
+
+    assert size_for_image(1080, 1920, load_profile("random-a14b")) == (464, 832)
+
+
+@pytest.mark.parametrize("image_wh", [(1000, 1500), (1080, 1920), (768, 1024), (900, 1000)])
+def test_a_portrait_stays_a_portrait_at_every_profiles_area(image_wh):
+    """2:3, 9:16, 3:4 and 9:10 portraits are taller than wide at each profile's default area (a 2:3
+    portrait turned square at the tiny area when sides were rounded to the nearest 16)."""
+    from deployments.profiles import load_profile, profile_names
+
+    for name in profile_names():
+        cfg = load_profile(name)
+        width, height = size_for_image(*image_wh, cfg)
+        assert width < height, (name, image_wh, (width, height))
+        assert width * height <= cfg.defaults.width * cfg.defaults.height, name
