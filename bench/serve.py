@@ -90,6 +90,42 @@ def portrait_png(width: int, height: int) -> bytes:
     return demo_image(width, height)
 
 
+class Portraits:
+    """One PNG portrait per key, each a pixel apart: the encoder keeps the image conditions of
+    recent portraits, so a timed request that is meant to be a new portrait must send one the
+    server has not seen. `portraits(key)`; `portraits.avatar` is the avatars' one. Made before
+    any timing (`video_keys`)."""
+
+    def __init__(self, width: int, height: int, keys=()):
+        from PIL import Image
+
+        self.avatar = portrait_png(width, height)
+        self.base = np.array(Image.open(io.BytesIO(self.avatar)).convert("RGB"))
+        self.made: dict[int, bytes] = {}
+        for key in keys:
+            self(key)
+
+    def __call__(self, key: int) -> bytes:
+        if key not in self.made:
+            from PIL import Image
+
+            pixels = self.base.copy()
+            pixels[0, 0] = (key % 251, key // 251 % 251, 251)  # 251: never the avatar's own corner
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            self.made[key] = buf.getvalue()
+        return self.made[key]
+
+
+REPEATED = 1  # the portrait the repeated-portrait requests send again (the first sequential one's)
+
+
+def video_keys(args) -> list[int]:
+    """The portrait of every timed video request (its seed); `measure` says which is which."""
+    keys = [0, *range(1, 1 + args.repeats), *(100 * n + i for n in args.video_concurrency for i in range(n))]
+    return keys + ([300, 301] if args.also_size else [])
+
+
 def speech_wav(seconds: float, rate: int = 16000) -> bytes:
     """16 kHz mono 16-bit: a 220 Hz tone with a 3 Hz (syllable-like) amplitude envelope."""
     t = np.arange(int(seconds * rate)) / rate
@@ -142,7 +178,8 @@ def timeline_marks(timeline: list[dict]) -> dict:
 
 async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None,
                   video_job=None, live_opener=None) -> dict:
-    """`video(seed)` -> {"bytes"}; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
+    """`video(seed, size=None, portrait=seed)` -> {"bytes"}, each request a new portrait unless
+    `portrait` names an earlier one; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
     `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown;
     `video_job(seed)` (served only) -> {"bytes", "timeline", "marks"}: the same request as a job,
     whose events say where the time went. The first request goes that way (is it slower than the
@@ -156,6 +193,10 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None, pha
         first = await timed("video first", video_job or video, 0)
         sequential = [await timed("video", video, 1 + i) for i in range(args.repeats)]
         out["video"] = {"first": first, "sequential": latencies(sequential), "concurrent": {}}
+        # The same portrait again with other seeds: the encoder has its image condition already.
+        repeated = [await timed("video repeated portrait", video, 200 + i, None, REPEATED)
+                    for i in range(args.repeats)]
+        out["video"]["repeated_portrait"] = latencies(repeated)
         if video_job is not None:
             first["via"] = "job"
             out["video"]["warm_job"] = await timed("video job", video_job, 1)  # the seed of a sequential one
@@ -253,7 +294,7 @@ async def turns_beside_video(args, video, turn, avatar_id: str, frames: int) -> 
             "video": {k: v for k, v in video_run.items() if k != "bytes"}}
 
 
-async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
+async def inprocess(args, request: dict, portraits: Portraits, audio: bytes) -> dict:
     """Phase 1 (in a subprocess): every stage in this process, `LocalGraph`, through its ingress."""
     import torch
 
@@ -273,12 +314,13 @@ async def inprocess(args, request: dict, image: bytes, audio: bytes) -> dict:
     ingress = LocalGraph(cfg).ingress
     out["load_s"] = time.perf_counter() - t0
 
-    async def video(seed, size=None):
+    async def video(seed, size=None, portrait=None):
         asked = {**request, "seed": seed, **({"size": size} if size else {})}
+        image = portraits(seed if portrait is None else portrait)
         return {"bytes": len((await ingress.generate(asked, image, "mp4")).mp4)}
 
     async def create_avatar(seed=AVATAR_SEED):
-        avatar, _ = await ingress.create_avatar({**request, "seed": seed}, image)
+        avatar, _ = await ingress.create_avatar({**request, "seed": seed}, portraits.avatar)
         while (avatar := ingress.avatar(avatar.id)).status in ("queued", "in_progress"):
             await asyncio.sleep(0.05)
         if avatar.status != "ready":
@@ -331,25 +373,29 @@ async def diffusers_baseline(args, request: dict, image: bytes) -> dict:
     return out
 
 
-async def served(args, base: str, request: dict, image: bytes, audio: bytes, out: dict, phases=None) -> dict:
+async def served(args, base: str, request: dict, portraits: Portraits, audio: bytes, out: dict,
+                 phases=None) -> dict:
     """Phase 2: the same requests over HTTP."""
     from deployments.api.client import AvatarClient  # here, not inside a timed request
 
     fields = {k: str(v) for k, v in request.items()}
-    picture = {"input_reference": ("portrait.png", image, "image/png")}
+
+    def picture(image: bytes) -> dict:
+        return {"input_reference": ("portrait.png", image, "image/png")}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout) as client:
 
-        async def video(seed, size=None):
+        async def video(seed, size=None, portrait=None):
             asked = {**fields, "seed": str(seed), **({"size": size} if size else {})}
-            r = await client.post("/v1/videos/sync", data=asked, files=picture)
+            image = portraits(seed if portrait is None else portrait)
+            r = await client.post("/v1/videos/sync", data=asked, files=picture(image))
             if r.status_code != 200 or not r.content:
                 raise http_error(r)
             return {"bytes": len(r.content)}
 
         async def create_avatar(seed=AVATAR_SEED):
-            r = await client.post("/v1/avatars", data={**fields, "seed": str(seed)}, files=picture)
+            r = await client.post("/v1/avatars", data={**fields, "seed": str(seed)}, files=picture(portraits.avatar))
             if r.status_code not in (200, 201):
                 raise http_error(r)
             avatar, deadline = r.json(), time.monotonic() + args.request_timeout
@@ -387,7 +433,7 @@ async def served(args, base: str, request: dict, image: bytes, audio: bytes, out
                 jobs = AvatarClient(base, args.api_key, timeout=args.request_timeout)
                 try:
                     asked = {**request, **({"size": size} if size else {})}
-                    return jobs.generate(image, request["prompt"], on_event=note, seed=seed,
+                    return jobs.generate(portraits(seed), request["prompt"], on_event=note, seed=seed,
                                          **{k: v for k, v in asked.items() if k != "prompt"})
                 finally:
                     jobs.http.close()
@@ -759,13 +805,13 @@ def main() -> int:
     request = {"prompt": PROMPT, "size": args.video_size, "num_frames": args.video_frames}
     request = {k: v for k, v in request.items() if v is not None}
     width, height = (int(v) for v in (args.video_size or "832x480").split("x"))
-    image, audio = portrait_png(width, height), speech_wav(args.turn_seconds)
+    portraits, audio = Portraits(width, height, video_keys(args)), speech_wav(args.turn_seconds)
     if args.inprocess_worker:  # phase 1, in the subprocess: JSON on stdout's last line
-        result = asyncio.run(inprocess(args, request, image, audio))
+        result = asyncio.run(inprocess(args, request, portraits, audio))
         print(json.dumps({**result, "failures": FAILURES}, default=str))
         return 0
     if args.baseline_worker:  # phase 1b, likewise
-        print(json.dumps(asyncio.run(diffusers_baseline(args, request, image)), default=str))
+        print(json.dumps(asyncio.run(diffusers_baseline(args, request, portraits.avatar)), default=str))
         return 0
 
     with socket.socket() as s:
@@ -844,7 +890,7 @@ def main() -> int:
             log(f"ready {report['startup_s']:.1f} s after serve deploy (seen by {report['ready_by']})")
             report["served"] = {}
             metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
-            asyncio.run(served(args, base, request, image, audio, report["served"],
+            asyncio.run(served(args, base, request, portraits, audio, report["served"],
                                phases=lambda: stage_metrics(metrics_url, wait_s=20, settle_s=2.5,
                                                             need="turn_phase_seconds").get("turn_phase_seconds", {})))
             report["failures"] += [f"served: {f}" for f in FAILURES]

@@ -149,6 +149,11 @@ class EncoderConfig(StageBase):
     prompt_cache_size: int = Field(16, ge=0, le=4096, description=(
         "How many recent prompts' embeddings the encoder keeps on its device (4 MiB each for "
         "umT5-XXL at 512 tokens); a repeated prompt skips the text encoder. 0: none."))
+    condition_cache_bytes: int = Field(512 * 2**20, ge=0, description=(
+        "Bytes of host memory the encoder keeps of recent portraits' image conditions (the VAE "
+        "latents + first-frame mask: 10 MiB at 832x480x81, 23 MiB at 1280x720x81), keyed by the "
+        "pixels' hash, size and frame count; a repeated portrait skips the VAE encode and gets the "
+        "same condition. 0: none."))
     default_negative_prompt: str = Field("", max_length=20000, description=(
         "What an empty negative prompt is encoded as, when some expert runs CFG. Wan2.2's "
         "image2video.py replaces \"\" with its `sample_neg_prompt` (wan/configs/shared_config.py), "

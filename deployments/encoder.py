@@ -14,10 +14,9 @@ requests wait their turn.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import threading
 import time
-from collections import OrderedDict
 
 import numpy as np
 import PIL.Image
@@ -25,8 +24,9 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
 from diffusers.video_processor import VideoProcessor
 
+from deployments.common.cache import LruCache
 from deployments.common.metrics import StageMetrics
-from deployments.common.payloads import Conditioning, VideoParams
+from deployments.common.payloads import Conditioning, VideoParams, WireTensor
 from deployments.common.runtime import (
     ModelLock,
     apply_threads,
@@ -99,12 +99,15 @@ class Encoder:
         # pipeline does (bit-for-bit the same condition).
         self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
         self.latents_inv_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
-        # The embeddings of recent prompts, newest last (`prompt_cache_size`): a prompt's embedding
-        # depends on its text alone, so a repeated one -- the default negative prompt of every CFG
-        # request, a product's prompt template -- skips the text encoder and gets the same tensor.
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._prompts_lock = threading.Lock()
-        self.prompt_cache_hits = 0
+        # The embeddings of recent prompts (`prompt_cache_size`): a prompt's embedding depends on
+        # its text alone, so a repeated one -- the default negative prompt of every CFG request, a
+        # product's prompt template -- skips the text encoder and gets the same tensor.
+        self._prompts: LruCache[torch.Tensor] = LruCache(max_items=cfg.prompt_cache_size)
+        # The image conditions of recent portraits (`condition_cache_bytes`), by a hash of the
+        # pixels, the clip size and frame count: an avatar's or an API caller's repeated portrait
+        # skips the VAE encode. Kept packed (host memory, read-only): a hit is also no copy off
+        # the device.
+        self._conditions: LruCache[WireTensor] = LruCache(max_bytes=cfg.condition_cache_bytes)
         self.metrics = StageMetrics("encoder")
         self.model = ModelLock(self.metrics.observe_wait, name="encoder")
         for shape in cfg.warmup:
@@ -122,19 +125,17 @@ class Encoder:
         """prompt -> (1, L, D) in the text encoder's dtype, zeroed past the prompt's tokens: a
         tensor of the caller's own, from the cache when the prompt was seen lately."""
         text = prompt_clean(prompt)
-        with self._prompts_lock:
-            cached = self._prompts.get(text)
-            if cached is not None:
-                self._prompts.move_to_end(text)
-                self.prompt_cache_hits += 1
-                return cached.clone()
+        cached = self._prompts.get(text)
+        if cached is not None:
+            return cached.clone()
         hidden = self._encode_text(text)
-        if self.cfg.prompt_cache_size:
-            with self._prompts_lock:
-                self._prompts[text] = hidden.clone()
-                while len(self._prompts) > self.cfg.prompt_cache_size:
-                    self._prompts.popitem(last=False)  # the least recently used
+        if self._prompts.enabled:
+            self._prompts.put(text, hidden.clone())
         return hidden
+
+    @property
+    def prompt_cache_hits(self) -> int:
+        return self._prompts.hits
 
     @torch.no_grad()
     def _encode_text(self, text: str) -> torch.Tensor:
@@ -175,6 +176,19 @@ class Encoder:
         mask = first_frame_mask(num_frames, t, h, w, self.temporal).to(latents.device)
         return torch.cat([mask, latents], dim=1)
 
+    def image_condition(self, image: np.ndarray, width: int, height: int, num_frames: int) -> WireTensor:
+        """`encode_image`, packed, from the cache when this portrait was encoded at this size and
+        frame count lately: the very array encoding it again gives (read-only, shared)."""
+        pixels = np.ascontiguousarray(image)
+        key = (hashlib.sha256(pixels.data).hexdigest(), pixels.shape, str(pixels.dtype), width, height, num_frames)
+        cached = self._conditions.get(key)
+        if cached is not None:
+            return cached
+        wire = pack(self.encode_image(pixels, width, height, num_frames))
+        wire.data.setflags(write=False)  # shared by every request that repeats the portrait
+        self._conditions.put(key, wire, wire.data.nbytes)
+        return wire
+
     # ------------------------------------------------------------------ stage entry point
 
     def latent_shape(self, params: VideoParams) -> tuple[int, ...]:
@@ -193,14 +207,15 @@ class Encoder:
         # Wan2.2's image2video.py: an empty negative prompt means the model's default one.
         negative_prompt = params.negative_prompt or self.cfg.default_negative_prompt
         negative = self.encode_text(negative_prompt) if params.needs_negative else None
-        condition = self.encode_image(image, params.width, params.height, params.num_frames)
+        condition = self.image_condition(image, params.width, params.height, params.num_frames)
         return Conditioning(params=params, prompt_embeds=pack(context),
                             negative_prompt_embeds=None if negative is None else pack(negative),
-                            condition=pack(condition), latent_shape=self.latent_shape(params))
+                            condition=condition, latent_shape=self.latent_shape(params))
 
     def check_health(self) -> None:
         check_resident("encoder", self.text_encoder, self.vae)
 
     def info(self) -> dict:
         return {**placement_info(self.device), "startup_s": self.startup_s,
-                "prompt_cache": {"prompts": len(self._prompts), "hits": self.prompt_cache_hits}}
+                "prompt_cache": {"prompts": len(self._prompts), "hits": self._prompts.hits},
+                "condition_cache": self._conditions.stats()}
