@@ -94,6 +94,10 @@ class ServingConfig(Strict):
     job_timeout_s: float = Field(1800.0, gt=0, description=(
         "Deadline of one job once it runs, in seconds (time in the queue not counted); past it the "
         "job fails with a timeout error and its stages are released."))
+    stage_retries: int = Field(1, ge=0, le=3, description=(
+        "How many times a stage of one job runs again when its replica dies mid-job, from the "
+        "stage's kept input (the conditioning, the latents after the high expert); the clip is "
+        "byte-identical to an undisturbed run. 0: a dead replica fails the job."))
     max_running_jobs: int = Field(2, ge=1, description=(
         "Jobs that run at once (the stages pipeline them). A `placement` preset sets this to what "
         "keeps its GPUs busy unless the profile sets it."))

@@ -47,6 +47,7 @@ from deployments.api.protocol import (
     resolve,
 )
 from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
+from deployments.api.retry import StageRetries, failed, replica_gone
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
 from deployments.common.payloads import Speech, StepRecord, VideoParams
@@ -158,37 +159,68 @@ class Ingress:
             raise
         return state
 
-    async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress, calls: list):
-        """encode -> high -> low: the final DenoiseState."""
+    async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress, calls: list,
+                        retries: StageRetries):
+        """encode -> high -> low: the final DenoiseState. The conditioning and the latents after
+        the high expert are kept until the job ends: a stage whose replica dies runs again from
+        them (deployments/api/retry.py)."""
         log.info("%s: %dx%d, %d frames, %d steps, seed %d", params.request_id, params.width,
                  params.height, params.num_frames, params.num_inference_steps, params.seed)
         progress.stage("encode")
-        cond = dispatched(calls, self.encoder.encode.remote(params, image))
-        state = await self._denoise(self.high, cond, None, progress)
-        state = await self._denoise(self.low, cond, state, progress)
+
+        def encode():
+            return dispatched(calls, self.encoder.encode.remote(params, image))
+
+        cond, state = encode(), None
+        for role, expert in (("high", self.high), ("low", self.low)):
+            while True:
+                try:
+                    state = await self._denoise(expert, cond, state, progress)
+                    break
+                except Exception as exc:
+                    if replica_gone(exc) and await failed(cond):  # the encoder's replica died
+                        if not retries.allow("encoder", exc):
+                            raise
+                        cond = encode()
+                    elif not retries.allow(role, exc):
+                        raise
         progress.stage("decode")
         return state
+
+    async def _lipsynced(self, state, audio: Speech | None, method: str, calls: list, retries: StageRetries,
+                         face_box=None):
+        """decode -> lip-sync (the clip goes from the decoder to the lip-sync stage directly):
+        `method` is "lipsync_mp4" / "lipsync_frames" (a talk over the clip) or "create_avatar"."""
+        while True:
+            clip = dispatched(calls, self.decoder.decode.remote(state))
+            info = dispatched(calls, self.lipsync.create_avatar.remote(clip, face_box))
+            result = info if method == "create_avatar" else dispatched(
+                calls, getattr(self.lipsync, method).remote(info, audio))
+            try:
+                return await result
+            except Exception as exc:
+                stage = "decoder" if replica_gone(exc) and await failed(clip) else "lipsync"
+                if not retries.allow(stage, exc):
+                    raise
 
     async def run(self, params: VideoParams, image: np.ndarray, output: Literal["mp4", "frames"] = "mp4",
                   progress: Progress | None = None, audio: Speech | None = None) -> VideoResult:
         """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
         `audio` (admitted speech), the decoded clip goes straight to the lip-sync stage instead."""
         progress = progress or NoProgress()
+        retries = StageRetries(params.request_id, progress, self.cfg.serving.stage_retries)
         async with cancel_on_exit() as calls:
-            state = await self._denoised(params, image, progress, calls)
+            state = await self._denoised(params, image, progress, calls, retries)
             if audio is not None:
-                clip = dispatched(calls, self.decoder.decode.remote(state))
                 progress.stage("lipsync")
-                info = dispatched(calls, self.lipsync.create_avatar.remote(clip))
-                if output == "frames":
-                    frames = await dispatched(calls, self.lipsync.lipsync_frames.remote(info, audio))
-                    return VideoResult(params=params, frames=frames.frames)
-                mp4 = await dispatched(calls, self.lipsync.lipsync_mp4.remote(info, audio))
-                return VideoResult(params=params, mp4=mp4)
+                method = "lipsync_frames" if output == "frames" else "lipsync_mp4"
+                result = await self._lipsynced(state, audio, method, calls, retries)
+                return VideoResult(params=params, **({"frames": result.frames} if output == "frames" else {"mp4": result}))
             if output == "frames":
-                frames = await dispatched(calls, self.decoder.decode.remote(state))
+                frames = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode.remote(state)))
                 return VideoResult(params=params, frames=frames.frames)
-            return VideoResult(params=params, mp4=await dispatched(calls, self.decoder.decode_mp4.remote(state)))
+            mp4 = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode_mp4.remote(state)))
+            return VideoResult(params=params, mp4=mp4)
 
     async def _validated(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                          audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, Speech | None]:
@@ -313,11 +345,11 @@ class Ingress:
                               seed=params.seed)
 
         async def work(progress: Progress) -> None:
+            retries = StageRetries(key, progress, self.cfg.serving.stage_retries)
             async with cancel_on_exit() as calls:
-                state = await self._denoised(params, pixels, progress, calls)
-                clip = dispatched(calls, self.decoder.decode.remote(state))  # decoder -> lip-sync directly
-                progress.stage("lipsync")
-                info = await dispatched(calls, self.lipsync.create_avatar.remote(clip, request.face_box))
+                state = await self._denoised(params, pixels, progress, calls, retries)
+                progress.stage("lipsync")  # decoder -> lip-sync directly
+                info = await self._lipsynced(state, None, "create_avatar", calls, retries, request.face_box)
             avatar.prepared_id, avatar.fps, avatar.cycle_frames = info.prepared_id, info.fps, 2 * info.num_frames
             avatar.ready_at = int(time.time())
 

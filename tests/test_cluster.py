@@ -41,7 +41,7 @@ GPU_STAGES = ["Encoder", "DitExpertHigh", "DitExpertLow", "Decoder", "LipSync"]
 KEY = {"Authorization": "Bearer cluster-key"}
 IMAGE = png_bytes(get_dummy_image())
 FAST = {"prompt": "a woman talks", "size": "32x16", "num_frames": "5", "num_inference_steps": "2"}
-SLOW = {**FAST, "num_inference_steps": "100"}  # 100 x 0.1 s: past the 8 s deadline
+SLOW = {**FAST, "num_inference_steps": "500"}  # 500 x 0.1 s: past the 45 s deadline
 LONG = {**FAST, "num_inference_steps": "400"}  # cancelled long before its end
 pytestmark = pytest.mark.cluster
 
@@ -58,8 +58,8 @@ def overrides(storage: Path) -> dict:
     stages["lipsync"]["placement"].update(autoscaling=AUTOSCALING, max_ongoing_requests=2)
     stages["lipsync"]["avatar_cache_dir"] = str(storage / "avatars")  # shared by the replicas
     stages["lipsync"]["simulate_batch_seconds"] = 0.3  # a batch of 8 frames: a busy GPU
-    return {"stages": stages, "limits": {"max_steps": 400, **LIMITS},
-            "serving": {"storage_dir": str(storage), "job_timeout_s": 8.0, "max_running_jobs": 4,
+    return {"stages": stages, "limits": {"max_steps": 600, **LIMITS},
+            "serving": {"storage_dir": str(storage), "job_timeout_s": 45.0, "max_running_jobs": 4,
                         "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
 
 
@@ -429,26 +429,41 @@ def test_dashboard_lists_every_stage_healthy(cluster):
     assert all(d["status"] == "HEALTHY" for d in deployments.values()), deployments
 
 
-def test_dead_replica_fails_its_job_and_later_jobs_succeed(cluster, client):
+def step_on(client, job_id, expert):
+    """Follow the SSE stream until the first denoise step on `expert`."""
+    with client.stream("GET", f"/v1/videos/{job_id}/events") as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["event"] == "step" and event["expert"] == expert:
+                    return
+                assert event["event"] not in ("completed", "failed", "cancelled"), event
+
+
+def test_the_low_experts_replica_killed_mid_denoise_costs_one_stage_not_the_job(cluster, client):
+    """kill -9 of the low expert's replica while it denoises: the stage runs again on the
+    replica Serve starts in its place, from the latents the high expert left, and the clip is
+    byte-identical to the same request undisturbed (retry event in the stream, later jobs fine)."""
     import ray
 
-    job = create(client, SLOW).json()
-    first_step(client, job["id"])
-    victims = [a for a in alive_actors() if a.class_name.endswith("DitExpertHigh")]
+    # The job's 45 s deadline covers the replica's replacement: Serve notices the death at its
+    # next health check (5 s) and starts a new process that loads the stage (~15 s on two loaded cores).
+    request = {**FAST, "num_inference_steps": "12", "seed": "23"}
+    plain = create(client, request).json()
+    assert wait_final(client, plain["id"])["status"] == "completed"
+    expected = client.get(f"/v1/videos/{plain['id']}/content").content
+    job = create(client, request).json()
+    step_on(client, job["id"], "low")
+    victims = [a for a in alive_actors() if a.class_name.endswith("DitExpertLow")]
     assert len(victims) == 1
     ray.kill(ray.get_actor(victims[0].name, namespace="serve"), no_restart=True)
     final = wait_final(client, job["id"])
-    assert final["status"] == "failed" and final["error"]["code"] in ("stage_unavailable", "stage_error")
-    assert "Traceback" not in final["error"]["message"]
-    # Serve replaces the replica; a later job completes.
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        r = create(client)
-        if r.status_code == 200 and wait_final(client, r.json()["id"])["status"] == "completed":
-            break
-        time.sleep(1)
-    else:
-        raise AssertionError("no job completed after the replica was replaced")
+    assert final["status"] == "completed", final["error"]
+    assert client.get(f"/v1/videos/{job['id']}/content").content == expected
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["stage"] for e in events if e["event"] == "retry"] == ["low"], events
+    assert wait_final(client, create(client).json()["id"])["status"] == "completed"
 
 
 def test_avatar_and_streamed_speech_over_http(client):

@@ -52,6 +52,11 @@ class Progress:
         r.progress = DENOISE_FROM + int((DENOISE_TO - DENOISE_FROM) * step / self.total_steps)
         self.events.emit("step", step=step, total=self.total_steps, expert=expert, progress=r.progress)
 
+    def retry(self, stage: str, reason: str) -> None:
+        """`stage`'s replica died and the stage runs again (deployments/api/retry.py): its steps
+        are reported again from its first."""
+        self.events.emit("retry", stage=stage, reason=reason, progress=self.record.progress)
+
 
 class NoProgress:
     """For callers that want no reports (the synchronous Python API)."""
@@ -60,6 +65,9 @@ class NoProgress:
         pass
 
     def step(self, step: int, expert: str) -> None:
+        pass
+
+    def retry(self, stage: str, reason: str) -> None:
         pass
 
 
