@@ -3,10 +3,12 @@
     latents (1, 16, T, h, w) fp32 -> denormalise -> VAE decode -> (1, 3, F, 8h, 8w) in [-1, 1]
     -> float frames (F, H, W, 3) in [0, 1] -> uint8 frames (F, H, W, 3)
 
-The decoder also muxes MP4 (`decode_mp4`), so the ~100 MB of frames of an 81-frame 480p clip
-never leave this process on the HTTP path; only the few-hundred-kB MP4 does. It decodes chunk by
-chunk (one latent frame -> 1, then 4 video frames, as the VAE's own loop does) and a writer thread
-encodes H.264 while the next chunk decodes, so the MP4 costs only its tail after the last chunk.
+The decoder also muxes the MP4 (`decode_fmp4`, streamed; `decode_mp4`, whole), so the ~100 MB of
+frames of an 81-frame 480p clip never leave this process on the HTTP path; only the
+few-hundred-kB file does. It decodes chunk by chunk (one latent frame -> 1, then 4 video frames,
+as the VAE's own loop does) on the model thread while the caller's thread encodes H.264 into a
+fragmented MP4, a fragment per second of video, each handed on as soon as it is cut: the file
+costs only its tail after the last chunk, and its first bytes leave before the clip is decoded.
 
 Concurrency: one VAE decode at a time per replica, on its one model thread (`self.model`, a
 ModelLock): the Wan VAE keeps per-call feature caches on the module. The MP4's tail runs outside
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,7 +40,7 @@ from deployments.common.runtime import (
 )
 from deployments.common.transport import unpack
 from deployments.config import DecoderConfig
-from deployments.media.video import Mp4Writer, encode_mp4
+from deployments.media.fmp4 import clip_writer
 from deployments.models.wan.components import load_vae, set_conv_format
 
 log = logging.getLogger("avatar_serve.decoder")
@@ -53,6 +56,10 @@ def vae_norm_constants(vae, dtype: torch.dtype, device) -> tuple[torch.Tensor, t
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(device, dtype)
     std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(device, dtype)
     return mean, std
+
+
+class _Abandoned(Exception):
+    """The caller of a streamed decode stopped reading: the decode stops at its next chunk."""
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -81,8 +88,10 @@ class Decoder:
             # on the dev box). Not timed into the stage's metrics.
             z = self.vae.config.z_dim
             t, s = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
-            self._mp4(torch.zeros(1, z, (shape.num_frames - 1) // t + 1, shape.height // s, shape.width // s,
-                                  device=self.device), fps=16)
+            latents = torch.zeros(1, z, (shape.num_frames - 1) // t + 1, shape.height // s, shape.width // s,
+                                  device=self.device)
+            for _ in self._fmp4(latents, fps=16):
+                pass
         self.startup_s = time.perf_counter() - started
         self.metrics.started(self.startup_s)
         log_memory(log, "decoder", self.device)
@@ -167,36 +176,60 @@ class Decoder:
         return frames
 
     def decode_mp4(self, state: DenoiseState) -> bytes:
-        """-> H.264 MP4 bytes at the request's frame rate. Metrics: `decode` is the decode (with
-        the encoding of all but the last chunk overlapped), `mux` what is left after it."""
-        data, chunks = self._mp4(self._final_latents(state), state.params.fps, self.metrics.timed)
-        log.info("%s: decoded and muxed %d chunks", state.params.request_id, chunks)
-        return data
+        """-> the whole clip's (fragmented) MP4 at the request's frame rate: what `decode_fmp4`
+        streams, joined."""
+        return b"".join(self.decode_fmp4(state))
 
-    def _mp4(self, latents: torch.Tensor, fps: int, timed=None) -> tuple[bytes, int]:
-        """Normalised latents -> (MP4 bytes, chunks encoded); `timed(phase)` times each phase."""
+    def decode_fmp4(self, state: DenoiseState):
+        """-> fragmented MP4 bytes at the request's frame rate, yielded as they are made (a
+        generator: `options(stream=True)`); their concatenation is one MP4 file. Metrics:
+        `decode` until the last chunk is decoded, `mux` what is left after it."""
+        pieces = 0
+        for piece in self._fmp4(self._final_latents(state), state.params.fps, self.metrics.timed):
+            pieces += 1
+            yield piece
+        log.info("%s: decoded and muxed in %d pieces", state.params.request_id, pieces)
+
+    def _fmp4(self, latents: torch.Tensor, fps: int, timed=None):
+        """Normalised latents -> fMP4 pieces: chunks decode on the model thread (queued like any
+        model call) while this thread encodes the ones before. A caller that stops early (client
+        gone) stops the decode at its next chunk."""
         timed = timed or (lambda _: contextlib.nullcontext())
-        if not self._streams():
-            with timed("decode"):
-                frames = self.decode_uint8(latents)
-            with timed("mux"):
-                return encode_mp4(frames, fps), 1
-        writer, written = Mp4Writer(fps), []
-        # One writer thread: chunks are encoded in order, each while the next one decodes.
-        with ThreadPoolExecutor(1, thread_name_prefix="mp4") as pool:
-            try:
+        chunks: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        end = object()
+
+        def on_chunk(chunk: np.ndarray) -> None:
+            if stop.is_set():
+                raise _Abandoned()
+            chunks.put(chunk)
+
+        def decode() -> None:
+            if self._streams():
+                self._decode_chunks(latents, on_chunk)
+            else:  # a tiled or patchified VAE: the whole clip, one chunk
+                on_chunk(self._to_uint8(self._decode_video(latents)[0]))
+
+        with torch.no_grad():  # the model thread takes the caller's grad mode
+            work = self.model.submit(decode)
+        work.add_done_callback(lambda _: chunks.put(end))
+        writer = clip_writer(fps)
+        try:
+            with writer:
                 with timed("decode"):
-                    self.decode_chunks(latents, lambda chunk: written.append(pool.submit(writer.write, chunk)))
+                    while (chunk := chunks.get()) is not end:
+                        if piece := writer.write(chunk):
+                            yield piece
+                    work.result()  # the decode's own error, if it failed
                 with timed("mux"):
-                    for future in written:
-                        future.result()
-                    return writer.finish(), len(written)
-            except BaseException:
-                for future in written:
-                    future.cancel()
-                pool.shutdown(wait=True)
-                writer.close()
-                raise
+                    tail = writer.close()
+            if tail:
+                yield tail
+        finally:
+            stop.set()  # stopped early: the decode ends at its next chunk
+            if not work.cancel():
+                with contextlib.suppress(_Abandoned):
+                    work.result()  # before the next call: this one's memory is freed first
 
     def check_health(self) -> None:
         check_resident("decoder", self.vae)

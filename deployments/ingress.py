@@ -23,11 +23,12 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
 import numpy as np
 from pydantic import ValidationError
 
+from deployments.api.content import GrowingContent, streamed_mp4
 from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
 from deployments.api.live import LiveError, LiveSession, Receive, Send
 from deployments.api.protocol import (
@@ -71,6 +72,12 @@ def check_face_box(box, params: VideoParams) -> None:
 MIN_FACE_BOX = 8  # pixels; MuseTalk resizes the box to a 256x256 crop
 
 
+async def _file_pieces(path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as fh:
+        while piece := await asyncio.to_thread(fh.read, size):
+            yield piece
+
+
 @dataclass(frozen=True)
 class VideoResult:
     """What the Python API returns: MP4 bytes or uint8 frames (F, H, W, 3), and the parameters
@@ -95,6 +102,7 @@ class Ingress:
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes, on_expire=self.queue.forget)
+        self.contents: dict[str, GrowingContent] = {}  # the MP4s of jobs running now, as they are made
         self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
         self.live_sessions = 0  # live sessions open now (admitted up to cfg.max_live_sessions)
 
@@ -204,9 +212,11 @@ class Ingress:
                     raise
 
     async def run(self, params: VideoParams, image: np.ndarray, output: Literal["mp4", "frames"] = "mp4",
-                  progress: Progress | None = None, audio: Speech | None = None) -> VideoResult:
+                  progress: Progress | None = None, audio: Speech | None = None,
+                  on_piece: Callable[[bytes], None] | None = None) -> VideoResult:
         """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
-        `audio` (admitted speech), the decoded clip goes straight to the lip-sync stage instead."""
+        `audio` (admitted speech), the decoded clip goes straight to the lip-sync stage instead.
+        `on_piece`: the MP4 is streamed from the decoder and each piece handed to it as it comes."""
         progress = progress or NoProgress()
         retries = StageRetries(params.request_id, progress, self.cfg.serving.stage_retries)
         async with cancel_on_exit() as calls:
@@ -219,6 +229,8 @@ class Ingress:
             if output == "frames":
                 frames = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode.remote(state)))
                 return VideoResult(params=params, frames=frames.frames)
+            if on_piece is not None:
+                return VideoResult(params=params, mp4=await streamed_mp4(self.decoder, state, calls, retries, on_piece))
             mp4 = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode_mp4.remote(state)))
             return VideoResult(params=params, mp4=mp4)
 
@@ -271,9 +283,24 @@ class Ingress:
         self.queue.admit()
         job = self._job(params, pcm)
 
+        content = self.contents[job.id] = GrowingContent()
+
         async def work(progress: Progress) -> None:
-            result = await self.run(params, pixels, "mp4", progress, audio=pcm)
-            self.records.save_result(job, result.mp4)
+            def on_piece(piece: bytes) -> None:
+                if not content.pieces:
+                    progress.first_fragment(len(piece))
+                content.append(piece)
+
+            try:
+                result = await self.run(params, pixels, "mp4", progress, audio=pcm, on_piece=on_piece)
+                if pcm is not None:  # lip-synced: the whole file at the end
+                    on_piece(result.mp4)
+                self.records.save_result(job, result.mp4)
+            finally:
+                # Followers end here; GET .../stream reads the saved file from now on (the record
+                # turns final right after, with no await in between).
+                content.end()
+                self.contents.pop(job.id, None)
 
         self.records.add(job)
         self.queue.start(job, work, self.records.save, total_steps=params.num_inference_steps)
@@ -297,6 +324,15 @@ class Ingress:
             return job
         self.queue.forget(job_id)
         return self.records.delete_job(job_id)
+
+    def content_stream(self, job_id: str) -> AsyncIterator[bytes]:
+        """A job's MP4 as it is made: the pieces so far, then each new one, until it completes;
+        a completed job's whole file (404 when expired; 409 failed or cancelled)."""
+        job = self.records.job(job_id)
+        content = self.contents.get(job_id)
+        if content is not None and not job.final:
+            return content.follow()
+        return _file_pieces(self.records.content_path(job_id))
 
     def content_path(self, job_id: str):
         """The finished MP4's path on the ingress host (409 before completion, 404 when expired)."""

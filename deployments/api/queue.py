@@ -52,6 +52,10 @@ class Progress:
         r.progress = DENOISE_FROM + int((DENOISE_TO - DENOISE_FROM) * step / self.total_steps)
         self.events.emit("step", step=step, total=self.total_steps, expert=expert, progress=r.progress)
 
+    def first_fragment(self, size: int) -> None:
+        """The MP4's first piece (its header and first fragment) can be streamed now."""
+        self.events.emit("first_fragment", bytes=size, progress=self.record.progress)
+
     def retry(self, stage: str, reason: str) -> None:
         """`stage`'s replica died and the stage runs again (deployments/api/retry.py): its steps
         are reported again from its first."""
@@ -65,6 +69,9 @@ class NoProgress:
         pass
 
     def step(self, step: int, expert: str) -> None:
+        pass
+
+    def first_fragment(self, size: int) -> None:
         pass
 
     def retry(self, stage: str, reason: str) -> None:

@@ -277,6 +277,17 @@ async def get_video_content(video_id: str, ingress: IngressDep):
     return FileResponse(ingress.content_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
 
 
+@api.get("/v1/videos/{video_id}/stream", response_class=StreamingResponse, responses={**MP4, **errors(404, 409)},
+         summary="The MP4 as it is made: a fragmented MP4 whose first bytes leave while the clip decodes")
+async def stream_video_content(video_id: str, ingress: IngressDep):
+    """Open any time after the job is created: the fMP4 pieces made so far, then each new one as
+    the decoder makes it (the `first_fragment` event says when the first is there), until the
+    job completes; the bytes are the finished file's, byte for byte. Of a completed job: its
+    file. A job that fails while streaming ends the stream early; its record says why."""
+    return StreamingResponse(ingress.content_stream(video_id), media_type="video/mp4",
+                             headers={"Cache-Control": "no-store"})
+
+
 SSE_KEEPALIVE_S = 15.0  # a comment line this often on a quiet stream: proxies keep it, clients see it live
 
 

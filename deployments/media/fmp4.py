@@ -1,5 +1,6 @@
-"""Fragmented MP4 written incrementally, so an HTTP response can stream lip-synced video as the
-frames are made.
+"""Fragmented MP4 written incrementally, so an HTTP response can stream video as the frames are
+made: lip-synced talk turns (with their speech) and generated clips as the VAE decodes them
+(`clip_writer`, no sound).
 
     FragmentedMP4Writer(pcm 16 kHz, fps) .write(frames (B, H, W, 3) uint8) -> bytes  (repeat)
                                          .close() -> bytes
@@ -62,13 +63,14 @@ class FragmentedMP4Writer:
         audio_rate: AAC sample rate (48 kHz: 1024-sample frames of 21 ms).
     """
 
-    def __init__(self, audio: np.ndarray, fps: int = 25, sample_rate: int = SAMPLE_RATE,
+    def __init__(self, audio: np.ndarray | None, fps: int = 25, sample_rate: int = SAMPLE_RATE,
                  keyframe_interval: int = 12, crf: int = 20, audio_rate: int = 48000,
                  audio_bitrate: int = 96000, preset: str = "veryfast", threads: int = 0,
                  codec: str = "libx264"):
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"audio must be mono (S,), got {audio.shape}")
+        if audio is not None:  # None: a clip without sound (the decoder's)
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise ValueError(f"audio must be mono (S,), got {audio.shape}")
         self.audio, self.sample_rate, self.fps = audio, sample_rate, fps
         self.keyframe_interval, self.crf, self.preset = keyframe_interval, crf, preset
         self.threads = threads  # x264 threads; 0: x264 decides from the cores it sees
@@ -105,16 +107,19 @@ class FragmentedMP4Writer:
             # a talking head has no scene cuts worth a keyframe.
             video.options = {"crf": str(self.crf), "preset": self.preset, "tune": "zerolatency",
                              "threads": str(self.threads), "sc_threshold": "0", **keyframes}
-        audio = self._container.add_stream("aac", rate=self.audio_rate)
-        audio.layout = "mono"
-        audio.bit_rate = self.audio_bitrate
-        self._video, self._audio_stream = video, audio
-        self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=self.audio_rate)
-        self._size = (height, width)
+        self._video, self._size = video, (height, width)
+        if self.audio is not None:
+            audio = self._container.add_stream("aac", rate=self.audio_rate)
+            audio.layout = "mono"
+            audio.bit_rate = self.audio_bitrate
+            self._audio_stream = audio
+            self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=self.audio_rate)
 
     # ------------------------------------------------------------------ writing
 
     def _mux_audio_until(self, end_sample: int) -> None:
+        if self.audio is None:
+            return
         end_sample = min(end_sample, self.audio.shape[0])
         if end_sample <= self._audio_pos:
             return
@@ -161,10 +166,13 @@ class FragmentedMP4Writer:
         if self._container is None:
             raise ValueError("no frames were written")
         self._mux_audio_until(self.frames_written * self.sample_rate // self.fps)
-        for resampled in self._resampler.resample(None):
-            for packet in self._audio_stream.encode(resampled):
-                self._container.mux(packet)
+        if self._resampler is not None:
+            for resampled in self._resampler.resample(None):
+                for packet in self._audio_stream.encode(resampled):
+                    self._container.mux(packet)
         for stream in (self._audio_stream, self._video):
+            if stream is None:
+                continue
             for packet in stream.encode(None):
                 self._container.mux(packet)
         self._container.close()
@@ -181,7 +189,24 @@ class FragmentedMP4Writer:
                 self._closed = True
 
 
-def stream_fmp4(chunks, audio: np.ndarray, fps: int = 25, **writer_options):
+# A generated clip (no sound) as the decoder streams it: the quality of the plain MP4 it replaced
+# (crf 18), a keyframe -- so a fragment -- each second of video.
+CLIP_OPTIONS = {"crf": 18, "preset": "veryfast"}
+
+
+def clip_writer(fps: int) -> FragmentedMP4Writer:
+    """The fMP4 writer of a generated clip without sound, at `fps`."""
+    return FragmentedMP4Writer(None, fps=fps, keyframe_interval=fps, **CLIP_OPTIONS)
+
+
+def encode_clip(frames: np.ndarray, fps: int) -> bytes:
+    """A whole clip's uint8 frames (F, H, W, 3) -> its fMP4, the bytes the decoder streams."""
+    writer = clip_writer(fps)
+    with writer:
+        return writer.write(frames) + writer.close()
+
+
+def stream_fmp4(chunks, audio: np.ndarray | None, fps: int = 25, **writer_options):
     """Frame chunks (an iterable of (B, H, W, 3) uint8) + their audio -> an iterator of fMP4
     bytes, each yielded as soon as the writer has it (empty pieces are skipped)."""
     writer = FragmentedMP4Writer(audio, fps=fps, **writer_options)

@@ -33,6 +33,14 @@ class Dying:
         attr = getattr(self.target, name)
         if name != self.method:
             return attr
+        if inspect.isgeneratorfunction(attr):
+            def generated(*args, **kwargs):
+                for i, item in enumerate(attr(*args, **kwargs)):
+                    if i == self.after and self.deaths < self.times:
+                        self.deaths += 1
+                        raise self.error()
+                    yield item
+            return generated
         if inspect.isasyncgenfunction(attr):
             async def streamed(*args, **kwargs):
                 i = 0
@@ -80,7 +88,7 @@ def undisturbed(tmp_path_factory):
 # (stage handle, method, items before the death): the low expert mid-denoise (after a step
 # record), the high expert at its first step, the encoder and the decoder before they run.
 DEATHS = [("low", "denoise_stream", 1), ("high", "denoise_stream", 0), ("encoder", "encode", 0),
-          ("decoder", "decode_mp4", 0)]
+          ("decoder", "decode_fmp4", 0)]
 
 
 @pytest.mark.parametrize("stage,method,after", DEATHS)
@@ -100,6 +108,22 @@ def test_a_stage_whose_replica_dies_runs_again_and_the_clip_is_byte_identical(tm
     if stage == "low":  # the low expert's steps are reported again from its first, after the retry
         steps = [e["step"] for e in events if e["event"] == "step" and e["expert"] == "low"]
         assert steps == [3, 3, 4], steps
+
+
+def test_a_decoder_dying_mid_stream_runs_again_and_followers_see_one_file(tmp_path):
+    """The decoder dies after its first fMP4 piece went out to the job's stream: the decode runs
+    again, the piece already handed on is checked equal and skipped, and the stream is the file."""
+    data = {**REQUEST, "num_frames": "33"}
+    plain, plain_mp4, _ = video(graph(tmp_path / "plain"), data)
+    g = graph(tmp_path / "dying")
+    g.decoder.target = dying = Dying(g.decoder.target, "decode_fmp4", after=1)
+    with TestClient(g.app()) as c:
+        job = c.post("/v1/videos", data=data, files={"input_reference": ("p.png", IMAGE, "image/png")}).json()
+        streamed = c.get(f"/v1/videos/{job['id']}/stream").content
+        final = wait_final(c, job["id"])
+        content = c.get(f"/v1/videos/{job['id']}/content").content
+    assert plain["status"] == final["status"] == "completed" and dying.deaths == 1
+    assert streamed == content == plain_mp4
 
 
 def test_the_encoders_death_found_through_the_expert_that_was_given_its_output(tmp_path, undisturbed):

@@ -70,15 +70,33 @@ def test_chunked_decode_gives_the_whole_clips_frames(decoder):
     np.testing.assert_array_equal(np.concatenate(chunks), decoder.decode_uint8(latents))
 
 
-def test_overlapped_mp4_is_the_file_of_the_whole_clip(decoder):
-    """decode_mp4 (chunks encoded while the next decodes) writes byte for byte the MP4 that
-    encoding the whole decoded clip at once writes; the whole-clip path (tiled VAE) too."""
-    from deployments.media.video import decode_mp4, encode_mp4
+def test_the_streamed_mp4_is_the_file_of_the_whole_clip(decoder):
+    """decode_fmp4 (chunks encoded while the next decodes, pieces handed on as they are cut)
+    writes byte for byte the fMP4 that encoding the whole decoded clip at once writes; the
+    whole-clip path (tiled VAE) too; the first piece (header + first fragment) comes before the
+    last chunk is decoded, and the file plays as the clip."""
+    from deployments.media.fmp4 import encode_clip
+    from deployments.media.video import decode_mp4
 
-    state, _ = _done_state()
-    whole = encode_mp4(decoder.decode(state).frames, state.params.fps)
-    assert decoder.decode_mp4(state) == whole
-    assert decode_mp4(whole)[0].shape == (9, 16, 32, 3)
+    state, _ = _done_state(frames_latent=9)  # 33 frames at 16 fps: fragments at 16 and 32
+    whole = encode_clip(decoder.decode(state).frames, state.params.fps)
+    decoded = []
+    real = decoder._decode_chunks
+
+    def noting(latents, on_chunk):
+        return real(latents, lambda chunk: (decoded.append(len(chunk)), on_chunk(chunk)))
+
+    decoder._decode_chunks = noting
+    try:
+        pieces = []
+        for piece in decoder.decode_fmp4(state):
+            pieces.append((piece, sum(decoded)))
+    finally:
+        del decoder._decode_chunks
+    assert b"".join(p for p, _ in pieces) == whole == decoder.decode_mp4(state)
+    assert len(pieces) >= 2 and pieces[0][1] < 33, [(len(p), n) for p, n in pieces]
+    frames, fps = decode_mp4(whole)
+    assert frames.shape == (33, 16, 32, 3) and fps == state.params.fps
     decoder.vae.use_tiling = True
     try:
         assert not decoder._streams()
@@ -87,13 +105,23 @@ def test_overlapped_mp4_is_the_file_of_the_whole_clip(decoder):
         decoder.vae.use_tiling = False
 
 
+def test_a_reader_that_stops_early_stops_the_decode_and_frees_the_decoder(decoder):
+    state, _ = _done_state(frames_latent=9)
+    whole = decoder.decode_mp4(state)
+    stream = decoder.decode_fmp4(state)
+    next(stream)
+    stream.close()  # the client left after the first piece
+    assert not decoder.model.locked()
+    assert decoder.decode_mp4(state) == whole  # feature cache cleared, nothing left behind
+
+
 def test_a_writer_failure_fails_the_request_and_leaves_the_decoder_working(decoder, monkeypatch):
-    from deployments.media import video
+    from deployments.media import fmp4
 
     state, _ = _done_state()
     good = decoder.decode_mp4(state)
     calls = {"n": 0}
-    real_write = video.Mp4Writer.write
+    real_write = fmp4.FragmentedMP4Writer.write
 
     def failing(self, frames):
         calls["n"] += 1
@@ -101,7 +129,7 @@ def test_a_writer_failure_fails_the_request_and_leaves_the_decoder_working(decod
             raise OSError("disk full (simulated)")
         return real_write(self, frames)
 
-    monkeypatch.setattr(video.Mp4Writer, "write", failing)
+    monkeypatch.setattr(fmp4.FragmentedMP4Writer, "write", failing)
     with pytest.raises(OSError, match="simulated"):
         decoder.decode_mp4(state)
     monkeypatch.undo()
