@@ -130,8 +130,19 @@ class Prober:
         return out
 
 
+async def first_bytes(reader) -> tuple[bytes | None, float]:
+    """The first bytes the server sends on a connection (b'' closed, None reset), and when."""
+    try:
+        data = await reader.read(4096)
+    except OSError:
+        data = None
+    return data, time.monotonic()
+
+
 async def open_flood(port: int, kind: str, n: int, path: str) -> list:
-    """N connections of one kind, opened at once -> their (reader, writer) pairs (None: refused)."""
+    """N connections of one kind, opened at once -> (reader, writer, answer task) each (None: the
+    connect failed). The answer task reads only the first bytes the server sends (a status line
+    and headers, a refusal's body), never the stream after them: a listener that never reads on."""
     head = (f"GET {path} HTTP/1.1\r\nHost: flood\r\nAccept: text/event-stream\r\n\r\n" if kind == "events"
             else UPLOAD_HEAD).encode()
 
@@ -140,7 +151,7 @@ async def open_flood(port: int, kind: str, n: int, path: str) -> list:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
             writer.write(head)
             await writer.drain()
-            return reader, writer
+            return reader, writer, asyncio.create_task(first_bytes(reader))
         except OSError:
             return None
 
@@ -151,41 +162,36 @@ async def trickle(conns: list, nbytes: int, every_s: float, stop: asyncio.Event)
     chunk = b"x" * nbytes
     while not stop.is_set():
         for conn in conns:
-            if conn is not None and not conn[1].is_closing():
-                conn[1].write(chunk)
+            if conn is not None and not conn[1].is_closing() and not conn[2].done():
+                conn[1].write(chunk)  # until the server answered
         try:
             await asyncio.wait_for(stop.wait(), every_s)
         except TimeoutError:
             pass
 
 
-async def answers(conns: list) -> dict:
+def answers(conns: list, opened: float) -> dict:
     """What each connection got by now: its status line's code (and whether a refusal carried
-    Retry-After), 'no answer' while the server still holds it, 'closed' when it went silently."""
+    Retry-After), 'no answer' while the server still holds it silent, 'closed' / 'reset' when it
+    went without a status line; and when the refusals came, from the flood's start."""
     counts: dict[str, int] = {}
     retry_after: dict[str, int] = {}
+    refused_at = []
     for conn in conns:
         if conn is None:
             key = "connect failed"
+        elif not conn[2].done():
+            key = "no answer"
         else:
-            reader = conn[0]
-            try:
-                data = await asyncio.wait_for(reader.read(4096), 0.01)
-            except TimeoutError:
-                data = None
-            except OSError:
-                data = b""
-            if data is None:
-                key = "no answer"
-            elif not data:
-                key = "closed"
-            else:
-                match = re.match(rb"HTTP/1\.[01] (\d{3})", data)
-                key = match.group(1).decode() if match else "other"
-                if key in ("429", "503") and b"retry-after:" in data.lower():
+            data, at = conn[2].result()
+            match = re.match(rb"HTTP/1\.[01] (\d{3})", data or b"")
+            key = match.group(1).decode() if match else {None: "reset", b"": "closed"}.get(data, "other")
+            if key in ("429", "503"):
+                refused_at.append(at - opened)
+                if b"retry-after:" in data.lower():
                     retry_after[key] = retry_after.get(key, 0) + 1
         counts[key] = counts.get(key, 0) + 1
-    return {"answers": counts, "with_retry_after": retry_after}
+    return {"answers": counts, "with_retry_after": retry_after, "refused_within_s": spread(refused_at)}
 
 
 def log_findings(session_dir: str) -> dict:
@@ -215,11 +221,12 @@ async def phase(kind: str, args, port: int, path: str, prober: Prober, pids: dic
         now = rss_mb(pids)
         peak = {k: max(v or 0, now.get(k) or 0) for k, v in peak.items()}
     held = time.monotonic()
-    got = await answers(conns)
+    got = answers(conns, t0)
     stop.set()
     await trickler
     for conn in conns:
         if conn is not None:
+            conn[2].cancel()
             conn[1].close()
     await asyncio.sleep(args.settle_s)
     result = {"connections": args.connections, "open_s": round(opened - t0, 2), "hold_s": args.hold_s,

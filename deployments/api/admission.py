@@ -17,6 +17,8 @@ the balancer's address: raise or turn off the per-client caps there and let the 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import logging
 import re
@@ -33,6 +35,25 @@ EVENTS = re.compile(r"/v1/videos/[^/]+/events")
 SPEECH = re.compile(r"/v1/avatars/[^/]+/speech")
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 LOG_EVERY_S = 1.0
+# After a burst -- TRIM_AFTER long requests ended or refused since the last trim -- glibc is asked,
+# TRIM_DELAY_S later, to give its freed memory back to the system (malloc_trim): without it the
+# ingress kept what a flood had made it allocate (bench/README.md, Floods).
+TRIM_AFTER = 200
+TRIM_DELAY_S = 2.0
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)  # glibc only; elsewhere nothing to do
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def trim_memory() -> None:
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
 
 
 class BodyTooSlow(HTTPException):
@@ -128,6 +149,7 @@ class Admission:
         # The turns' total is the ingress's own (serving.max_talk_turns, answered after the audio is
         # decoded); here, a client's share, before its body is read.
         self.turns = Gate("talk turns", None, cfg.max_talk_turns_per_client)
+        self.since_trim, self.trim_pending = 0, False
 
     def gates(self, scope) -> tuple[list[Gate], bool]:
         """The gates a request passes for its life, and whether it has a body to pace."""
@@ -143,9 +165,10 @@ class Admission:
             return await self.app(scope, receive, send)
         client = client_of(scope)
         gates, body = self.gates(scope)
+        gates += [self.uploads] if body else []
         held: list[Gate] = []
         try:
-            for gate in gates + ([self.uploads] if body else []):
+            for gate in gates:
                 refused = gate.enter(client)
                 if refused is not None:
                     return await self.refuse(send, refused, gate, client)
@@ -157,6 +180,21 @@ class Admission:
         finally:
             for gate in held:
                 gate.leave(client)
+            if gates:
+                self.after_long_request()
+
+    def after_long_request(self) -> None:
+        """Count a long request that ended or was refused; trim after a burst of them (a moment
+        later, when the burst's buffers are free; in a worker thread, off the event loop)."""
+        self.since_trim += 1
+        if self.since_trim >= TRIM_AFTER and not self.trim_pending:
+            self.trim_pending = True
+            loop = asyncio.get_running_loop()
+            loop.call_later(TRIM_DELAY_S, lambda: loop.run_in_executor(None, self.trim))
+
+    def trim(self) -> None:
+        self.since_trim, self.trim_pending = 0, False
+        trim_memory()
 
     @staticmethod
     def release(gate: Gate, held: list[Gate], client: str) -> None:
