@@ -66,7 +66,7 @@ async def flood(port: int, job_id: str, url: str) -> dict:
 
     trickler = asyncio.create_task(trickle())
     refused = [t for name in ("loner", "crowd") for _, t in conns[name]] + [t for _, t in conns["uploads"]]
-    while sum(status(t) in ("429", "503") for t in refused) < 245 + 55 and time.monotonic() < opened + 30:
+    while sum(status(t) in ("429", "503") for t in refused) < 140 + 80 + 55 and time.monotonic() < opened + 30:
         await asyncio.sleep(0.1)
     answered_s = time.monotonic() - opened
     probes = []
