@@ -315,9 +315,10 @@ class IngressConfig(Strict):
     placement: Placement = Field(
         Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=1024),
         description=("Where the ingress runs: always one replica. It admits work itself (job queue, "
-                     "turn admission), so it takes many requests at once: open event streams, talk "
-                     "turns and slow uploads (bounded by serving.body_timeout_s) never hold every "
-                     "slot and starve /healthz or /readyz."))
+                     "turn admission, serving.admission's caps), so it takes many requests at once: its "
+                     "max_ongoing_requests must stay at least 64 (INGRESS_RESERVE) above what open event "
+                     "streams, uploads in progress, talk turns and live sessions may hold, so they never "
+                     "hold every slot and starve /healthz or /readyz (checked when the profile loads)."))
 
 
 class Stages(Strict):
@@ -426,6 +427,19 @@ class GraphConfig(Strict):
             return stage_cfg.compile_cache_dir
         return os.path.join(self.serving.storage_dir, "compile-cache")
 
+    @model_validator(mode="after")
+    def _ingress_reserve(self) -> "GraphConfig":
+        """The ingress's slots (max_ongoing_requests) must exceed what the admission caps let long
+        requests hold by INGRESS_RESERVE, so /healthz and short requests always find one."""
+        held = self.serving.admission.held_at_most(self.max_talk_turns, self.max_live_sessions)
+        slots = self.stages.ingress.placement.max_ongoing_requests
+        if held is not None and held + INGRESS_RESERVE > slots:
+            raise ValueError(
+                f"stages.ingress.placement.max_ongoing_requests ({slots}) must be at least {INGRESS_RESERVE} above "
+                f"what long requests may hold ({held}: serving.admission's max_event_streams + max_uploads, "
+                "the talk turns and the live sessions), so /healthz and short requests always find a slot")
+        return self
+
     @property
     def max_live_sessions(self) -> int:
         """Concurrent live sessions the ingress admits."""
@@ -438,5 +452,9 @@ class GraphConfig(Strict):
         placement = self.stages.lipsync.placement
         return self.serving.max_talk_turns or placement.max_replicas * placement.max_ongoing_requests
 
+
+# Ingress slots kept for /healthz, /readyz and short requests beyond what the admission caps let
+# long requests hold (see GraphConfig._ingress_reserve).
+INGRESS_RESERVE = 64
 
 MODEL_STAGES = ("encoder", "high", "low", "decoder", "lipsync")

@@ -88,6 +88,36 @@ class LiveConfig(Strict):
     stats_every_s: float = Field(1.0, gt=0, description="How often a `stats` event is sent, in seconds.")
 
 
+class AdmissionConfig(Strict):
+    """Caps on the requests that hold the ingress long (deployments/api/admission.py): one more is
+    refused at once, 429 when its client holds its share, 503 when the ingress holds the total,
+    with Retry-After. A client is the address Ray Serve's proxy saw (README, Floods)."""
+
+    max_event_streams: int | None = Field(256, ge=1, description=(
+        "Event streams (GET /v1/videos/{id}/events) open at once; one more answers 503. None: no cap."))
+    max_event_streams_per_client: int | None = Field(16, ge=1, description=(
+        "Event streams one client may hold open; one more answers 429. None: no cap."))
+    max_uploads: int | None = Field(64, ge=1, description=(
+        "Requests whose body is still arriving, at once; one more answers 503 before its body is read. "
+        "None: no cap."))
+    max_uploads_per_client: int | None = Field(8, ge=1, description=(
+        "Requests with a body still arriving that one client may have; one more answers 429. None: no cap."))
+    max_talk_turns_per_client: int | None = Field(4, ge=1, description=(
+        "Talk turns (POST /v1/avatars/{id}/speech) one client may have at once, counted from the "
+        "request's start; one more answers 429. The total is serving.max_talk_turns. None: no cap."))
+    retry_after_s: int = Field(5, ge=1, description="Retry-After, in seconds, of these refusals.")
+    body_min_bytes_per_s: int = Field(8192, ge=1, description=(
+        "After body_grace_s, a request body must have arrived at this many bytes a second on average "
+        "(since the request came), or the request gets 408: a trickled body is cut off."))
+    body_grace_s: float = Field(5.0, gt=0, description=(
+        "Seconds a request body may take before body_min_bytes_per_s applies."))
+
+    def held_at_most(self, talk_turns: int, live_sessions: int) -> int | None:
+        """Requests these caps let hold the ingress at once (None: unbounded)."""
+        caps = (self.max_event_streams, self.max_uploads)
+        return None if None in caps else sum(caps) + talk_turns + live_sessions
+
+
 class ServingConfig(Strict):
     """The ingress: jobs, limits, storage, auth."""
 
@@ -112,6 +142,8 @@ class ServingConfig(Strict):
         "stage can take, its (maximum) replicas x max_ongoing_requests."))
     turn_retry_after_s: int = Field(1, ge=1, description="Retry-After, in seconds, of a 429 for a talk turn.")
     live: LiveConfig = Field(LiveConfig(), description="Live sessions over a WebSocket.")
+    admission: AdmissionConfig = Field(AdmissionConfig(), description=(
+        "Caps on event streams, uploads in progress and talk turns, in total and per client."))
     body_timeout_s: float = Field(30.0, gt=0, description=(
         "Seconds within which a request body (an upload) must arrive, or the request gets 408: a "
         "client that trickles its body cannot hold the ingress."))

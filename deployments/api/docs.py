@@ -25,12 +25,14 @@ ERROR_TEXT = {
     401: "no valid key (Authorization: Bearer <key>)",
     403: "an API key on an admin route",
     404: "unknown or expired id",
-    408: "the body did not arrive within serving.body_timeout_s",
+    408: ("the body did not arrive within serving.body_timeout_s, or arrived slower than "
+          "serving.admission.body_min_bytes_per_s"),
     409: "conflict: not finished yet, or busy",
     413: "the body or a file is over its limit",
     422: "a field is invalid; `param` names it",
-    429: "full: retry after Retry-After seconds",
+    429: "full, or this client holds its share of streams, uploads or turns: retry after Retry-After seconds",
     500: "internal error (details in the server log)",
+    503: "the server holds all the streams or uploads it takes: retry after Retry-After seconds",
     504: "the job passed serving.job_timeout_s",
 }
 

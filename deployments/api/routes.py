@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from deployments.api.admission import Admission, BodyTooSlow
 from deployments.api.auth import IngressDep, live_key_ok, require_admin, require_key
 from deployments.api.docs import ERROR_TEXT, docs_router, openapi
 from deployments.api.jobs import sse
@@ -96,7 +97,10 @@ def build_app(ingress) -> FastAPI:
     app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description=DESCRIPTION)
     app.state.ingress = ingress
+    serving = ingress.cfg.serving
+    app.add_middleware(Admission, cfg=serving.admission, body_timeout_s=serving.body_timeout_s)
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(BodyTooSlow, body_too_slow)
     for kind in ERRORS:
         app.add_exception_handler(kind, stage_error)
     app.add_exception_handler(RequestValidationError, request_invalid)
@@ -119,6 +123,10 @@ async def api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+async def body_too_slow(_: Request, exc: BodyTooSlow) -> JSONResponse:
+    return JSONResponse(error_body("timeout_error", str(exc.detail)), status_code=408)
+
+
 async def stage_error(_: Request, exc: Exception) -> JSONResponse:
     cause = unwrap(exc)
     status, kind, param = next(ERRORS[k] for k in type(exc).__mro__ if k in ERRORS)  # most specific first
@@ -137,8 +145,8 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-    """The client left before its request was read: nothing to answer, nothing went wrong here."""
-    log.info("client left during %s %s", request.method, request.url.path)
+    """The client left before its request was read: nothing to answer, nothing went wrong here
+    (the admission middleware logged its leaving, one INFO line, as for every request)."""
     return Response(status_code=499)
 
 
@@ -154,7 +162,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         out[code] = {"model": ErrorResponse, "description": ERROR_TEXT[code]}
-        if code == 429:
+        if code in (429, 503):
             out[code]["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}
     return out
 
@@ -237,7 +245,7 @@ async def list_models(ingress: IngressDep):
 
 
 @api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)",
-          openapi_extra={"requestBody": VIDEO_BODY}, responses=errors(400, 408, 413, 422, 429, 500))
+          openapi_extra={"requestBody": VIDEO_BODY}, responses=errors(400, 408, 413, 422, 429, 500, 503))
 async def create_video(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
     return await ingress.submit(fields, image, audio)
@@ -248,7 +256,7 @@ async def create_video(request: Request, ingress: IngressDep):
           responses={200: {"content": {"video/mp4": {"schema": BINARY}}, "description": "the MP4",
                            "headers": {"X-Seed": {"description": "the seed used", "schema": {"type": "integer"}},
                                        "X-Job-Id": {"description": "the job's id", "schema": {"type": "string"}}}},
-                     **errors(400, 408, 413, 422, 429, 500, 504)})
+                     **errors(400, 408, 413, 422, 429, 500, 503, 504)})
 async def create_video_sync(request: Request, ingress: IngressDep) -> Response:
     fields, image, audio = await read_video_form(request, ingress)
     result = await ingress.generate(fields, image, "mp4", audio)
@@ -314,7 +322,7 @@ async def with_keepalive(events, every_s: float):
 
 @api.get("/v1/videos/{video_id}/events", summary="Server-sent progress events", response_class=StreamingResponse,
          responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                          "description": "`event:`, `id:` and `data:` (JSON) lines"}, **errors(404)},
+                          "description": "`event:`, `id:` and `data:` (JSON) lines"}, **errors(404, 429, 503)},
          description="Every event has an `id`; a client that reconnects with `Last-Event-ID` gets the "
                      "events after it. Every stream ends with a final event (completed, failed or "
                      "cancelled), also after the server restarted mid-job (failed: interrupted).")
@@ -334,7 +342,7 @@ async def get_video_events(video_id: str, request: Request, ingress: IngressDep)
 @api.post("/v1/avatars", response_model=Avatar, status_code=201, openapi_extra={"requestBody": AVATAR_BODY},
           summary="Create an avatar: base clip + lip-sync preparation (idempotent for the same inputs)",
           responses={200: {"model": Avatar, "description": "the avatar of the same inputs, created before"},
-                     **errors(400, 408, 413, 422, 429, 500)})
+                     **errors(400, 408, 413, 422, 429, 500, 503)})
 async def create_avatar(request: Request, ingress: IngressDep):
     fields, image, audio = await read_video_form(request, ingress)
     if audio is not None:
@@ -358,14 +366,14 @@ async def delete_avatar(avatar_id: str, ingress: IngressDep):
           openapi_extra={"requestBody": SPEECH_BODY},
           responses={200: {"content": {"video/mp4": {"schema": BINARY}},
                            "description": "fragmented MP4 (H.264 + AAC), streamed as it is made"},
-                     **errors(400, 404, 408, 409, 413, 422, 429, 500)})
+                     **errors(400, 404, 408, 409, 413, 422, 429, 500, 503)})
 async def create_speech(avatar_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
     ingress.avatar(avatar_id)  # 404 before reading the body
-    limit, timeout_s = ingress.cfg.limits.max_audio_bytes, ingress.cfg.serving.body_timeout_s
+    limit = ingress.cfg.limits.max_audio_bytes
     if request.headers.get("content-type", "").startswith(("audio/", "application/octet-stream", "video/")):
-        audio, fields = await read_body(request, limit, timeout_s, "audio"), {}
+        audio, fields = await read_body(request, limit, "audio"), {}
     else:
-        fields, files = await read_form(request, {"audio": limit}, timeout_s)
+        fields, files = await read_form(request, {"audio": limit})
         audio = files.get("audio")
     start = str(fields.get("start_index", "0"))
     if not START_INDEX.fullmatch(start):  # (str.isdigit accepts "²", which int() refuses)

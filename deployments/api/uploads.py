@@ -1,13 +1,14 @@
-"""Request bodies in: bounded in size and in time, multipart or JSON (files as base64).
+"""Request bodies in: bounded in size, multipart or JSON (files as base64).
 
 Every upload route reads its body here: refused with 413 once it passes its limit (at once when
-the declared length does), with 408 when it has not arrived within `serving.body_timeout_s`, so
-a client that trickles its body or sends too much cannot hold the ingress.
+the declared length does). Its time is the admission middleware's (api/admission.py), for every
+request body alike: 408 when it has not arrived within `serving.body_timeout_s` or arrives slower
+than `serving.admission.body_min_bytes_per_s`, so a client that trickles its body or sends too
+much cannot hold the ingress.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -19,35 +20,29 @@ from deployments.api.protocol import ApiError
 FORM_OVERHEAD = 1 << 20  # bytes a form or JSON body may carry beyond its files (fields, framing)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float, param: str | None = None) -> bytes:
+async def read_body(request: Request, limit: int, param: str | None = None) -> bytes:
     """The request body, refused with 413 once it passes `limit` bytes (at once when its declared
-    length does) and with 408 when it has not arrived within `timeout_s` (a client that trickles
-    its body does not hold a slot of the ingress for long)."""
+    length does)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the body is {declared} bytes; the limit is {limit}", param)
     data = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > limit:
-                    raise ApiError(413, f"the body is over the limit of {limit} bytes", param)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", param,
-                       type="timeout_error") from None
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, f"the body is over the limit of {limit} bytes", param)
     return bytes(data)
 
 
-async def read_form(request: Request, file_fields: dict[str, int], timeout_s: float) -> tuple[dict, dict[str, bytes]]:
+async def read_form(request: Request, file_fields: dict[str, int]) -> tuple[dict, dict[str, bytes]]:
     """A multipart form or a JSON body -> (text fields, {file field: bytes}).
 
     `file_fields` maps each file field to its size limit; the whole body may be their sum plus
-    room for base64 and the form's framing, and must arrive within `timeout_s`; a file over its
+    room for base64 and the form's framing; a file over its
     own limit is refused (413) by the caller's validation. In JSON, files are base64 strings (or
     data: URLs)."""
     files: dict[str, bytes] = {}
-    body = await read_body(request, sum(file_fields.values()) * 4 // 3 + FORM_OVERHEAD, timeout_s)
+    body = await read_body(request, sum(file_fields.values()) * 4 // 3 + FORM_OVERHEAD)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             body = json.loads(body)
@@ -89,7 +84,7 @@ async def read_video_form(request: Request, ingress) -> tuple[dict, bytes, bytes
     """The fields of a video (or avatar) request, its image and its optional audio."""
     limits = ingress.cfg.limits
     fields, files = await read_form(request, {"input_reference": limits.max_image_bytes,
-                                              "audio": limits.max_audio_bytes}, ingress.cfg.serving.body_timeout_s)
+                                              "audio": limits.max_audio_bytes})
     if "input_reference" not in files:
         raise ApiError(422, "input_reference: an image file is required", "input_reference")
     return fields, files["input_reference"], files.get("audio")
