@@ -63,10 +63,10 @@ def not_public(ip: Address) -> str | None:
             ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None)
         if inner is not None:
             return not_public(inner)
-    for kind in ("loopback", "link_local", "multicast", "private", "reserved", "unspecified"):
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
-    return None if ip.is_global else "not public"
+    return None if ip.is_global else "not globally routable"
 
 
 def host_allowed(host: str, allowed: list[str]) -> bool:
@@ -133,16 +133,17 @@ class Webhooks:
         Refused (an address not allowed) / OSError (no answer from the resolver)."""
         host = url.host
         try:
-            addresses = [ipaddress.ip_address(host)]
+            addresses, named = [ipaddress.ip_address(host)], False
         except ValueError:
             port = url.port or (443 if url.scheme == "https" else 80)
-            addresses = [ipaddress.ip_address(a) for a in await self.resolve(host, port)]
+            addresses, named = [ipaddress.ip_address(a) for a in await self.resolve(host, port)], True
             if not addresses:
                 raise OSError(f"{host} has no address") from None
         if not self.cfg.allow_private:
             for ip in addresses:
                 if (why := not_public(ip)) is not None:
-                    raise Refused(f"{host} resolves to {ip} ({why}); this server sends webhooks to public "
+                    where = f"{host} resolves to {ip}," if named else f"{ip} is"
+                    raise Refused(f"{where} not a public address ({why}); this server sends webhooks to public "
                                   "addresses only (serving.webhooks.allow_private)")
         return addresses[0]
 
