@@ -173,9 +173,7 @@ class Webhooks:
         Ray Serve runs in its thread pool): then handed to the loop."""
         if not (isinstance(record, Job) and record.webhook is not None and record.webhook.status == "pending"):
             return
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if not self._on_loop():
             if self._loop is not None and self._loop.is_running():
                 self._loop.call_soon_threadsafe(self.finished, record)
             else:
@@ -188,15 +186,26 @@ class Webhooks:
     def resume(self, jobs) -> None:
         """Jobs found at start-up that ended (or were interrupted) with their webhook pending:
         delivered now, or at the next `flush()` when no event loop runs yet."""
+        self._on_loop()
         for job in jobs:
             if job.final:
                 self.finished(job)
 
     def flush(self) -> None:
         """Start the deliveries held back for want of a running event loop (call it on the loop)."""
+        if not self._on_loop():
+            return
         backlog, self._backlog = self._backlog, []
         for job in backlog:
             self.finished(job)
+
+    def _on_loop(self) -> bool:
+        """Whether this runs on an event loop (remembered: the ingress has one)."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
 
     async def deliver(self, job: Job) -> None:
         """POST the job's record until an answer of 2xx, a final refusal, max_attempts or
@@ -205,24 +214,32 @@ class Webhooks:
         cfg, hook = self.cfg, job.webhook
         body = job.model_copy(update={"webhook": Webhook(url=hook.url)}).model_dump_json().encode()
         deadline = time.monotonic() + cfg.max_total_s
-        while True:
-            number = len(hook.attempts) + 1
+        number, outcome = len(hook.attempts), ""
+        while hook.status == "pending":
+            number += 1
             attempt, retry = await self._attempt(job, hook, body, number)
             hook.attempts.append(attempt)
+            outcome = f"HTTP {attempt.status_code}" if attempt.status_code is not None else attempt.error
+            wait = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (number - 1)) * (1 + random.random() / 10)
             if attempt.status_code is not None and 200 <= attempt.status_code < 300:
                 hook.status = "delivered"
-            wait = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (number - 1)) * (1 + random.random() / 10)
-            if hook.status == "pending" and (not retry or number >= cfg.max_attempts
-                                             or time.monotonic() + wait > deadline):
+            elif not retry or number >= cfg.max_attempts or time.monotonic() + wait > deadline:
                 hook.status = "failed"
+            self._save(job)
+            if hook.status == "pending":
+                log.info("webhook of %s: attempt %d: %s; again in %.1f s", job.id, number, outcome, wait)
+                await asyncio.sleep(wait)
+                if time.monotonic() > deadline:  # (a busy event loop overslept the wait)
+                    hook.status = "failed"
+                    self._save(job)
+        log.log(logging.INFO if hook.status == "delivered" else logging.WARNING,
+                "webhook of %s %s after %d attempt(s): %s", job.id, hook.status, number, outcome)
+
+    def _save(self, job: Job) -> None:
+        try:
             self.save(job)
-            outcome = f"HTTP {attempt.status_code}" if attempt.status_code is not None else attempt.error
-            if hook.status != "pending":
-                log.log(logging.INFO if hook.status == "delivered" else logging.WARNING,
-                        "webhook of %s %s after %d attempt(s): %s", job.id, hook.status, number, outcome)
-                return
-            log.info("webhook of %s: attempt %d: %s; again in %.1f s", job.id, number, outcome, wait)
-            await asyncio.sleep(wait)
+        except OSError:  # (a full disk) the delivery goes on; the record catches up at the next save
+            log.exception("webhook of %s: could not save the job's record", job.id)
 
     async def _attempt(self, job: Job, hook: Webhook, body: bytes, number: int) -> tuple[WebhookAttempt, bool]:
         """One POST -> (its record, whether a failure is worth retrying)."""
