@@ -25,7 +25,7 @@ import re
 import socket
 import ssl
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import certifi
 import httpx
@@ -270,8 +270,8 @@ class Webhooks:
         # The connection goes to the checked address; TLS still verifies the certificate for the
         # host name (SNI), so a pinned address cannot be used to impersonate a host.
         extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-        async with httpx.AsyncClient(verify=self.ssl_context, trust_env=False, follow_redirects=False,
-                                     timeout=self.cfg.timeout_s) as client:
-            async with client.stream("POST", url.copy_with(host=str(ip)), content=body, headers=headers,
-                                     extensions=extensions) as response:
-                return response.status_code  # the body is never read
+        async with (httpx.AsyncClient(verify=self.ssl_context, trust_env=False, follow_redirects=False,
+                                      timeout=self.cfg.timeout_s) as client,
+                    client.stream("POST", url.copy_with(host=str(ip)), content=body, headers=headers,
+                                  extensions=extensions) as response):
+            return response.status_code  # the body is never read

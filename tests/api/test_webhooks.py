@@ -34,12 +34,12 @@ IMAGE = png_bytes(get_dummy_image())
 REQUEST = {"prompt": "a man smiles", "size": "16x16", "num_frames": 5, "num_inference_steps": 2}
 PUBLIC = "93.184.216.34"
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-SNIPPET = next(b for b in re.findall(r"^```python\n(.*?)^```", README, re.M | re.S) if "def verify" in b)
+SNIPPET = next(b for b in re.findall(r"^```python\n(.*?)^```", README, re.MULTILINE | re.DOTALL) if "def verify" in b)
 
 
 def readme_verify():
     namespace: dict = {}
-    exec(SNIPPET, namespace)  # the receiver's code exactly as the README gives it
+    exec(SNIPPET, namespace)  # noqa: S102 - the receiver's code exactly as the README gives it
     return namespace["verify"]
 
 
@@ -499,7 +499,7 @@ def tls_files(tmp_path, host: str) -> tuple[ssl.SSLContext, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject: str, key, issuer: str, issuer_key, ca: bool):
         builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
