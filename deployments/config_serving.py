@@ -119,7 +119,8 @@ class WebhookConfig(Strict):
         "10 % jitter), up to max_backoff_s."))
     max_backoff_s: float = Field(300.0, gt=0, description="The longest wait between two attempts, in seconds.")
     max_total_s: float = Field(900.0, gt=0, description=(
-        "No attempt starts later than this many seconds after the first one: then the delivery has failed."))
+        "No attempt starts later than this many seconds after the first one: then the delivery has failed "
+        "(an ingress that resumes a delivery after a restart counts afresh)."))
 
 
 class ServingConfig(Strict):
