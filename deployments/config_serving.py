@@ -118,6 +118,41 @@ class AdmissionConfig(Strict):
         return None if None in caps else sum(caps) + talk_turns + live_sessions
 
 
+class WebhookConfig(Strict):
+    """Completion webhooks: a video job that names a `callback_url` gets its record POSTed there,
+    signed, once it ends (deployments/api/webhooks.py; README: Completion webhooks)."""
+
+    secret: str | None = Field(None, min_length=16, repr=False, description=(
+        "The HMAC-SHA256 key that signs every delivery. Like API keys it may come from the profile, "
+        "from the environment variable `secret_env` or from the file `secret_file`, read once where "
+        "the application is built, and travels to the ingress inside this config. None from every "
+        "source: webhooks are off, and a request naming callback_url gets 422."))
+    secret_env: str | None = Field("AVATAR_SERVE_WEBHOOK_SECRET", description=(
+        "An environment variable holding the secret (see secret). Set but blank: start-up stops."))
+    secret_file: str | None = Field(None, description=(
+        "A file holding the secret (its first line that is not a '#' comment). Set but missing, "
+        "unreadable or empty: start-up stops."))
+    allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Hosts a callback_url may name: exact names or IP literals, or '*.example.com' for any name "
+        "under example.com. Empty: any host whose addresses are all public."))
+    allow_private: bool = Field(False, description=(
+        "Allow destinations on loopback, private, link-local, shared, multicast or reserved addresses "
+        "(the host's addresses are checked when the job is submitted and again before every attempt, "
+        "and the request goes to the address checked). Off by default: a client could otherwise "
+        "reach services inside the network through the ingress."))
+    max_attempts: int = Field(8, ge=1, le=20, description=(
+        "Attempts per delivery at most; network errors, timeouts, 408, 429 and 5xx answers are retried."))
+    timeout_s: float = Field(10.0, gt=0, le=300, description=(
+        "One attempt's limit, in seconds: resolving the host, connecting, sending and the answer's status line."))
+    backoff_s: float = Field(2.0, gt=0, description=(
+        "The wait before the second attempt, in seconds; it doubles with each further one (plus up to "
+        "10 % jitter), up to max_backoff_s."))
+    max_backoff_s: float = Field(300.0, gt=0, description="The longest wait between two attempts, in seconds.")
+    max_total_s: float = Field(900.0, gt=0, description=(
+        "No attempt starts later than this many seconds after the first one: then the delivery has failed "
+        "(an ingress that resumes a delivery after a restart counts afresh)."))
+
+
 class ServingConfig(Strict):
     """The ingress: jobs, limits, storage, auth."""
 
@@ -180,6 +215,8 @@ class ServingConfig(Strict):
         "open like the rest (a development setup)."))
     admin_keys_env: str | None = Field("AVATAR_SERVE_ADMIN_KEYS", description="like api_keys_env, for admin keys")
     admin_keys_file: str | None = Field(None, description="like api_keys_file, for admin keys")
+    webhooks: WebhookConfig = Field(WebhookConfig(), description=(
+        "Completion webhooks (a job's callback_url): the signing secret, allowed destinations, retries."))
     lora_dirs: list[str] = Field(default_factory=list, description=(
         "Folders the admin LoRA routes may load files from (symlinks are resolved first); a relative "
         "path is taken inside the first. Empty: loading LoRAs through the admin routes is off."))

@@ -49,6 +49,7 @@ from deployments.api.protocol import (
 )
 from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
 from deployments.api.retry import StageRetries, failed, replica_gone
+from deployments.api.webhooks import Webhooks
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
 from deployments.common.payloads import Speech, StepRecord, VideoParams
@@ -103,6 +104,9 @@ class Ingress:
                               serving.job_timeout_s, self.metrics)
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes, on_expire=self.queue.forget)
         self.contents: dict[str, GrowingContent] = {}  # the MP4s of jobs running now, as they are made
+        self.webhooks = Webhooks(serving.webhooks, self.records.save)
+        self.queue.on_finish = self.webhooks.finished
+        self.webhooks.resume(self.records.jobs.values())  # deliveries a restart interrupted
         self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
         self.live_sessions = 0  # live sessions open now (admitted up to cfg.max_live_sessions)
 
@@ -111,11 +115,7 @@ class Ingress:
     def prepare(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                 job_id: str = "") -> tuple[VideoParams, np.ndarray]:
         """Validate a request and its image; raises ApiError naming the field at fault."""
-        if not isinstance(request, VideoRequest):
-            try:
-                request = VideoRequest.model_validate(request)
-            except ValidationError as exc:
-                raise invalid(exc) from None
+        request = self.video_request(request)
         if request.model is not None and request.model != self.cfg.name:
             raise ApiError(422, f"model {request.model!r} is not served here; this deployment serves "
                                 f"{self.cfg.name!r}", "model")
@@ -130,6 +130,15 @@ class Ingress:
         params = resolve(request, self.cfg, request_id=job_id or new_job_id(),
                          image_size=(pixels.shape[1], pixels.shape[0]))
         return params, pixels
+
+    @staticmethod
+    def video_request(request: VideoRequest | dict) -> VideoRequest:
+        if isinstance(request, VideoRequest):
+            return request
+        try:
+            return VideoRequest.model_validate(request)
+        except ValidationError as exc:
+            raise invalid(exc) from None
 
     def prepare_audio(self, data: bytes | None, param: str = "audio") -> Speech | None:
         """Uploaded speech -> admitted Speech (float32 PCM, 16 kHz mono), or ApiError. Decoded and
@@ -257,6 +266,10 @@ class Ingress:
         """Synchronous generation for DeploymentHandle callers and POST /v1/videos/sync:
         `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced.
         It waits in the same queue as jobs (429 when full, the same deadline), unlisted."""
+        request = self.video_request(request)
+        if request.callback_url is not None:
+            raise ApiError(422, "callback_url: only a video job (POST /v1/videos, submit) takes one; this "
+                                "call returns the result itself", "callback_url")
         params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
         job, result = self._job(params, pcm), {}
@@ -279,9 +292,13 @@ class Ingress:
     async def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                      audio: bytes | None = None) -> Job:
         """Validate and queue a video job; raises ApiError (429 when the queue is full)."""
+        self.webhooks.flush()
+        request = self.video_request(request)
         params, pixels, pcm = await self._validated(request, image, audio)
+        webhook = await self.webhooks.check(request.callback_url)  # 422 naming callback_url
         self.queue.admit()
         job = self._job(params, pcm)
+        job.webhook = webhook
 
         content = self.contents[job.id] = GrowingContent()
 
@@ -550,6 +567,7 @@ class Ingress:
                 return "starting"
             return round(float(info.get("startup_s", 0.0)), 3)
 
+        self.webhooks.flush()  # (an ingress built outside its event loop starts its deliveries here)
         names, handles = zip(*self.stages().items())
         states = dict(zip(names, await asyncio.gather(*[probe(h) for h in handles])))
         return all(s != "starting" for s in states.values()), states

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from deployments.config import GraphConfig
-from deployments.config_serving import ServingConfig
+from deployments.config_serving import ServingConfig, WebhookConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -129,10 +129,40 @@ def read_keys(serving: dict, kind: str) -> list[str]:
     return keys
 
 
+def read_webhook_secret(webhooks: dict) -> str | None:
+    """The webhook signing secret from the profile, the environment variable and the file that
+    `webhooks` names, read here, once, like the API keys (read_keys). A source that is configured
+    but gives nothing stops start-up; two sources giving different secrets do too (a delivery is
+    signed with one)."""
+    found = {}
+    if webhooks.get("secret"):
+        found["serving.webhooks.secret"] = webhooks["secret"]
+    env_name = webhooks.get("secret_env", WebhookConfig.model_fields["secret_env"].default)
+    if env_name and os.environ.get(env_name):
+        if not os.environ[env_name].strip():
+            raise ValueError(f"the environment variable {env_name} is set but blank (the webhook secret expected)")
+        found[f"the environment variable {env_name}"] = os.environ[env_name].strip()
+    path = webhooks.get("secret_file")
+    if path:
+        try:
+            text = Path(path).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"serving.webhooks.secret_file {path!r} cannot be read ({exc}); the server "
+                             "does not start without the secret it was given") from None
+        lines = [line for line in map(str.strip, text.splitlines()) if line and not line.startswith("#")]
+        if not lines:
+            raise ValueError(f"serving.webhooks.secret_file {path!r} holds no secret")
+        found[f"serving.webhooks.secret_file {path!r}"] = lines[0]
+    if len(set(found.values())) > 1:
+        raise ValueError(f"different webhook secrets in {' and '.join(found)}: give it in one place")
+    return next(iter(found.values()), None)
+
+
 def validate_profile(raw: dict) -> GraphConfig:
     """A profile's merged YAML -> GraphConfig: the placement preset's shares go under the stages'
     own placement, storage defaults to the profile's folder (and the avatars beside it), API and
-    admin keys from their environment variables and files are added (read_keys)."""
+    admin keys from their environment variables and files are added (read_keys), and the
+    webhook secret from its sources (read_webhook_secret)."""
     raw = copy.deepcopy(raw)
     preset = raw.get("placement")
     if preset is not None:
@@ -157,4 +187,7 @@ def validate_profile(raw: dict) -> GraphConfig:
     stages.setdefault("lipsync", {}).setdefault("avatar_cache_dir", os.path.join(serving["storage_dir"], "avatars"))
     for kind in ("api", "admin"):
         serving[f"{kind}_keys"] = list(serving.get(f"{kind}_keys") or []) + read_keys(serving, kind)
+    if isinstance(serving.get("webhooks", {}), dict):  # (anything else: the model's own error)
+        webhooks = serving.setdefault("webhooks", {})
+        webhooks["secret"] = read_webhook_secret(webhooks)
     return GraphConfig.model_validate(raw)

@@ -20,8 +20,10 @@ IMAGE = png_bytes(get_dummy_image())
 FILES = {"input_reference": ("p.png", IMAGE, "image/png")}
 VIDEO = {"prompt": "a woman talks", "size": "32x32", "num_frames": "5", "num_inference_steps": "2"}
 
-# What the profile under test must set for these cases (tiny + these limits).
+# What the profile under test must set for these cases (tiny + these limits, and webhooks on with
+# their defaults: public destinations only).
 LIMITS = {"max_image_bytes": 200_000, "max_audio_bytes": 1_000_000, "max_audio_seconds": 10.0}
+WEBHOOKS = {"secret": "hostile-cases-webhook-secret"}
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -169,6 +171,25 @@ def cases() -> list[Case]:
         Case("prompt too long", "/v1/videos", 422, "prompt", {**VIDEO, "prompt": "a" * 30_000}, FILES),
         Case("unknown field", "/v1/videos", 422, "colour", {**VIDEO, "colour": "red"}, FILES),
         Case("unknown model", "/v1/videos", 422, "model", {**VIDEO, "model": "gpt-video"}, FILES),
+        # completion webhooks: destinations inside the network, or not http(s) URLs at all (no DNS
+        # needed: addresses, localhost, and what is refused before any lookup)
+        *[Case(f"callback to {what}", "/v1/videos", 422, "callback_url", {**VIDEO, "callback_url": url}, FILES)
+          for what, url in [("loopback", "http://127.0.0.1:8000/hook"), ("localhost", "http://localhost/hook"),
+                            ("IPv6 loopback", "http://[::1]/"), ("IPv4-mapped loopback", "http://[::ffff:127.0.0.1]/"),
+                            ("the cloud metadata address", "http://169.254.169.254/latest/meta-data/"),
+                            ("a private address", "http://10.0.0.5/"), ("a multicast address", "http://224.0.0.1/"),
+                            ("0.0.0.0", "http://0.0.0.0:8000/"), ("loopback as one number", "http://2130706433/"),
+                            ("a file URL", "file:///etc/passwd"), ("a gopher URL", "gopher://example.com/"),
+                            ("javascript", "javascript:alert(1)"), ("words", "not a url"),
+                            ("a URL with credentials", "https://user:pw@example.com/"),
+                            ("port 99999", "https://example.com:99999/"),
+                            ("a URL of 3000 characters", "https://example.com/" + "a" * 3000)]],
+        Case("callback_url on a sync request", "/v1/videos/sync", 422, "callback_url",
+             {**VIDEO, "callback_url": "https://example.com/"}, FILES),
+        Case("callback_url on an avatar", "/v1/avatars", 422, "callback_url",
+             {**VIDEO, "callback_url": "https://example.com/"}, FILES),
+        Case("JSON callback_url as a number", "/v1/videos", 422, "callback_url",
+             json={"prompt": "x", "input_reference": b64, "callback_url": 5}),
         # face boxes
         Case("face box with inf", "/v1/avatars", 422, "face_box", {**VIDEO, "face_box": "inf,0,10,10"}, FILES),
         Case("face box of one pixel", "/v1/avatars", 422, "face_box", {**VIDEO, "face_box": "3,3,4,4"}, FILES),

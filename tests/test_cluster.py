@@ -32,7 +32,7 @@ from helpers import (
     wait_ready,
     wav_bytes,
 )
-from hostile import FILES, LIMITS, VIDEO
+from hostile import FILES, LIMITS, VIDEO, WEBHOOKS
 from hostile import cases as hostile_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,8 @@ def overrides(storage: Path) -> dict:
     stages["lipsync"]["simulate_batch_seconds"] = 0.3  # a batch of 8 frames: a busy GPU
     return {"stages": stages, "limits": {"max_steps": 600, **LIMITS},
             "serving": {"storage_dir": str(storage), "job_timeout_s": 45.0, "max_running_jobs": 4,
-                        "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"]}}
+                        "max_queued_jobs": 2, "retry_after_s": 3, "api_keys": ["cluster-key"],
+                        "webhooks": WEBHOOKS}}
 
 
 # Every test runs on Ray Serve as shipped and in its throughput-optimized mode (gRPC between

@@ -31,7 +31,7 @@ from deployments.api.protocol import error_body
 
 log = logging.getLogger("avatar_serve.http")
 
-EVENTS = re.compile(r"/v1/videos/[^/]+/events")
+EVENTS = re.compile(r"/v1/videos/[^/]+/(?:events|stream)")  # long-lived GETs: event and MP4 streams
 SPEECH = re.compile(r"/v1/avatars/[^/]+/speech")
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 LOG_EVERY_S = 1.0

@@ -69,9 +69,8 @@ def invalid(exc: ValidationError) -> ApiError:
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX*]\s*(\d{1,5})\s*$")
 
 
-class VideoRequest(BaseModel):
-    """Fields of a video request (multipart form or JSON). Unset fields take the profile's
-    defaults; bounds that depend on the profile (size, frames, steps) are checked in `resolve`."""
+class VideoFields(BaseModel):
+    """What a video job and an avatar ask for alike: the clip's generation settings."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # "nan"/"inf" are not numbers here
 
@@ -93,7 +92,15 @@ class VideoRequest(BaseModel):
         return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
 
 
-class AvatarRequest(VideoRequest):
+class VideoRequest(VideoFields):
+    """Fields of a video request (multipart form or JSON). Unset fields take the profile's
+    defaults; bounds that depend on the profile (size, frames, steps) are checked in `resolve`."""
+
+    callback_url: str | None = Field(None, max_length=2048, description=(
+        "http(s) URL that gets the job record (signed) once the job ends; README: Completion webhooks"))
+
+
+class AvatarRequest(VideoFields):
     """POST /v1/avatars: a video request for the base clip, plus an optional face box. The seed
     defaults to 0 (not a random one), so the request alone fixes the avatar's id."""
 
@@ -177,6 +184,21 @@ class Queued(BaseModel):
         return self.status in self.FINAL
 
 
+class WebhookAttempt(BaseModel):
+    at: float = Field(description="unix time the attempt started")
+    status_code: int | None = Field(None, description="the receiver's HTTP status")
+    error: str | None = Field(None, description="why no (good) answer came: network, timeout, refused address")
+    duration_s: float
+
+
+class Webhook(BaseModel):
+    """A job's completion webhook: pending until the job ends and through retries."""
+
+    url: str
+    status: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+
+
 class Job(Queued):
     """What GET /v1/videos/{id} returns (OpenAI's video-job shape)."""
 
@@ -187,6 +209,7 @@ class Job(Queued):
     fps: int
     num_inference_steps: int
     has_audio: bool = False
+    webhook: Webhook | None = Field(None, description="the callback_url's delivery, when the request named one")
 
 
 class Avatar(Queued):

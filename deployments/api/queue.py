@@ -92,6 +92,7 @@ class JobQueue:
         self.events: dict[str, JobEvents] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._wakeup: asyncio.Event | None = None
+        self.on_finish: Callable[[Queued], None] | None = None  # told of each record that ends (webhooks)
 
     @property
     def capacity(self) -> int:
@@ -206,6 +207,8 @@ class JobQueue:
             events.close()
         log.info("%s %s %s after %d s%s", record.object, record.id, status, record.completed_at - record.created_at,
                  f": {error.message}" if error else "")
+        if self.on_finish is not None:
+            self.on_finish(record)
 
     def _update(self) -> None:
         """Renumber the line (a "queued" event for each record whose place changed), refresh the

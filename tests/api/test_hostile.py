@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from deployments.local import LocalGraph, serve_in_thread
 from deployments.profiles import load_profile
 from helpers import HANG_S, health_probe, wait_ready
-from hostile import FILES, LIMITS, VIDEO, cases
+from hostile import FILES, LIMITS, VIDEO, WEBHOOKS, cases
 
 CASES = cases()
 SAMPLE_RATE = 16_000  # what uploads are decoded to (deployments.media.audio)
@@ -27,7 +27,8 @@ IMAGE_PIXELS = load_profile("tiny", {"limits": LIMITS}).limits.image_pixels  # t
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory):
     return LocalGraph(load_profile("tiny", {
-        "serving": {"storage_dir": str(tmp_path_factory.mktemp("store")), "body_timeout_s": 1.0},
+        "serving": {"storage_dir": str(tmp_path_factory.mktemp("store")), "body_timeout_s": 1.0,
+                    "webhooks": WEBHOOKS},
         "limits": LIMITS}))
 
 
