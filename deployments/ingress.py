@@ -47,6 +47,7 @@ from deployments.api.protocol import (
     resolve,
 )
 from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
+from deployments.api.requeue import Inputs, keep, plan
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
 from deployments.common.payloads import Speech, StepRecord, VideoParams
@@ -94,6 +95,9 @@ class Ingress:
         self.queue = JobQueue(serving.max_running_jobs, serving.max_queued_jobs, serving.retry_after_s,
                               serving.job_timeout_s, self.metrics)
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes, on_expire=self.queue.forget)
+        # What an earlier ingress left unfinished: re-queued or failed now, started by resume().
+        limit = serving.requeue_max_jobs
+        self._requeued = plan(self.records, self.queue.capacity if limit is None else limit)
         self.turns = 0  # talk turns streaming now (admitted up to cfg.max_talk_turns)
         self.live_sessions = 0  # live sessions open now (admitted up to cfg.max_live_sessions)
 
@@ -208,11 +212,25 @@ class Ingress:
                    size=f"{params.width}x{params.height}", seconds=f"{frames / fps:g}", num_frames=frames, fps=fps,
                    seed=params.seed, num_inference_steps=params.num_inference_steps, has_audio=audio is not None)
 
+    def resume(self) -> None:
+        """Start the work an earlier ingress left unfinished and `plan` re-queued, ahead of any new
+        work; each stream's first event says so. Needs the event loop: the HTTP app's start-up
+        calls it (Serve runs it once the replica is built, before any request), and so does the
+        first submit of a caller without the app. Later calls do nothing."""
+        requeued, self._requeued = self._requeued, []
+        for record, inputs in requeued:
+            if record.final or not self.records.knows(record):  # cancelled or deleted meanwhile
+                continue
+            note = {"event": "requeued", "reason": "restart", "attempt": record.attempt}
+            start = self._start_avatar if isinstance(record, AvatarRecord) else self._start_job
+            start(record, inputs, note)
+
     async def generate(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                        output: Literal["mp4", "frames"] = "mp4", audio: bytes | None = None) -> VideoResult:
         """Synchronous generation for DeploymentHandle callers and POST /v1/videos/sync:
         `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced.
         It waits in the same queue as jobs (429 when full, the same deadline), unlisted."""
+        self.resume()
         params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
         job, result = self._job(params, pcm), {}
@@ -235,18 +253,22 @@ class Ingress:
     async def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                      audio: bytes | None = None) -> Job:
         """Validate and queue a video job; raises ApiError (429 when the queue is full)."""
+        self.resume()
         params, pixels, pcm = await self._validated(request, image, audio)
         self.queue.admit()
-        job = self._job(params, pcm)
+        job, inputs = self._job(params, pcm), Inputs(params, pixels, pcm)
+        self.records.add(job)
+        self._start_job(job, inputs)
+        self.records.expire()
+        await keep(self.records, job, inputs)
+        return job
 
+    def _start_job(self, job: Job, inputs: Inputs, first_event: dict | None = None) -> None:
         async def work(progress: Progress) -> None:
-            result = await self.run(params, pixels, "mp4", progress, audio=pcm)
+            result = await self.run(inputs.params, inputs.pixels, "mp4", progress, audio=inputs.audio)
             self.records.save_result(job, result.mp4)
 
-        self.records.add(job)
-        self.queue.start(job, work, self.records.save, total_steps=params.num_inference_steps)
-        self.records.expire()
-        return job
+        self.queue.start(job, work, self.records.save, inputs.params.num_inference_steps, first_event)
 
     def job(self, job_id: str) -> Job:
         return self.records.job(job_id)
@@ -303,6 +325,7 @@ class Ingress:
         params, pixels, _ = await self._validated(request.video(), image)
         check_face_box(request.face_box, params)
         key = self.avatar_id_for(image, params, request.face_box, self.cfg.name)
+        self.resume()
         existing = self.records.avatars.get(key)
         if existing is not None and existing.status not in ("failed", "cancelled"):
             return existing.public(), False
@@ -311,19 +334,23 @@ class Ingress:
         avatar = AvatarRecord(id=key, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                               size=f"{params.width}x{params.height}", num_frames=params.num_frames,
                               seed=params.seed)
+        inputs = Inputs(params, pixels, face_box=request.face_box)
+        self.records.add(avatar)
+        self._start_avatar(avatar, inputs)
+        await keep(self.records, avatar, inputs)
+        return avatar.public(), True
 
+    def _start_avatar(self, avatar: AvatarRecord, inputs: Inputs, first_event: dict | None = None) -> None:
         async def work(progress: Progress) -> None:
             async with cancel_on_exit() as calls:
-                state = await self._denoised(params, pixels, progress, calls)
+                state = await self._denoised(inputs.params, inputs.pixels, progress, calls)
                 clip = dispatched(calls, self.decoder.decode.remote(state))  # decoder -> lip-sync directly
                 progress.stage("lipsync")
-                info = await dispatched(calls, self.lipsync.create_avatar.remote(clip, request.face_box))
+                info = await dispatched(calls, self.lipsync.create_avatar.remote(clip, inputs.face_box))
             avatar.prepared_id, avatar.fps, avatar.cycle_frames = info.prepared_id, info.fps, 2 * info.num_frames
             avatar.ready_at = int(time.time())
 
-        self.records.add(avatar)
-        self.queue.start(avatar, work, self.records.save, total_steps=params.num_inference_steps)
-        return avatar.public(), True
+        self.queue.start(avatar, work, self.records.save, inputs.params.num_inference_steps, first_event)
 
     def avatar(self, avatar_id: str) -> Avatar:
         self._need_lipsync()

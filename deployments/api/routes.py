@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,10 +92,20 @@ slowly, 4429 full (`retry_after`), 1011 internal."""
 # ------------------------------------------------------------------ the app
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """The app's start-up, on the event loop that serves it (Ray Serve runs it once the replica
+    is built, before any request): the ingress starts the work a restart left queued."""
+    resume = getattr(app.state.ingress, "resume", None)
+    if resume is not None:
+        resume()
+    yield
+
+
 def build_app(ingress) -> FastAPI:
     """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
     app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
-                  description=DESCRIPTION)
+                  description=DESCRIPTION, lifespan=lifespan)
     app.state.ingress = ingress
     app.add_exception_handler(ApiError, api_error)
     for kind in ERRORS:
