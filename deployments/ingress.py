@@ -219,7 +219,7 @@ class Ingress(LoraAdmin):
         for record, inputs in requeued:
             if record.final or not self.records.knows(record):  # cancelled or deleted meanwhile
                 continue
-            note = {"event": "requeued", "reason": "restart", "attempt": record.attempt}
+            note = {"event": "requeued", "reason": "restart", "attempt": record.attempt, "progress": 0}
             start = self._start_avatar if isinstance(record, AvatarRecord) else self._start_job
             start(record, inputs, note)
 

@@ -115,7 +115,7 @@ def test_jobs_left_unfinished_run_again_in_order_with_the_same_bytes(tmp_path):
 
         streams = [events(c, i) for i in ids]
         for evs in streams:
-            assert evs[0]["event"] == "requeued" and evs[0]["attempt"] == 2 and evs[0]["reason"] == "restart"
+            assert (evs[0]["event"], evs[0]["attempt"], evs[0]["reason"], evs[0]["progress"]) == ("requeued", 2, "restart", 0)
             assert evs[-1]["event"] == "completed" and any(e["event"] == "step" for e in evs)
             assert [e["id"] for e in evs] == list(range(EVENT_IDS_PER_RUN, EVENT_IDS_PER_RUN + len(evs)))
         # Their places in the new queue: the order they were submitted in.
