@@ -317,7 +317,9 @@ async def with_keepalive(events, every_s: float):
                           "description": "`event:`, `id:` and `data:` (JSON) lines"}, **errors(404)},
          description="Every event has an `id`; a client that reconnects with `Last-Event-ID` gets the "
                      "events after it. Every stream ends with a final event (completed, failed or "
-                     "cancelled), also after the server restarted mid-job (failed: interrupted).")
+                     "cancelled). After a server restart mid-job, a re-queued job's stream starts with "
+                     "`requeued` (its ids past the first run's), one that was not re-queued ends failed "
+                     "(interrupted).")
 async def get_video_events(video_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
     last = request.headers.get("last-event-id", "")
     after = int(last) if last.isascii() and last.isdigit() and len(last) < 10 else -1
