@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from deployments.api.jobs import Job, JobStore, Records
 from deployments.api.queue import EVENT_IDS_PER_RUN
-from deployments.api.requeue import EXCESS, LOST, OFF, TWICE, Inputs, dump, load, plan
+from deployments.api.requeue import EXCESS, LOST, OFF, TWICE, Inputs, dump, keep, load, plan
 from deployments.api.routes import build_app
 from deployments.common.payloads import Speech
 from deployments.ingress import Ingress
@@ -248,3 +248,29 @@ def test_inputs_read_back_as_written_and_plan_sorts_by_submission(tmp_path):
     assert [r.id for r, _ in kept] == ["video_c", "video_b"]
     assert sorted(store.inputs_ids()) == ["video_b", "video_c"]
     assert Records(store, 3600, 10**9).jobs["video_a"].error.message == EXCESS.format(n=2)
+
+
+def test_a_failed_inputs_write_leaves_the_job_running_and_a_late_write_is_not_kept(tmp_path, monkeypatch, caplog):
+    """A disk that refuses the inputs: the job still runs (only a restart would fail it), with a
+    warning. Inputs whose record ended, or went, while they were written are deleted."""
+    store = tmp_path / "store"
+    graph = make_graph(store, step_s=0.0)
+
+    def refuse(record_id, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(graph.ingress.records.store, "save_inputs", refuse)
+    with caplog.at_level("WARNING", logger="avatar_serve.requeue"), TestClient(graph.app()) as c:
+        job = submit(c)
+        assert wait_final(c, job["id"])["status"] == "completed"
+    assert any("inputs not saved" in r.getMessage() and job["id"] in r.getMessage() for r in caplog.records)
+    assert not list((store / "inputs").iterdir())
+
+    records = Records(JobStore(tmp_path / "other"), 3600, 10**9)
+    ended = Job(id="video_ended", status="cancelled", created_at=0, model="tiny", prompt="x", size="16x16",
+                seconds="1", num_frames=9, fps=16, seed=1, num_inference_steps=2)
+    records.add(ended)
+    gone = ended.model_copy(update={"id": "video_gone", "status": "queued"})  # never added: deleted
+    for record in (ended, gone):
+        asyncio.run(keep(records, record, Inputs(get_dummy_params(), get_dummy_image())))
+    assert records.store.inputs_ids() == []
