@@ -171,6 +171,12 @@ class ServingConfig(Strict):
         "POST /v1/videos answers 429 with Retry-After."))
     retry_after_s: int = Field(10, ge=1, description=(
         "Retry-After, in seconds, of a 429 for a full job queue."))
+    requeue_max_jobs: int | None = Field(None, ge=0, description=(
+        "After a restart, how many of the video jobs and avatar preparations the previous ingress "
+        "left queued or running are queued again (oldest submission first; each at most once more: "
+        "one interrupted twice fails with `interrupted`). The rest fail with `interrupted` and say "
+        "why. None: the queue's capacity, max_running_jobs + max_queued_jobs; 0: none, every "
+        "unfinished job fails."))
     max_talk_turns: int | None = Field(None, ge=1, description=(
         "Talk turns streaming at once; one more answers 429 with Retry-After (turn_retry_after_s) "
         "instead of waiting, since a live turn that starts late is no use. None: what the lip-sync "

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ from pydantic import ValidationError
 from deployments.api.content import GrowingContent, streamed_mp4
 from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
 from deployments.api.live import LiveError, LiveSession, Receive, Send
+from deployments.api.loras import LoraAdmin
 from deployments.api.protocol import (
     ApiError,
     Avatar,
     AvatarRequest,
     Deleted,
     Job,
-    LoraActivate,
-    LoraRequest,
     ModelCard,
     ModelList,
     VideoList,
@@ -48,6 +46,7 @@ from deployments.api.protocol import (
     resolve,
 )
 from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
+from deployments.api.requeue import Inputs, keep, plan
 from deployments.api.retry import StageRetries, failed, replica_gone
 from deployments.api.webhooks import Webhooks
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
@@ -89,7 +88,7 @@ class VideoResult:
     frames: np.ndarray | None = None
 
 
-class Ingress:
+class Ingress(LoraAdmin):
     def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None, turn_lipsync=None):
         self.encoder, self.high, self.low, self.decoder = encoder, high, low, decoder
         self.lipsync = lipsync  # None: a deployment without the lip-sync stage
@@ -104,6 +103,11 @@ class Ingress:
                               serving.job_timeout_s, self.metrics)
         self.records = Records(store, serving.result_ttl_s, serving.max_result_bytes, on_expire=self.queue.forget)
         self.contents: dict[str, GrowingContent] = {}  # the MP4s of jobs running now, as they are made
+        # What an earlier ingress left unfinished: re-queued or failed now, started by resume().
+        # Before the webhooks' sweep: the jobs plan() fails are final without queue.finish, so
+        # only that sweep sends their webhooks.
+        limit = serving.requeue_max_jobs
+        self._requeued = plan(self.records, self.queue.capacity if limit is None else limit)
         self.webhooks = Webhooks(serving.webhooks, self.records.save)
         self.queue.on_finish = self.webhooks.finished
         self.webhooks.resume(self.records.jobs.values())  # deliveries a restart interrupted
@@ -261,11 +265,25 @@ class Ingress:
                    size=f"{params.width}x{params.height}", seconds=f"{frames / fps:g}", num_frames=frames, fps=fps,
                    seed=params.seed, num_inference_steps=params.num_inference_steps, has_audio=audio is not None)
 
+    def resume(self) -> None:
+        """Start the work an earlier ingress left unfinished and `plan` re-queued, ahead of any new
+        work; each stream's first event says so. Needs the event loop: the HTTP app's start-up
+        calls it (Serve runs it once the replica is built, before any request), and so does the
+        first submit of a caller without the app. Later calls do nothing."""
+        requeued, self._requeued = self._requeued, []
+        for record, inputs in requeued:
+            if record.final or not self.records.knows(record):  # cancelled or deleted meanwhile
+                continue
+            note = {"event": "requeued", "reason": "restart", "attempt": record.attempt, "progress": 0}
+            start = self._start_avatar if isinstance(record, AvatarRecord) else self._start_job
+            start(record, inputs, note)
+
     async def generate(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                        output: Literal["mp4", "frames"] = "mp4", audio: bytes | None = None) -> VideoResult:
         """Synchronous generation for DeploymentHandle callers and POST /v1/videos/sync:
         `await handle.generate.remote({...}, image_bytes)`; with `audio` (file bytes), lip-synced.
         It waits in the same queue as jobs (429 when full, the same deadline), unlisted."""
+        self.resume()
         request = self.video_request(request)
         if request.callback_url is not None:
             raise ApiError(422, "callback_url: only a video job (POST /v1/videos, submit) takes one; this "
@@ -292,14 +310,21 @@ class Ingress:
     async def submit(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                      audio: bytes | None = None) -> Job:
         """Validate and queue a video job; raises ApiError (429 when the queue is full)."""
+        self.resume()
         self.webhooks.flush()
         request = self.video_request(request)
         params, pixels, pcm = await self._validated(request, image, audio)
         webhook = await self.webhooks.check(request.callback_url)  # 422 naming callback_url
         self.queue.admit()
-        job = self._job(params, pcm)
+        job, inputs = self._job(params, pcm), Inputs(params, pixels, pcm)
         job.webhook = webhook
+        self.records.add(job)
+        self._start_job(job, inputs)
+        self.records.expire()
+        await keep(self.records, job, inputs)
+        return job
 
+    def _start_job(self, job: Job, inputs: Inputs, first_event: dict | None = None) -> None:
         content = self.contents[job.id] = GrowingContent()
 
         async def work(progress: Progress) -> None:
@@ -309,8 +334,9 @@ class Ingress:
                 content.append(piece)
 
             try:
-                result = await self.run(params, pixels, "mp4", progress, audio=pcm, on_piece=on_piece)
-                if pcm is not None:  # lip-synced: the whole file at the end
+                result = await self.run(inputs.params, inputs.pixels, "mp4", progress, audio=inputs.audio,
+                                        on_piece=on_piece)
+                if inputs.audio is not None:  # lip-synced: the whole file at the end
                     on_piece(result.mp4)
                 self.records.save_result(job, result.mp4)
             finally:
@@ -319,10 +345,7 @@ class Ingress:
                 content.end()
                 self.contents.pop(job.id, None)
 
-        self.records.add(job)
-        self.queue.start(job, work, self.records.save, total_steps=params.num_inference_steps)
-        self.records.expire()
-        return job
+        self.queue.start(job, work, self.records.save, inputs.params.num_inference_steps, first_event)
 
     def job(self, job_id: str) -> Job:
         return self.records.job(job_id)
@@ -388,6 +411,7 @@ class Ingress:
         params, pixels, _ = await self._validated(request.video(), image)
         check_face_box(request.face_box, params)
         key = self.avatar_id_for(image, params, request.face_box, self.cfg.name)
+        self.resume()
         existing = self.records.avatars.get(key)
         if existing is not None and existing.status not in ("failed", "cancelled"):
             return existing.public(), False
@@ -396,19 +420,23 @@ class Ingress:
         avatar = AvatarRecord(id=key, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                               size=f"{params.width}x{params.height}", num_frames=params.num_frames,
                               seed=params.seed)
+        inputs = Inputs(params, pixels, face_box=request.face_box)
+        self.records.add(avatar)
+        self._start_avatar(avatar, inputs)
+        await keep(self.records, avatar, inputs)
+        return avatar.public(), True
 
+    def _start_avatar(self, avatar: AvatarRecord, inputs: Inputs, first_event: dict | None = None) -> None:
         async def work(progress: Progress) -> None:
-            retries = StageRetries(key, progress, self.cfg.serving.stage_retries)
+            retries = StageRetries(avatar.id, progress, self.cfg.serving.stage_retries)
             async with cancel_on_exit() as calls:
-                state = await self._denoised(params, pixels, progress, calls, retries)
+                state = await self._denoised(inputs.params, inputs.pixels, progress, calls, retries)
                 progress.stage("lipsync")  # decoder -> lip-sync directly
-                info = await self._lipsynced(state, None, "create_avatar", calls, retries, request.face_box)
+                info = await self._lipsynced(state, None, "create_avatar", calls, retries, inputs.face_box)
             avatar.prepared_id, avatar.fps, avatar.cycle_frames = info.prepared_id, info.fps, 2 * info.num_frames
             avatar.ready_at = int(time.time())
 
-        self.records.add(avatar)
-        self.queue.start(avatar, work, self.records.save, total_steps=params.num_inference_steps)
-        return avatar.public(), True
+        self.queue.start(avatar, work, self.records.save, inputs.params.num_inference_steps, first_event)
 
     def avatar(self, avatar_id: str) -> Avatar:
         self._need_lipsync()
@@ -505,45 +533,6 @@ class Ingress:
     def release_live(self) -> None:
         self.live_sessions -= 1
         self.metrics.live_sessions(self.live_sessions)
-
-    # ------------------------------------------------------------------ LoRA admin
-
-    def _experts(self, target: str) -> list:
-        return [self.high, self.low] if target == "both" else [self.high if target == "high" else self.low]
-
-    async def _on_experts(self, target: str, call) -> dict:
-        """Run `call(handle)` on the experts `target` names (only those). A refusal raises the
-        stage's own error type (LoraError, LoraBusyError, MissingWeightsError), unwrapped."""
-        try:
-            results = [await call(h) for h in self._experts(target)]
-        except Exception as exc:  # noqa: BLE001 - Ray wraps stage errors; hand on the original
-            raise unwrap(exc) from None
-        return {r["role"]: r for r in results}
-
-    def lora_path(self, path: str) -> str:
-        """A LoRA path confined to `serving.lora_dirs` (symlinks resolved first; a relative path is
-        taken inside the first folder), or 422 -- the same answer whether such a file exists or not."""
-        folders = [os.path.realpath(d) for d in self.cfg.serving.lora_dirs]
-        if not folders:
-            raise ApiError(422, "path: LoRA loading is off here (no serving.lora_dirs configured)", "path")
-        resolved = os.path.realpath(os.path.join(folders[0], path))
-        if not any(os.path.commonpath([resolved, folder]) == folder for folder in folders):
-            raise ApiError(422, "path: LoRA files are loaded only from the configured LoRA folders", "path")
-        return resolved
-
-    async def load_lora(self, req: LoraRequest) -> dict:
-        path = self.lora_path(req.path)
-        return await self._on_experts(req.target, lambda h: h.load_lora.remote(req.name, path, req.strength,
-                                                                                 req.target))
-
-    async def activate_loras(self, req: LoraActivate) -> dict:
-        return await self._on_experts(req.target, lambda h: h.activate_loras.remote(req.names, req.strengths))
-
-    async def remove_lora(self, name: str, target: str = "both") -> dict:
-        return await self._on_experts(target, lambda h: h.remove_lora.remote(name))
-
-    async def list_loras(self) -> dict:
-        return await self._on_experts("both", lambda h: h.list_loras.remote())
 
     async def models(self) -> ModelList:
         loras = await self.list_loras()

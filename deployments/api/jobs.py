@@ -5,6 +5,8 @@ Layout of `storage_dir`:
     jobs/<id>.json      a video job's record, rewritten atomically (temp file + rename) on each change
     results/<id>.mp4    the finished video, written atomically once
     avatars/<id>.json   an avatar's record (with the lip-sync stage's id for it)
+    inputs/<id>.npz     what an unfinished job or avatar runs on, so a restart can re-queue it
+                        (deployments/api/requeue.py); deleted once its record is final or deleted
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class JobStore:
         self.jobs_dir = self.root / "jobs"
         self.results_dir = self.root / "results"
         self.avatars_dir = self.root / "avatars"
-        for folder in (self.jobs_dir, self.results_dir, self.avatars_dir):
+        self.inputs_dir = self.root / "inputs"
+        for folder in (self.jobs_dir, self.results_dir, self.avatars_dir, self.inputs_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def save(self, record: Job | AvatarRecord) -> None:
@@ -143,12 +146,25 @@ class JobStore:
     def result_path(self, job_id: str) -> Path:
         return self.results_dir / f"{job_id}.mp4"
 
+    def inputs_path(self, record_id: str) -> Path:
+        return self.inputs_dir / f"{record_id}.npz"
+
+    def save_inputs(self, record_id: str, data: bytes) -> None:
+        _atomic_write(self.inputs_path(record_id), data)
+
+    def delete_inputs(self, record_id: str) -> None:
+        self.inputs_path(record_id).unlink(missing_ok=True)
+
+    def inputs_ids(self) -> list[str]:
+        return [path.stem for path in self.inputs_dir.glob("*.npz")]
+
     def delete(self, job_id: str) -> None:
-        for path in (self.jobs_dir / f"{job_id}.json", self.result_path(job_id)):
+        for path in (self.jobs_dir / f"{job_id}.json", self.result_path(job_id), self.inputs_path(job_id)):
             path.unlink(missing_ok=True)
 
     def delete_avatar(self, avatar_id: str) -> None:
-        (self.avatars_dir / f"{avatar_id}.json").unlink(missing_ok=True)
+        for path in (self.avatars_dir / f"{avatar_id}.json", self.inputs_path(avatar_id)):
+            path.unlink(missing_ok=True)
 
     def _load(self, folder: Path, pattern: str, cls):
         out = []
@@ -160,29 +176,19 @@ class JobStore:
         return out
 
     def recover(self) -> list[Job]:
-        """Jobs from an earlier run; any that had not finished is marked failed, with a reason."""
+        """Jobs from an earlier run. Those it left unfinished stay as they were: what becomes of
+        them (re-queued, or failed with the reason) is `requeue.plan`'s to decide."""
         jobs = self._load(self.jobs_dir, "video_*.json", Job)
-        now = int(time.time())
         for job in jobs:
-            if not job.final:
-                job.status, job.completed_at, job.queue_position = "failed", now, None
-                job.error = JobError(code="interrupted", message="the server restarted before this job finished")
-                self.save(job)
-            elif job.status == "completed" and not self.result_path(job.id).exists():
+            if job.status == "completed" and not self.result_path(job.id).exists():
                 job.status = "failed"
                 job.error = JobError(code="result_lost", message="the result file is missing")
                 self.save(job)
         return jobs
 
     def recover_avatars(self) -> list[AvatarRecord]:
-        """Avatars from an earlier run; those still being prepared are marked failed."""
-        avatars = self._load(self.avatars_dir, "avatar_*.json", AvatarRecord)
-        for avatar in avatars:
-            if not avatar.final:
-                avatar.status, avatar.queue_position = "failed", None
-                avatar.error = JobError(code="interrupted", message="the server restarted while preparing it")
-                self.save(avatar)
-        return avatars
+        """Avatars from an earlier run (those still being prepared: as `recover`)."""
+        return self._load(self.avatars_dir, "avatar_*.json", AvatarRecord)
 
     def expire(self, jobs: dict[str, Job], ttl_s: float, max_bytes: int, now: float | None = None) -> list[str]:
         """Delete finished jobs older than `ttl_s`, then the oldest finished results until the
@@ -209,7 +215,8 @@ class JobStore:
 
 class Records:
     """Every job and avatar this ingress knows, by id, backed by a JobStore: lookups that answer
-    404, listing, deletion, result files and expiry."""
+    404, listing, deletion, result files and expiry. The records an earlier ingress left
+    unfinished are loaded as they were; `requeue.plan` re-queues or fails them."""
 
     def __init__(self, store: JobStore, result_ttl_s: float, max_result_bytes: int,
                  on_expire: Callable[[str], None] | None = None):
@@ -223,10 +230,17 @@ class Records:
         (self.avatars if isinstance(record, AvatarRecord) else self.jobs)[record.id] = record
         self.store.save(record)
 
+    def knows(self, record: Queued) -> bool:
+        """Whether `record` is (still) this one's, not deleted or expired."""
+        return (self.jobs.get(record.id) or self.avatars.get(record.id)) is record
+
     def save(self, record: Queued) -> None:
-        """Write a record that is still known (one deleted meanwhile stays deleted)."""
+        """Write a record that is still known (one deleted meanwhile stays deleted). A final one
+        needs its inputs no more: they go."""
         if record.id in self.jobs or record.id in self.avatars:
             self.store.save(record)
+            if record.final:
+                self.store.delete_inputs(record.id)
 
     # -------------------------------------------------------------- jobs
 
@@ -306,16 +320,20 @@ class Records:
 
 
 class JobEvents:
-    """Progress events of one job, replayable: a late subscriber gets every event so far."""
+    """Progress events of one job, replayable: a late subscriber gets every event so far. Ids
+    count from `first_id`: a run after a restart starts past every id the run before it sent, so
+    a client that reconnects with one of those (`Last-Event-ID`) gets the new run's events."""
 
-    def __init__(self):
+    def __init__(self, first_id: int = 0):
+        self.first_id = first_id
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
         self.closed = False
 
     def emit(self, event: str, **data: Any) -> None:
         """Append an event; `id` (its place, for SSE resume) and `at` (unix time) are added."""
-        self.events.append({"event": event, "id": len(self.events), "at": round(time.time(), 3), **data})
+        self.events.append({"event": event, "id": self.first_id + len(self.events), "at": round(time.time(), 3),
+                            **data})
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -327,7 +345,7 @@ class JobEvents:
         """Yield events in order (those with an id above `after`) until the job's final event.
         Every stream ends with the final event: a client that resumes at or past it (an id it
         was sent last, or one the job never reached) gets it again once the job has ended."""
-        i, sent = after + 1, None
+        i, sent = max(0, after + 1 - self.first_id), None
         while True:
             while i < len(self.events):
                 sent = self.events[i]

@@ -175,6 +175,8 @@ class Queued(BaseModel):
     step: int | None = None
     queue_position: int | None = None
     error: JobError | None = None
+    attempt: int = Field(1, ge=1, description=(
+        "Which run this is: 2 once a server restart re-queued it (a record is re-queued at most once)."))
 
     DONE: ClassVar[str] = "completed"  # the status of a record whose work succeeded
     FINAL: ClassVar[frozenset[str]] = frozenset({"completed", "failed", "cancelled"})

@@ -27,6 +27,9 @@ log = logging.getLogger("avatar_serve.queue")
 # denoise steps fill 5..90, decode starts at 90 and lip-sync at 93.
 STAGE_PROGRESS = {"encode": 1, "decode": 90, "lipsync": 93}
 DENOISE_FROM, DENOISE_TO = 5, 90
+# Event ids of a record's second run (after a restart) start here: far beyond what one run emits
+# (a place in the queue per record ahead of it, the stages, the denoise steps, the end).
+EVENT_IDS_PER_RUN = 1_000_000
 
 
 class Progress:
@@ -105,11 +108,14 @@ class JobQueue:
                            type="rate_limit_error", headers={"Retry-After": str(self.retry_after_s)})
 
     def start(self, record: Queued, work: Work, save: Callable[[Queued], None],
-              total_steps: int = 1) -> asyncio.Task:
+              total_steps: int = 1, first_event: dict | None = None) -> asyncio.Task:
         """Queue `record` and run `work(progress)` when it reaches a free slot. `save` writes the
-        record after each change of status. Call `admit()` first. -> the task, done when the
+        record after each change of status. Call `admit()` first. `first_event`: emitted before
+        any other (a record re-queued after a restart says so). -> the task, done when the
         record is final."""
-        events = self.events[record.id] = JobEvents()
+        events = self.events[record.id] = JobEvents(first_id=EVENT_IDS_PER_RUN * (record.attempt - 1))
+        if first_event is not None:
+            events.emit(**first_event)
         self.waiting.append(record)
         self._update()
         log.info("%s %s queued at position %d (%d running)", record.object, record.id,

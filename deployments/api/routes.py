@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,10 +93,20 @@ slowly, 4429 full (`retry_after`), 1011 internal."""
 # ------------------------------------------------------------------ the app
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """The app's start-up, on the event loop that serves it (Ray Serve runs it once the replica
+    is built, before any request): the ingress starts the work a restart left queued."""
+    resume = getattr(app.state.ingress, "resume", None)
+    if resume is not None:
+        resume()
+    yield
+
+
 def build_app(ingress) -> FastAPI:
     """The FastAPI app serving `ingress` (an `Ingress`, or anything with its methods)."""
     app = FastAPI(title="avatar-serve", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
-                  description=DESCRIPTION)
+                  description=DESCRIPTION, lifespan=lifespan)
     app.state.ingress = ingress
     serving = ingress.cfg.serving
     app.add_middleware(Admission, cfg=serving.admission, body_timeout_s=serving.body_timeout_s)
@@ -325,7 +336,9 @@ async def with_keepalive(events, every_s: float):
                           "description": "`event:`, `id:` and `data:` (JSON) lines"}, **errors(404, 429, 503)},
          description="Every event has an `id`; a client that reconnects with `Last-Event-ID` gets the "
                      "events after it. Every stream ends with a final event (completed, failed or "
-                     "cancelled), also after the server restarted mid-job (failed: interrupted).")
+                     "cancelled). After a server restart mid-job, a re-queued job's stream starts with "
+                     "`requeued` (its ids past the first run's), one that was not re-queued ends failed "
+                     "(interrupted).")
 async def get_video_events(video_id: str, request: Request, ingress: IngressDep) -> StreamingResponse:
     last = request.headers.get("last-event-id", "")
     after = int(last) if last.isascii() and last.isdigit() and len(last) < 10 else -1

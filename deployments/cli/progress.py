@@ -46,6 +46,8 @@ class progress_printer(ProgressBar):  # noqa: N801 - called like the function it
             label = f"denoise step {event['step']}/{event['total']} ({event['expert']} expert)"
         elif kind == "stage":
             label = f"{event['stage']} {event['state']}"
+        elif kind == "requeued":
+            label = "re-queued after a server restart"
         else:
             label = kind + (f": {event['error']['message']}" if event.get("error") else "")
         self.draw(pct, label, final=kind in ("completed", "failed", "cancelled"))

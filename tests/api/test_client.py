@@ -49,11 +49,13 @@ def test_errors_carry_status_and_field(client):
 def test_progress_bar_draws_each_event():
     out = io.StringIO()
     show = progress_printer(out, width=10)
-    for e in [{"event": "queued", "position": 1, "progress": 0},
+    for e in [{"event": "requeued", "reason": "restart", "attempt": 2, "progress": 0},
+              {"event": "queued", "position": 1, "progress": 0},
               {"event": "step", "step": 1, "total": 2, "expert": "high", "progress": 47},
               {"event": "completed", "status": "completed", "progress": 100}]:
         show(e)
     text = out.getvalue()
+    assert "re-queued after a server restart" in text
     assert "queued (position 1)" in text and "step 1/2 (high expert)" in text
     assert "[##########] 100% completed" in text and text.endswith("\n")
 

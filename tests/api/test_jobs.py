@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from deployments.api.jobs import Job, JobStore, Records, new_job_id
 from deployments.api.protocol import ApiError, frames_for_seconds
+from deployments.api.requeue import LOST
 from deployments.api.routes import build_app
 from deployments.ingress import Ingress
 from deployments.local import LocalGraph
@@ -204,7 +205,8 @@ def test_queue_bound_gives_429_with_retry_after(tmp_path):
         assert create(c).status_code == 200
 
 
-def test_restart_lists_jobs_serves_content_and_fails_interrupted(tmp_path):
+def test_restart_lists_jobs_serves_content_and_fails_an_unfinished_job_without_inputs(tmp_path):
+    """(A job with its inputs runs again: tests/api/test_requeue.py.)"""
     graph = make_graph(tmp_path)
     with TestClient(graph.app()) as c:
         done = create(c).json()
@@ -221,7 +223,7 @@ def test_restart_lists_jobs_serves_content_and_fails_interrupted(tmp_path):
         frames, _ = decode_mp4(c.get(f"/v1/videos/{done['id']}/content").content)
         assert frames.shape[0] == 5
         lost = c.get("/v1/videos/video_interrupted").json()
-        assert lost["status"] == "failed" and lost["error"]["code"] == "interrupted"
+        assert lost["status"] == "failed" and lost["error"] == {"code": "interrupted", "message": LOST}
         assert [e["event"] for e in events(c, done["id"])] == ["completed"]
 
 

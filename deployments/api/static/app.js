@@ -352,6 +352,7 @@ function onJobEvent(ev) {
   if (typeof ev.progress === "number") setProgress(ev.progress);
   const stage = $("v-stage");
   if (ev.event === "queued") stage.textContent = `Queued: position ${ev.position}`;
+  else if (ev.event === "requeued") stage.textContent = "Re-queued after a server restart";
   else if (ev.event === "stage" && ev.state === "started") stage.textContent = `Stage: ${STAGE_TEXT[ev.stage] || ev.stage}`;
   else if (ev.event === "step") stage.textContent = `Stage: denoising, step ${ev.step} of ${ev.total} (${ev.expert} expert)`;
   else if (FINAL.has(ev.event)) stage.textContent = ev.event[0].toUpperCase() + ev.event.slice(1);
