@@ -21,13 +21,14 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Literal
+from collections.abc import AsyncIterator
+from typing import Literal
 
 import numpy as np
 from pydantic import ValidationError
 
-from deployments.api.content import GrowingContent, streamed_mp4
+from deployments.api.content import GrowingContent
+from deployments.api.flow import VideoFlow, VideoResult
 from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
 from deployments.api.live import LiveError, LiveSession, Receive, Send
 from deployments.api.loras import LoraAdmin
@@ -45,13 +46,13 @@ from deployments.api.protocol import (
     invalid,
     resolve,
 )
-from deployments.api.queue import JobQueue, NoProgress, Progress, cancel_on_exit, dispatched
+from deployments.api.queue import JobQueue, Progress, cancel_on_exit
 from deployments.api.requeue import Inputs, keep, plan
-from deployments.api.retry import StageRetries, failed, replica_gone
+from deployments.api.retry import StageRetries
 from deployments.api.webhooks import Webhooks
 from deployments.common.errors import AudioError, AudioLengthError, AvatarNotFound, unwrap
 from deployments.common.metrics import IngressMetrics
-from deployments.common.payloads import Speech, StepRecord, VideoParams
+from deployments.common.payloads import Speech, VideoParams
 from deployments.config import GraphConfig
 from deployments.media.audio import admit_speech, frames_for_samples
 
@@ -73,22 +74,15 @@ MIN_FACE_BOX = 8  # pixels; MuseTalk resizes the box to a 256x256 crop
 
 
 async def _file_pieces(path, size: int = 1 << 20) -> AsyncIterator[bytes]:
-    with open(path, "rb") as fh:
+    fh = await asyncio.to_thread(open, path, "rb")
+    try:
         while piece := await asyncio.to_thread(fh.read, size):
             yield piece
+    finally:
+        fh.close()
 
 
-@dataclass(frozen=True)
-class VideoResult:
-    """What the Python API returns: MP4 bytes or uint8 frames (F, H, W, 3), and the parameters
-    actually used (the seed included, when the caller left it to the server)."""
-
-    params: VideoParams
-    mp4: bytes | None = None
-    frames: np.ndarray | None = None
-
-
-class Ingress(LoraAdmin):
+class Ingress(VideoFlow, LoraAdmin):
     def __init__(self, encoder, high, low, decoder, cfg: GraphConfig, lipsync=None, turn_lipsync=None):
         self.encoder, self.high, self.low, self.decoder = encoder, high, low, decoder
         self.lipsync = lipsync  # None: a deployment without the lip-sync stage
@@ -163,89 +157,6 @@ class Ingress(LoraAdmin):
             raise ApiError(422, f"{param}: {exc}", param) from None
         except AudioError as exc:
             raise ApiError(400, f"not usable audio: {exc}", param) from None
-
-    # ------------------------------------------------------------------ the video flow
-
-    async def _denoise(self, expert, cond, state, progress: Progress):
-        """Stream one expert's steps; on cancellation the stage is told to stop."""
-        stream = expert.options(stream=True).denoise_stream.remote(cond, state)
-        try:
-            async for item in stream:
-                if isinstance(item, StepRecord):
-                    progress.step(item.index + 1, item.expert)
-                else:
-                    state = item
-        except BaseException:
-            stream.cancel()
-            raise
-        return state
-
-    async def _denoised(self, params: VideoParams, image: np.ndarray, progress: Progress, calls: list,
-                        retries: StageRetries):
-        """encode -> high -> low: the final DenoiseState. The conditioning and the latents after
-        the high expert are kept until the job ends: a stage whose replica dies runs again from
-        them (deployments/api/retry.py)."""
-        log.info("%s: %dx%d, %d frames, %d steps, seed %d", params.request_id, params.width,
-                 params.height, params.num_frames, params.num_inference_steps, params.seed)
-        progress.stage("encode")
-
-        def encode():
-            return dispatched(calls, self.encoder.encode.remote(params, image))
-
-        cond, state = encode(), None
-        for role, expert in (("high", self.high), ("low", self.low)):
-            while True:
-                try:
-                    state = await self._denoise(expert, cond, state, progress)
-                    break
-                except Exception as exc:
-                    if replica_gone(exc) and await failed(cond):  # the encoder's replica died
-                        if not retries.allow("encoder", exc):
-                            raise
-                        cond = encode()
-                    elif not retries.allow(role, exc):
-                        raise
-        progress.stage("decode")
-        return state
-
-    async def _lipsynced(self, state, audio: Speech | None, method: str, calls: list, retries: StageRetries,
-                         face_box=None):
-        """decode -> lip-sync (the clip goes from the decoder to the lip-sync stage directly):
-        `method` is "lipsync_mp4" / "lipsync_frames" (a talk over the clip) or "create_avatar"."""
-        while True:
-            clip = dispatched(calls, self.decoder.decode.remote(state))
-            info = dispatched(calls, self.lipsync.create_avatar.remote(clip, face_box))
-            result = info if method == "create_avatar" else dispatched(
-                calls, getattr(self.lipsync, method).remote(info, audio))
-            try:
-                return await result
-            except Exception as exc:
-                stage = "decoder" if replica_gone(exc) and await failed(clip) else "lipsync"
-                if not retries.allow(stage, exc):
-                    raise
-
-    async def run(self, params: VideoParams, image: np.ndarray, output: Literal["mp4", "frames"] = "mp4",
-                  progress: Progress | None = None, audio: Speech | None = None,
-                  on_piece: Callable[[bytes], None] | None = None) -> VideoResult:
-        """encode -> high -> low -> decode (+ MP4 mux in the decoder, next to the frames); with
-        `audio` (admitted speech), the decoded clip goes straight to the lip-sync stage instead.
-        `on_piece`: the MP4 is streamed from the decoder and each piece handed to it as it comes."""
-        progress = progress or NoProgress()
-        retries = StageRetries(params.request_id, progress, self.cfg.serving.stage_retries)
-        async with cancel_on_exit() as calls:
-            state = await self._denoised(params, image, progress, calls, retries)
-            if audio is not None:
-                progress.stage("lipsync")
-                method = "lipsync_frames" if output == "frames" else "lipsync_mp4"
-                result = await self._lipsynced(state, audio, method, calls, retries)
-                return VideoResult(params=params, **({"frames": result.frames} if output == "frames" else {"mp4": result}))
-            if output == "frames":
-                frames = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode.remote(state)))
-                return VideoResult(params=params, frames=frames.frames)
-            if on_piece is not None:
-                return VideoResult(params=params, mp4=await streamed_mp4(self.decoder, state, calls, retries, on_piece))
-            mp4 = await retries.call("decoder", lambda: dispatched(calls, self.decoder.decode_mp4.remote(state)))
-            return VideoResult(params=params, mp4=mp4)
 
     async def _validated(self, request: VideoRequest | dict, image: bytes | np.ndarray,
                          audio: bytes | None = None) -> tuple[VideoParams, np.ndarray, Speech | None]:
