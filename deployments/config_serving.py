@@ -94,7 +94,8 @@ class AdmissionConfig(Strict):
     with Retry-After. A client is the address Ray Serve's proxy saw (README, Floods)."""
 
     max_event_streams: int | None = Field(256, ge=1, description=(
-        "Event streams (GET /v1/videos/{id}/events) open at once; one more answers 503. None: no cap."))
+        "Event and MP4 streams (GET /v1/videos/{id}/events, .../stream) open at once; one more answers "
+        "503. None: no cap."))
     max_event_streams_per_client: int | None = Field(16, ge=1, description=(
         "Event streams one client may hold open; one more answers 429. None: no cap."))
     max_uploads: int | None = Field(64, ge=1, description=(

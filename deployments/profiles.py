@@ -117,16 +117,22 @@ def read_keys(serving: dict, kind: str) -> list[str]:
         keys += found
     path = serving.get(f"{kind}_keys_file")
     if path:
-        try:
-            text = Path(path).expanduser().read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"serving.{kind}_keys_file {path!r} cannot be read ({exc}); the server "
-                             "does not start without the keys it was given") from None
-        found = [k for k in map(str.strip, text.splitlines()) if k and not k.startswith("#")]
-        if not found:
-            raise ValueError(f"serving.{kind}_keys_file {path!r} holds no key (one a line expected)")
-        keys += found
+        keys += _secret_lines(path, f"serving.{kind}_keys_file", "keys", "no key (one a line expected)")
     return keys
+
+
+def _secret_lines(path: str, field: str, what: str, none: str) -> list[str]:
+    """The lines of a keys or secret file that are not blank or '#' comments; a file that is
+    named but cannot be read, or holds none, stops start-up (never a server running open)."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{field} {path!r} cannot be read ({exc}); the server does not start without "
+                         f"the {what} it was given") from None
+    lines = [line for line in map(str.strip, text.splitlines()) if line and not line.startswith("#")]
+    if not lines:
+        raise ValueError(f"{field} {path!r} holds {none}")
+    return lines
 
 
 def read_webhook_secret(webhooks: dict) -> str | None:
@@ -144,15 +150,8 @@ def read_webhook_secret(webhooks: dict) -> str | None:
         found[f"the environment variable {env_name}"] = os.environ[env_name].strip()
     path = webhooks.get("secret_file")
     if path:
-        try:
-            text = Path(path).expanduser().read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"serving.webhooks.secret_file {path!r} cannot be read ({exc}); the server "
-                             "does not start without the secret it was given") from None
-        lines = [line for line in map(str.strip, text.splitlines()) if line and not line.startswith("#")]
-        if not lines:
-            raise ValueError(f"serving.webhooks.secret_file {path!r} holds no secret")
-        found[f"serving.webhooks.secret_file {path!r}"] = lines[0]
+        found[f"serving.webhooks.secret_file {path!r}"] = _secret_lines(
+            path, "serving.webhooks.secret_file", "secret", "no secret")[0]
     if len(set(found.values())) > 1:
         raise ValueError(f"different webhook secrets in {' and '.join(found)}: give it in one place")
     return next(iter(found.values()), None)
