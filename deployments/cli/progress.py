@@ -48,6 +48,10 @@ class progress_printer(ProgressBar):  # noqa: N801 - called like the function it
             label = f"{event['stage']} {event['state']}"
         elif kind == "requeued":
             label = "re-queued after a server restart"
+        elif kind == "retry":
+            label = f"the {event['stage']} stage's replica died; it runs again"
+        elif kind == "first_fragment":
+            label = "decoding (the MP4 streams now)"
         else:
             label = kind + (f": {event['error']['message']}" if event.get("error") else "")
         self.draw(pct, label, final=kind in ("completed", "failed", "cancelled"))

@@ -52,10 +52,13 @@ def test_progress_bar_draws_each_event():
     for e in [{"event": "requeued", "reason": "restart", "attempt": 2, "progress": 0},
               {"event": "queued", "position": 1, "progress": 0},
               {"event": "step", "step": 1, "total": 2, "expert": "high", "progress": 47},
+              {"event": "retry", "stage": "low", "reason": "died", "progress": 47},
+              {"event": "first_fragment", "bytes": 900, "progress": 90},
               {"event": "completed", "status": "completed", "progress": 100}]:
         show(e)
     text = out.getvalue()
     assert "re-queued after a server restart" in text
+    assert "the low stage's replica died; it runs again" in text and "the MP4 streams now" in text
     assert "queued (position 1)" in text and "step 1/2 (high expert)" in text
     assert "[##########] 100% completed" in text and text.endswith("\n")
 

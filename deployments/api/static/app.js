@@ -353,6 +353,8 @@ function onJobEvent(ev) {
   const stage = $("v-stage");
   if (ev.event === "queued") stage.textContent = `Queued: position ${ev.position}`;
   else if (ev.event === "requeued") stage.textContent = "Re-queued after a server restart";
+  else if (ev.event === "retry") stage.textContent = `The ${ev.stage} stage's server died: it runs again`;
+  else if (ev.event === "first_fragment") stage.textContent = "Decoding: the video streams now";
   else if (ev.event === "stage" && ev.state === "started") stage.textContent = `Stage: ${STAGE_TEXT[ev.stage] || ev.stage}`;
   else if (ev.event === "step") stage.textContent = `Stage: denoising, step ${ev.step} of ${ev.total} (${ev.expert} expert)`;
   else if (FINAL.has(ev.event)) stage.textContent = ev.event[0].toUpperCase() + ev.event.slice(1);
