@@ -122,7 +122,8 @@ REPEATED = 1  # the portrait the repeated-portrait requests send again (the firs
 
 def video_keys(args) -> list[int]:
     """The portrait of every timed video request (its seed); `measure` says which is which."""
-    keys = [0, *range(1, 1 + args.repeats), *(100 * n + i for n in args.video_concurrency for i in range(n))]
+    keys = [0, *range(1, 1 + args.repeats), *(100 * n + i for n in args.video_concurrency for i in range(n)),
+            *range(400, 400 + args.repeats)]
     return keys + ([300, 301] if args.also_size else [])
 
 
@@ -171,13 +172,13 @@ def timeline_marks(timeline: list[dict]) -> dict:
         elif e["event"] == "step":
             marks.setdefault(f"{e['expert']}_first_step", e["t"])
             marks[f"{e['expert']}_last_step"] = e["t"]
-        elif e["event"] in ("completed", "downloaded"):
+        elif e["event"] in ("completed", "downloaded", "first_fragment"):
             marks[e["event"]] = e["t"]
     return marks
 
 
 async def measure(args, video, create_avatar, turn, out: dict | None = None, phases=None,
-                  video_job=None, live_opener=None) -> dict:
+                  video_job=None, live_opener=None, video_stream=None) -> dict:
     """`video(seed, size=None, portrait=seed)` -> {"bytes"}, each request a new portrait unless
     `portrait` names an earlier one; `create_avatar()` -> {"id"}; `turn(avatar_id)` -> {"first_s", "bytes"};
     `phases()` (served only) -> the turn-phase histograms now, to take each level's own breakdown;
@@ -200,6 +201,12 @@ async def measure(args, video, create_avatar, turn, out: dict | None = None, pha
         if video_job is not None:
             first["via"] = "job"
             out["video"]["warm_job"] = await timed("video job", video_job, 1)  # the seed of a sequential one
+        if video_stream is not None:  # jobs whose MP4 is read from /stream as it is made
+            streamed = [await timed("video streamed", video_stream, 400 + i) for i in range(args.repeats)]
+            ok = [r for r in streamed if "error" not in r]
+            out["video"]["streamed"] = {**latencies(streamed),
+                                        "first_byte_s": spread([r["first_byte_s"] for r in ok]),
+                                        "same_as_content": all(r["same_as_content"] for r in ok)}
         for n in args.video_concurrency:
             t0 = time.perf_counter()
             runs = await asyncio.gather(*(timed(f"video x{n}", video, 100 * n + i) for i in range(n)))
@@ -442,8 +449,30 @@ async def served(args, base: str, request: dict, portraits: Portraits, audio: by
             timeline.append({"t": round(time.time() - sent, 3), "event": "downloaded"})
             return {"bytes": len(mp4), "timeline": timeline, "marks": timeline_marks(timeline)}
 
+        async def video_stream(seed):
+            """A job whose MP4 is read from GET /v1/videos/{id}/stream, opened right after the
+            POST: the first bytes' time (from sending the POST), and the bytes checked equal to
+            /content's."""
+            t0 = time.perf_counter()
+            r = await client.post("/v1/videos", data={**fields, "seed": str(seed)}, files=picture(portraits(seed)))
+            if r.status_code != 200:
+                raise http_error(r)
+            job_id, first, pieces = r.json()["id"], None, []
+            async with client.stream("GET", f"/v1/videos/{job_id}/stream") as s:
+                if s.status_code != 200:
+                    await s.aread()
+                    raise http_error(s)
+                async for piece in s.aiter_raw():
+                    first = time.perf_counter() - t0 if first is None else first
+                    pieces.append(piece)
+            content = await client.get(f"/v1/videos/{job_id}/content")
+            if content.status_code != 200:
+                raise http_error(content)
+            return {"first_byte_s": first, "bytes": len(content.content),
+                    "same_as_content": b"".join(pieces) == content.content}
+
         return await measure(args, video, create_avatar, turn, out, phases, video_job,
-                             websocket_opener(base, args.api_key))
+                             websocket_opener(base, args.api_key), video_stream)
 
 
 # ------------------------------------------------------------------ the cluster
