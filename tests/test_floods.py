@@ -81,6 +81,10 @@ async def flood(port: int, job_id: str, url: str) -> dict:
     out = {name: [status(t) for _, t in group] for name, group in conns.items()}
     out["retry_after"] = sum(b"retry-after: 3" in (t.result() or b"").lower()
                              for group in conns.values() for _, t in group if status(t) in ("429", "503"))
+    out["refused_by"] = sorted({m.group(1).decode() for group in conns.values() for _, t in group
+                                if status(t) in ("429", "503")
+                                for m in [re.search(rb"x-avatar-serve-refused-by: (\w+)", (t.result() or b"").lower())]
+                                if m})
     out["probes"], out["answered_s"] = probes, answered_s
     for group in conns.values():
         for writer, task in group:
@@ -89,9 +93,18 @@ async def flood(port: int, job_id: str, url: str) -> dict:
     return out
 
 
-def test_a_flood_past_the_caps_is_refused_and_healthz_answers():
+@pytest.mark.parametrize("place", ["ingress", "proxy"])
+def test_a_flood_past_the_caps_is_refused_and_healthz_answers(place, monkeypatch):
+    """`proxy`: the same caps also in Ray Serve's HTTP proxy (its middleware callback, set in the
+    environment the Ray processes start with): the excess is refused there, before the ingress."""
     overrides = {"stages": {r: {"simulate_step_seconds": STEP_S} for r in ("high", "low")},
                  "limits": {"max_steps": 400}, "serving": {"admission": CAPS}}
+    if place == "proxy":
+        from deployments.api.admission import EDGE_ENV
+        from deployments.config_serving import AdmissionConfig
+
+        monkeypatch.setenv("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "deployments.api.admission:proxy_middlewares")
+        monkeypatch.setenv(EDGE_ENV, AdmissionConfig(**CAPS).model_dump_json())
     with served_graph(overrides) as url:
         files = {"input_reference": ("p.png", png_bytes(get_dummy_image()), "image/png")}
         job = httpx.post(f"{url}/v1/videos", data={"prompt": "a flood", "size": "32x16", "num_frames": "5",
@@ -105,6 +118,7 @@ def test_a_flood_past_the_caps_is_refused_and_healthz_answers():
     assert count("crowd", "200") == 20 and count("crowd", "503") == 80, got["crowd"]  # 30 in all
     assert count("uploads", "429") == 55 and count("uploads", "408") == 5, got["uploads"]
     assert got["retry_after"] == 140 + 80 + 55
+    assert got["refused_by"] == [place], got["refused_by"]
     assert got["answered_s"] < 20, got["answered_s"]
     assert all(code == 200 and took < 1.0 for code, took in got["probes"]), got["probes"]
     assert after.status_code == 200

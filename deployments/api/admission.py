@@ -173,7 +173,7 @@ class Admission:
                 if refused is not None:
                     return await self.refuse(send, refused, gate, client)
                 held.append(gate)
-            receive, send = leaving(scope, client, receive, send)
+            receive, send = self.watch(scope, client, receive, send)
             if body:
                 receive = self.paced(receive, lambda: self.release(self.uploads, held, client))
             await self.app(scope, receive, send)
@@ -182,6 +182,11 @@ class Admission:
                 gate.leave(client)
             if gates:
                 self.after_long_request()
+
+    PLACE = "ingress"  # where the refusal was made, in its X-Avatar-Serve-Refused-By header
+
+    def watch(self, scope, client: str, receive, send):
+        return leaving(scope, client, receive, send)
 
     def after_long_request(self) -> None:
         """Count a long request that ended or was refused; trim after a burst of them (a moment
@@ -254,5 +259,54 @@ class Admission:
         body = json.dumps(error_body(kind, message)).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry).encode()), (b"connection", b"close")]})
+            (b"retry-after", str(retry).encode()), (b"connection", b"close"),
+            (b"x-avatar-serve-refused-by", self.PLACE.encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class EdgeAdmission(Admission):
+    """The same gates in Ray Serve's HTTP proxy, ahead of the ingress (`proxy_middlewares`).
+
+    Behind the proxy alone, every request of a flood still crosses to the ingress replica and
+    back to be refused (a few ms each on a loaded CPU), so a burst of 2000 at once took seconds to
+    refuse and a /healthz among them waited its turn. Here the excess is refused where it arrives
+    and never reaches the ingress. Only the gates: the body pace stays the ingress's (it answers
+    408 from inside the app), and a client leaving is the ingress's to log. Counts are per proxy
+    (one per node), so the ingress's own gates, with the same caps, stay the bound of the whole."""
+
+    PLACE = "proxy"
+
+    def watch(self, scope, client: str, receive, send):
+        return receive, send
+
+    def paced(self, receive, body_done):
+        done = False
+
+        async def tracked():
+            nonlocal done
+            message = await receive()
+            if not done and (message["type"] != "http.request" or not message.get("more_body", False)):
+                done = True
+                body_done()
+            return message
+
+        return tracked
+
+
+EDGE_ENV = "AVATAR_SERVE_EDGE_ADMISSION"
+
+
+def proxy_middlewares() -> list:
+    """For Ray Serve's HTTP proxy: start Ray with
+    `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=deployments.api.admission:proxy_middlewares` (and
+    optionally `AVATAR_SERVE_EDGE_ADMISSION='{"max_event_streams": ...}'`, the fields of
+    `serving.admission`; its defaults otherwise) in the environment of `ray start`, and the proxy
+    refuses a flood's excess itself (README, Floods). Use the same caps as the profile's."""
+    import os
+
+    from starlette.middleware import Middleware
+
+    from deployments.config_serving import AdmissionConfig
+
+    cfg = AdmissionConfig.model_validate_json(os.environ.get(EDGE_ENV) or "{}")
+    return [Middleware(EdgeAdmission, cfg=cfg, body_timeout_s=float("inf"))]

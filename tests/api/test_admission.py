@@ -230,3 +230,50 @@ def test_the_ingress_keeps_slots_beyond_what_the_caps_let_long_requests_hold():
                                 "stages": {"ingress": {"placement": {"max_ongoing_requests": 2048}}}})
     assert cfg.serving.admission.max_event_streams == 1000
     assert load_profile("tiny", {"serving": {"admission": {"max_uploads": None}}})  # uncapped: the operator's call
+
+
+def test_the_proxys_edge_gates_refuse_the_same_way_and_name_where(monkeypatch):
+    """`proxy_middlewares` (Ray Serve's proxy callback): the caps from AVATAR_SERVE_EDGE_ADMISSION,
+    the same refusals, made before the request reaches the ingress; no body pace there (the
+    ingress's), but an upload's place is still given back once its body is in."""
+    from deployments.api.admission import EDGE_ENV, EdgeAdmission, proxy_middlewares
+
+    monkeypatch.setenv(EDGE_ENV, CFG.model_dump_json())
+    [middleware] = proxy_middlewares()
+    assert middleware.cls is EdgeAdmission and middleware.kwargs["cfg"] == CFG
+
+    async def run():
+        inner = Held(read_body=True)
+        app = EdgeAdmission(inner, **middleware.kwargs)
+        events = "/v1/videos/video_x/stream"
+
+        async def no_body():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        held = [asyncio.create_task(call(app, scope(events, c), no_body)) for c in ("a", "a")]
+        await asyncio.sleep(0.01)
+        mine = await asyncio.wait_for(call(app, scope(events, "a")), 1)
+
+        async def slow_body():  # a trickle the edge lets through (no pace there): one piece, later
+            await asyncio.sleep(0.5)
+            return {"type": "http.request", "body": b"x", "more_body": False}
+
+        upload = asyncio.create_task(call(app, scope("/v1/videos", "b", "POST", UPLOAD), slow_body))
+        await asyncio.sleep(0.3)
+        while_receiving = await asyncio.wait_for(call(app, scope("/v1/videos", "b", "POST", UPLOAD)), 1)
+        await asyncio.sleep(0.4)
+        assert app.uploads.count == 0  # the body is in: the place is free
+        inner.release.set()
+        await asyncio.gather(*held, upload)
+        return mine, while_receiving, inner, upload.result()
+
+    mine, while_receiving, inner, upload = asyncio.run(run())
+    assert mine["status"] == 429 and mine["headers"]["x-avatar-serve-refused-by"] == "proxy"
+    assert while_receiving["status"] == 429 and upload["status"] == 200 and not inner.errors
+
+
+def test_without_the_variable_the_edge_takes_the_default_caps(monkeypatch):
+    from deployments.api.admission import EDGE_ENV, proxy_middlewares
+
+    monkeypatch.delenv(EDGE_ENV, raising=False)
+    assert proxy_middlewares()[0].kwargs["cfg"] == AdmissionConfig()
