@@ -7,6 +7,7 @@ Every error a client sees is `{"error": {"type", "message", "param"}}` (`ErrorRe
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import re
@@ -15,6 +16,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deployments.api.lora_request import LorasField, RequestLora, check_request_loras, parse_loras
 from deployments.common.payloads import VideoParams
 
 # --------------------------------------------------------------------------- errors
@@ -86,10 +88,17 @@ class VideoFields(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50)
     guidance_scale_2: float | None = Field(None, ge=0, le=50)
     fps: int | None = Field(None, ge=1, le=60)
+    loras: LorasField = None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras(cls, value):
+        return parse_loras(value)
 
     def form(self) -> dict[str, str]:
-        """As multipart form fields (what the client sends)."""
-        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+        """As multipart form fields (what the client sends; `loras` as JSON text)."""
+        return {k: json.dumps(v) if k == "loras" else str(v)
+                for k, v in self.model_dump(exclude_none=True).items()}
 
 
 class VideoRequest(VideoFields):
@@ -171,6 +180,7 @@ class Queued(BaseModel):
     size: str
     num_frames: int
     seed: int
+    loras: list[RequestLora] = Field(default_factory=list, description="the per-request LoRAs it runs with")
     stage: str | None = None
     step: int | None = None
     queue_position: int | None = None
@@ -378,7 +388,8 @@ def resolve(req: VideoRequest, cfg, request_id: str = "", image_size: tuple[int,
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
     return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
                        num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
-                       guidance_scale_2=g2, fps=fps, request_id=request_id)
+                       guidance_scale_2=g2, fps=fps, request_id=request_id,
+                       loras=check_request_loras(req.loras, cfg))
 
 
 ORIENTATION_TAG = 0x0112  # EXIF's Orientation: 1 as stored, 3 turned 180, 6 / 8 turned 90 (5 / 7 mirrored too)
@@ -455,6 +466,8 @@ def form_property(prop: dict) -> dict:
             prop["anyOf"] = options
     if "default" in prop and prop["default"] is None:
         del prop["default"]
+    if prop.get("type") == "array" and prop.get("items", {}).get("type") == "object":  # loras: JSON text
+        prop = {"type": "string", "contentMediaType": "application/json", "description": prop.get("description", "")}
     if prop.get("type") == "array" and "prefixItems" in prop:
         n = len(prop["prefixItems"])
         for key in ("prefixItems", "minItems", "maxItems", "items"):
