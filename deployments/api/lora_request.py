@@ -1,4 +1,6 @@
-"""Per-request LoRAs at the API: the `loras` field of /v1/videos, /v1/videos/sync and
+"""LoRAs at the API (the admin routes' request models are here too, LoraRequest and LoraActivate).
+
+Per-request LoRAs: the `loras` field of /v1/videos, /v1/videos/sync and
 /v1/avatars, and GET /v1/loras, the names a client may use (README: Per-request LoRAs).
 
     "loras": [{"name": "style", "high": 1.0, "low": 0.6}]     (JSON; a multipart form sends
@@ -13,7 +15,7 @@ STRENGTH of 0, names known in `serving.lora_dirs` and each once, at most
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
@@ -45,6 +47,27 @@ LORAS_SCHEMA = {"type": "array", "maxItems": 16, "examples": [EXAMPLE], "descrip
 LorasField = Annotated[list[RequestLora] | None, WithJsonSchema(LORAS_SCHEMA)]
 
 
+class LoraRequest(BaseModel):
+    """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, max_length=4096)
+    target: Literal["high", "low", "both"]
+    strength: float = Field(1.0, ge=-10, le=10)
+
+
+class LoraActivate(BaseModel):
+    """POST /v1/admin/loras/activate: exactly these LoRAs active on the targeted experts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(max_length=16)
+    strengths: list[float] | None = None
+    target: Literal["high", "low", "both"] = "both"
+
+
 def parse_loras(value):
     """The `loras` field's raw value (a list, JSON text from a form, None or "") -> a list of
     RequestLora; ValueError with the entry and the reason (pydantic reports it on `loras`)."""
@@ -56,7 +79,7 @@ def parse_loras(value):
         except ValueError:
             raise ValueError('must be a JSON list like [{"name": "style", "high": 1.0, "low": 0.6}]') from None
     if not isinstance(value, list):
-        raise ValueError('must be a list like [{"name": "style", "high": 1.0, "low": 0.6}]')
+        raise ValueError('must be a list like [{"name": "style", "high": 1.0, "low": 0.6}]')  # noqa: TRY004 - pydantic reports a ValueError on the field
     if len(value) > 16:
         raise ValueError("names more than 16 LoRAs")
     out = []

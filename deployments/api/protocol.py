@@ -16,7 +16,14 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deployments.api.lora_request import LorasField, RequestLora, check_request_loras, parse_loras
+from deployments.api.lora_request import (  # noqa: F401 - the admin LoRA models are part of the contract
+    LoraActivate,
+    LoraRequest,
+    LorasField,
+    RequestLora,
+    check_request_loras,
+    parse_loras,
+)
 from deployments.common.payloads import VideoParams
 
 # --------------------------------------------------------------------------- errors
@@ -134,27 +141,6 @@ class AvatarRequest(VideoFields):
 
     def video(self) -> VideoRequest:
         return VideoRequest.model_validate(self.model_dump(exclude={"face_box"}))
-
-
-class LoraRequest(BaseModel):
-    """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(min_length=1, max_length=4096)
-    target: Literal["high", "low", "both"]
-    strength: float = Field(1.0, ge=-10, le=10)
-
-
-class LoraActivate(BaseModel):
-    """POST /v1/admin/loras/activate: exactly these LoRAs active on the targeted experts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    names: list[str] = Field(max_length=16)
-    strengths: list[float] | None = None
-    target: Literal["high", "low", "both"] = "both"
 
 
 # --------------------------------------------------------------------------- responses

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from deployments.common.errors import LoraError, LoraNotFound
+from deployments.common.lora_folders import list_loras, lora_files
 from deployments.config_weights import RandomWeights
 from deployments.models.wan.components import load_expert
-from deployments.common.lora_folders import list_loras, lora_files
 from deployments.models.wan.lora_library import LoraLibrary
 from helpers import LORA_RANK, TINY_INNER, lora_pairs, write_diffusers_lora
 

@@ -67,10 +67,9 @@ def test_hooks_are_removed_when_the_step_raises(tmp_path):
     model = _expert()
     base = _run(model)
     lora = _runtime_lora(model, tmp_path)
-    with pytest.raises(RuntimeError, match="step failed"):
-        with LoraRuntime(model).applied([(lora, 1.0)]):
-            _run(model)
-            raise RuntimeError("step failed")
+    with pytest.raises(RuntimeError, match="step failed"), LoraRuntime(model).applied([(lora, 1.0)]):
+        _run(model)
+        raise RuntimeError("step failed")
     assert torch.equal(_run(model), base)
     assert not any(m._forward_hooks for m in model.modules())
 

@@ -18,6 +18,7 @@ from deployments.common.errors import LoraError, LoraNotFound
 from deployments.common.lora_folders import NAME, lora_files
 from deployments.models.wan.lora_runtime import RuntimeLora, runtime_lora
 
+
 class LoraLibrary:
     """One expert's per-request LoRAs, read on first use and kept in an LRU of `max_bytes`."""
 
