@@ -134,6 +134,19 @@ def test_compiled_or_cacheless_expert_refuses_a_strength_on_it(folder):
         check_request_loras(parse_loras([{"name": "style"}]), off)
 
 
+def test_a_compiled_expert_refuses_request_loras_itself(folder):
+    """Behind the ingress's check: the expert refuses too (a caller of the stage's own API)."""
+    from deployments.common.errors import LoraError
+
+    graph = LocalGraph(load_profile("tiny", {"serving": {"lora_dirs": [str(folder)]}}))
+    expert = graph.high.target
+    expert.cfg = expert.cfg.model_copy(update={"compile": True})
+    with pytest.raises(LoraError, match="compiled high expert"):
+        expert.denoise(_conditioning(graph, (("style", 1.0, 1.0),)))
+    expert.denoise(_conditioning(graph, (("style", 0.0, 1.0),)))  # 0 here: nothing to refuse
+    assert expert._library is None
+
+
 def test_an_avatars_id_includes_its_loras(graph):
     image = png_bytes(get_dummy_image())
     params, _ = graph.ingress.prepare(REQUEST, get_dummy_image())
@@ -141,6 +154,7 @@ def test_an_avatars_id_includes_its_loras(graph):
            for loras in ((), (("style", 1.0, 0.6),), (("style", 1.0, 0.5),))}
     assert len(ids) == 3
     same = replace(params, loras=[["style", 1, 0.6]])  # as a re-queued job's saved inputs give it
+    assert same == replace(params, loras=(("style", 1.0, 0.6),))
     assert Ingress.avatar_id_for(image, same, None, "tiny") in ids
 
 
