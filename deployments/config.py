@@ -184,6 +184,10 @@ class ExpertConfig(StageBase):
     loras: list[StartupLora] = Field(default_factory=list, description=(
         "LoRAs applied at start-up, after the weights load and before warm-up, for the life of the "
         "replica: e.g. the lightx2v distill LoRA of this expert on base weights."))
+    lora_cache_bytes: int = Field(2 * 2**30, ge=0, description=(
+        "Per-request LoRAs (README: Per-request LoRAs): the most bytes of LoRA factors this expert "
+        "keeps on its device, least recently used dropped first; a LoRA is read from "
+        "serving.lora_dirs on its first use and again after it was dropped. 0: per-request LoRAs off."))
     simulate_step_seconds: float = Field(0.0, ge=0, le=60, description=(
         "Testing and demos only: each denoising step takes at least this long, so a tiny model "
         "behaves like a slow GPU (cancellation, deadlines, queueing, progress). 0: off."))
@@ -414,7 +418,7 @@ class GraphConfig(Strict):
         ingress applies too."""
         args: dict = {"weights_dir": self.weights_dir} if stage in MODEL_STAGES else {}
         if stage in ("high", "low"):
-            args.update(sampler=self.sampler, role=stage)
+            args.update(sampler=self.sampler, role=stage, lora_dirs=list(self.serving.lora_dirs))
         if stage == "lipsync":
             args["max_audio_seconds"] = self.limits.max_audio_seconds
         return args

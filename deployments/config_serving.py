@@ -226,7 +226,11 @@ class ServingConfig(Strict):
         "Completion webhooks (a job's callback_url): the signing secret, allowed destinations, retries."))
     lora_dirs: list[str] = Field(default_factory=list, description=(
         "Folders the admin LoRA routes may load files from (symlinks are resolved first); a relative "
-        "path is taken inside the first. Empty: loading LoRAs through the admin routes is off."))
+        "path is taken inside the first. Empty: loading LoRAs through the admin routes is off. "
+        "Per-request LoRAs (a request's `loras`) are the `.safetensors` files directly in these "
+        "folders, named by file name without the suffix."))
+    max_request_loras: int = Field(4, ge=0, le=16, description=(
+        "The most LoRAs one request may name in `loras` (0: per-request LoRAs off)."))
 
     @model_validator(mode="after")
     def _keys_usable(self) -> ServingConfig:

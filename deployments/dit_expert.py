@@ -13,6 +13,10 @@ concurrent jobs interleave step by step: each keeps its own latents and sampler,
 and activations are never entered twice, and peak memory is one forward's. A job waiting for the
 expert stays cancellable; a LoRA change takes the same lock and is refused while a job runs.
 
+Per-request LoRAs (a request's `params.loras`, files of `lora_dirs` by name): read into this
+expert's library on first use (lora_library.py) and added unmerged for that request's steps only
+(lora_runtime.py), on top of the start-up and admin LoRAs; refused on a compiled expert.
+
 Start-up LoRAs (`cfg.loras`, e.g. the lightx2v distill LoRA of each expert in the 4-step GGUF
 profiles) are applied once, after the weights load and before warm-up, and stay for the life of
 the replica (deployments/models/wan/lora.py and the lora_*.py modules beside it).
@@ -23,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
-from deployments.common.errors import LoraBusyError
+from deployments.common.errors import LoraBusyError, LoraError
 from deployments.common.metrics import StageMetrics
 from deployments.common.payloads import Conditioning, DenoiseState, StepRecord
 from deployments.common.runtime import (
@@ -73,6 +77,7 @@ class _Run:
     guidance: float
     records: list
     index: int
+    loras: list = field(default_factory=list)  # (RuntimeLora, strength): this request's LoRAs here
 
 
 def compute_dtype(cfg: ExpertConfig, device: torch.device) -> torch.dtype:
@@ -94,15 +99,20 @@ def initial_noise(shape: tuple[int, ...], seed: int, device) -> torch.Tensor:
 
 
 class DitExpert:
-    def __init__(self, cfg: ExpertConfig, sampler: SamplerConfig, role: str, weights_dir: str | None = None):
+    def __init__(self, cfg: ExpertConfig, sampler: SamplerConfig, role: str, weights_dir: str | None = None,
+                 lora_dirs: list[str] | tuple = ()):
         """`role`: "high" or "low", the expert's slot in the graph (stages.high / stages.low) and
-        its one name in metrics, logs and its model thread."""
+        its one name in metrics, logs and its model thread. `lora_dirs`: where the LoRAs a request
+        names are (serving.lora_dirs)."""
         started = time.perf_counter()
         self.cfg = cfg
         apply_threads(cfg.placement.threads)
         if role not in ("high", "low"):
             raise ValueError(f"an expert's role is 'high' or 'low', got {role!r}")
         self.role, self.weights_dir = role, weights_dir
+        self.lora_dirs = list(lora_dirs)
+        self._library = None
+        self._lora_runtime = None
         self.sampler_cfg = sampler
         self.device = resolve_device(cfg.device)
         self.dtype = compute_dtype(cfg, self.device)
@@ -215,6 +225,25 @@ class DitExpert:
             negative=cast_context(unpack(cond.negative_prompt_embeds, self.device), self.dtype) if cfg else None,
             guidance=guidance, records=list(state.steps), index=state.next_step)
 
+    def _request_loras(self, params) -> list:
+        """This request's LoRAs on this expert, from the library (read on first use; LoraError or
+        LoraNotFound for one that cannot serve here). Runs on the model thread: reading a file
+        checks it against the modules, which admin changes replace there."""
+        wanted = params.loras_for(self.role)
+        if not wanted:
+            return []
+        if self.cfg.compile:
+            raise LoraError(f"per-request LoRAs are off on the compiled {self.role} expert "
+                            f"(stages.{self.role}.compile): they would recompile its blocks")
+        if self._library is None:
+            from deployments.models.wan.lora_library import LoraLibrary
+            from deployments.models.wan.lora_runtime import LoraRuntime
+
+            self._library = LoraLibrary(self.transformer, self.role, self.lora_dirs,
+                                        self.cfg.lora_cache_bytes, self.device, self.dtype)
+            self._lora_runtime = LoraRuntime(self.transformer)
+        return [(self._library.get(name), strength) for name, strength in wanted]
+
     def _owns_next(self, run: "_Run") -> bool:
         if run.index >= run.state.total_steps:
             return False
@@ -228,12 +257,13 @@ class DitExpert:
         t = run.scheduler.timesteps[run.index]
         model_input = torch.cat([run.latents, run.condition], dim=1).to(self.dtype)
         timestep = t.expand(run.latents.shape[0])
-        flow = self.transformer(hidden_states=model_input, timestep=timestep,
-                                encoder_hidden_states=run.context, return_dict=False)[0]
-        if run.negative is not None:
-            uncond = self.transformer(hidden_states=model_input, timestep=timestep,
-                                      encoder_hidden_states=run.negative, return_dict=False)[0]
-            flow = uncond + run.guidance * (flow - uncond)
+        with self._lora_runtime.applied(run.loras) if run.loras else nullcontext():
+            flow = self.transformer(hidden_states=model_input, timestep=timestep,
+                                    encoder_hidden_states=run.context, return_dict=False)[0]
+            if run.negative is not None:
+                uncond = self.transformer(hidden_states=model_input, timestep=timestep,
+                                          encoder_hidden_states=run.negative, return_dict=False)[0]
+                flow = uncond + run.guidance * (flow - uncond)
         run.latents = run.scheduler.step(flow, t, run.latents, return_dict=False)[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -270,6 +300,7 @@ class DitExpert:
         """
         with self.metrics.timed("denoise"), self._running():
             run = self._begin(cond, state)
+            run.loras = await self.model.arun(self._request_loras, cond.params)
             while self._owns_next(run):
                 record = await self.model.arun(self._step, run)
                 yield record

@@ -31,6 +31,7 @@ from deployments.api.content import GrowingContent
 from deployments.api.flow import VideoFlow, VideoResult
 from deployments.api.jobs import AvatarRecord, JobStore, Records, job_failed, new_job_id
 from deployments.api.live import LiveError, LiveSession, Receive, Send
+from deployments.api.lora_request import used_loras
 from deployments.api.loras import LoraAdmin
 from deployments.api.protocol import (
     ApiError,
@@ -174,7 +175,8 @@ class Ingress(VideoFlow, LoraAdmin):
             frames = frames_for_samples(audio.num_samples, fps)
         return Job(id=params.request_id, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                    size=f"{params.width}x{params.height}", seconds=f"{frames / fps:g}", num_frames=frames, fps=fps,
-                   seed=params.seed, num_inference_steps=params.num_inference_steps, has_audio=audio is not None)
+                   seed=params.seed, num_inference_steps=params.num_inference_steps, has_audio=audio is not None,
+                   loras=used_loras(params))
 
     def resume(self) -> None:
         """Start the work an earlier ingress left unfinished and `plan` re-queued, ahead of any new
@@ -330,7 +332,7 @@ class Ingress(VideoFlow, LoraAdmin):
         params = VideoParams(**{**vars(params), "request_id": key})
         avatar = AvatarRecord(id=key, created_at=int(time.time()), model=self.cfg.name, prompt=params.prompt,
                               size=f"{params.width}x{params.height}", num_frames=params.num_frames,
-                              seed=params.seed)
+                              seed=params.seed, loras=used_loras(params))
         inputs = Inputs(params, pixels, face_box=request.face_box)
         self.records.add(avatar)
         self._start_avatar(avatar, inputs)

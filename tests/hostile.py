@@ -190,6 +190,15 @@ def cases() -> list[Case]:
              {**VIDEO, "callback_url": "https://example.com/"}, FILES),
         Case("JSON callback_url as a number", "/v1/videos", 422, "callback_url",
              json={"prompt": "x", "input_reference": b64, "callback_url": 5}),
+        # per-request LoRAs: no path, no unknown name, no odd strength reaches a stage
+        Case("LoRA named by a path", "/v1/videos", 422, "loras",
+             {**VIDEO, "loras": '[{"name": "../../etc/passwd"}]'}, FILES),
+        Case("LoRA that is not in the folders", "/v1/videos", 422, "loras", {**VIDEO, "loras": '[{"name": "nope"}]'}, FILES),
+        Case("LoRA strength as NaN", "/v1/videos", 422, "loras", {**VIDEO, "loras": '[{"name": "a", "high": NaN}]'}, FILES),
+        Case("LoRA strength of 1e9", "/v1/avatars", 422, "loras", {**VIDEO, "loras": '[{"name": "a", "low": 1e9}]'}, FILES),
+        Case("LoRAs not JSON", "/v1/videos/sync", 422, "loras", {**VIDEO, "loras": "style:1.0"}, FILES),
+        Case("a thousand LoRAs", "/v1/videos", 422, "loras",
+             json={"prompt": "x", "input_reference": b64, "loras": [{"name": "a"}] * 1000}),
         # face boxes
         Case("face box with inf", "/v1/avatars", 422, "face_box", {**VIDEO, "face_box": "inf,0,10,10"}, FILES),
         Case("face box of one pixel", "/v1/avatars", 422, "face_box", {**VIDEO, "face_box": "3,3,4,4"}, FILES),

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from pydantic import AliasChoices, Field
 
 from deployments.api.protocol import ApiError, Avatar, Deleted, Job, JobError, Queued, VideoList
-from deployments.common.errors import unwrap
+from deployments.common.errors import LoraError, unwrap
 
 
 _last_id_ns = 0
@@ -56,7 +56,7 @@ class AvatarRecord(Avatar):
 
 # How a synchronous request whose job did not complete answers: (HTTP status, error type).
 FAILED_JOB = {"timeout": (504, "timeout_error"), "stage_unavailable": (503, "service_unavailable"),
-              "cancelled": (503, "service_unavailable")}
+              "cancelled": (503, "service_unavailable"), "invalid_lora": (422, "invalid_request_error")}
 
 
 def job_failed(job: Job) -> ApiError:
@@ -75,6 +75,8 @@ def failure(exc: BaseException) -> JobError:
     name = type(cause).__name__
     stage = failed_stage(exc)
     where = f"the {stage} stage" if stage else "a stage"
+    if isinstance(cause, LoraError):  # a request's LoRA file that does not fit an expert
+        return JobError(code="invalid_lora", message=f"loras: {ANSI.sub('', str(cause)).strip()[:300]}")
     if _replica_gone(exc):
         return JobError(code="stage_unavailable", message=f"{where} died while running this job ({name})")
     text = ANSI.sub("", str(cause)).strip()

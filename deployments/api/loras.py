@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from deployments.api.lora_request import LoraList, available
 from deployments.api.protocol import ApiError, LoraActivate, LoraRequest
 from deployments.common.errors import unwrap
 
@@ -49,3 +50,7 @@ class LoraAdmin:
 
     async def list_loras(self) -> dict:
         return await self._on_experts("both", lambda h: h.list_loras.remote())
+
+    def request_loras(self) -> LoraList:
+        """GET /v1/loras: the names a request's `loras` may use (README: Per-request LoRAs)."""
+        return available(self.cfg)

@@ -7,6 +7,7 @@ Every error a client sees is `{"error": {"type", "message", "param"}}` (`ErrorRe
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import re
@@ -15,6 +16,14 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deployments.api.lora_request import (  # noqa: F401 - the admin LoRA models are part of the contract
+    LoraActivate,
+    LoraRequest,
+    LorasField,
+    RequestLora,
+    check_request_loras,
+    parse_loras,
+)
 from deployments.common.payloads import VideoParams
 
 # --------------------------------------------------------------------------- errors
@@ -86,10 +95,17 @@ class VideoFields(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50)
     guidance_scale_2: float | None = Field(None, ge=0, le=50)
     fps: int | None = Field(None, ge=1, le=60)
+    loras: LorasField = None
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras(cls, value):
+        return parse_loras(value)
 
     def form(self) -> dict[str, str]:
-        """As multipart form fields (what the client sends)."""
-        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+        """As multipart form fields (what the client sends; `loras` as JSON text)."""
+        return {k: json.dumps(v) if k == "loras" else str(v)
+                for k, v in self.model_dump(exclude_none=True).items()}
 
 
 class VideoRequest(VideoFields):
@@ -127,27 +143,6 @@ class AvatarRequest(VideoFields):
         return VideoRequest.model_validate(self.model_dump(exclude={"face_box"}))
 
 
-class LoraRequest(BaseModel):
-    """POST /v1/admin/loras: load a LoRA file (a path on the experts' hosts) onto an expert."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(min_length=1, max_length=4096)
-    target: Literal["high", "low", "both"]
-    strength: float = Field(1.0, ge=-10, le=10)
-
-
-class LoraActivate(BaseModel):
-    """POST /v1/admin/loras/activate: exactly these LoRAs active on the targeted experts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    names: list[str] = Field(max_length=16)
-    strengths: list[float] | None = None
-    target: Literal["high", "low", "both"] = "both"
-
-
 # --------------------------------------------------------------------------- responses
 
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
@@ -171,6 +166,7 @@ class Queued(BaseModel):
     size: str
     num_frames: int
     seed: int
+    loras: list[RequestLora] = Field(default_factory=list, description="the per-request LoRAs it runs with")
     stage: str | None = None
     step: int | None = None
     queue_position: int | None = None
@@ -378,7 +374,8 @@ def resolve(req: VideoRequest, cfg, request_id: str = "", image_size: tuple[int,
     negative = req.negative_prompt if req.negative_prompt is not None else d.negative_prompt
     return VideoParams(prompt=prompt, negative_prompt=negative, width=width, height=height,
                        num_frames=frames, seed=seed, num_inference_steps=steps, guidance_scale=g1,
-                       guidance_scale_2=g2, fps=fps, request_id=request_id)
+                       guidance_scale_2=g2, fps=fps, request_id=request_id,
+                       loras=check_request_loras(req.loras, cfg))
 
 
 ORIENTATION_TAG = 0x0112  # EXIF's Orientation: 1 as stored, 3 turned 180, 6 / 8 turned 90 (5 / 7 mirrored too)
@@ -455,6 +452,8 @@ def form_property(prop: dict) -> dict:
             prop["anyOf"] = options
     if "default" in prop and prop["default"] is None:
         del prop["default"]
+    if prop.get("type") == "array" and prop.get("items", {}).get("type") == "object":  # loras: JSON text
+        prop = {"type": "string", "contentMediaType": "application/json", "description": prop.get("description", "")}
     if prop.get("type") == "array" and "prefixItems" in prop:
         n = len(prop["prefixItems"])
         for key in ("prefixItems", "minItems", "maxItems", "items"):

@@ -31,6 +31,7 @@ from deployments.api.auth import IngressDep, live_key_ok, require_admin, require
 from deployments.api.docs import ERROR_TEXT, docs_router, openapi
 from deployments.api.jobs import sse
 from deployments.api.live import Gone, LiveError
+from deployments.api.lora_request import LoraList
 from deployments.api.protocol import (
     BINARY,
     EXAMPLE_IMAGE,
@@ -253,6 +254,11 @@ async def list_models(ingress: IngressDep):
     for card in models.data:  # the bounds a form needs (the web page reads them)
         card.limits = card.limits or ModelLimits.of(ingress.cfg)
     return models
+
+
+@api.get("/v1/loras", response_model=LoraList, summary="The LoRAs a request's `loras` may name")
+async def list_request_loras(ingress: IngressDep):
+    return ingress.request_loras()
 
 
 @api.post("/v1/videos", response_model=Job, summary="Create a video job (multipart or JSON)",

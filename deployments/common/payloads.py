@@ -47,6 +47,17 @@ class VideoParams:
     fps: int = 16
     # The job or avatar this generation is for (its public id): it tags every stage's log lines.
     request_id: str = ""
+    # Per-request LoRAs: (name, strength on the high expert, strength on the low one), each name
+    # once; 0 leaves that expert without it. The ingress checks names and strengths.
+    loras: tuple[tuple[str, float, float], ...] = ()
+
+    def __post_init__(self):  # lists from JSON (a re-queued job's saved inputs) -> tuples
+        object.__setattr__(self, "loras", tuple((str(n), float(h), float(lo)) for n, h, lo in self.loras))
+
+    def loras_for(self, role: str) -> list[tuple[str, float]]:
+        """(name, strength) of the LoRAs this request runs on expert `role` (strength != 0)."""
+        index = 1 if role == "high" else 2
+        return [(lora[0], lora[index]) for lora in self.loras if lora[index] != 0]
 
     def guidance_for(self, role: str) -> float:
         """The guidance scale of the expert `role`: `guidance_scale` for the high-noise expert,
