@@ -246,8 +246,12 @@ def main() -> None:
     parser.add_argument("--trickle-every-s", type=float, default=0.5)
     parser.add_argument("--phases", default="events,uploads")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--edge", action="store_true",
+                        help="the admission gates also in Ray Serve's HTTP proxy (proxy_middlewares; README, Floods)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.edge:  # before Ray starts: the proxy's process reads it
+        os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "deployments.api.admission:proxy_middlewares"
     import httpx
     import ray
     from ray import serve

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from deployments.config_serving import GenerationDefaults, Limits, ServingConfig
 from deployments.config_weights import RandomWeights, StartupLora, Strict, WeightsSource
@@ -313,16 +313,26 @@ class LipSyncConfig(StageBase):
         return self
 
 
+INGRESS_PLACEMENT = {"num_gpus": 0, "num_cpus": 0.1, "max_ongoing_requests": 1024}
+
+
 class IngressConfig(Strict):
     """The ingress replica: HTTP, the job queue and turn admission (no model)."""
 
     placement: Placement = Field(
-        Placement(num_gpus=0, num_cpus=0.1, max_ongoing_requests=1024),
+        Placement(**INGRESS_PLACEMENT),
         description=("Where the ingress runs: always one replica. It admits work itself (job queue, "
                      "turn admission, serving.admission's caps), so it takes many requests at once: its "
                      "max_ongoing_requests must stay at least 64 (INGRESS_RESERVE) above what open event "
                      "streams, uploads in progress, talk turns and live sessions may hold, so they never "
                      "hold every slot and starve /healthz or /readyz (checked when the profile loads)."))
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _ingress_defaults(cls, value):
+        """A placement given in part (e.g. only `resources`) keeps the ingress's own defaults for
+        the rest, not a model stage's (whose max_ongoing_requests is 4)."""
+        return {**INGRESS_PLACEMENT, **value} if isinstance(value, dict) else value
 
 
 class Stages(Strict):

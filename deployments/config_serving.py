@@ -96,16 +96,19 @@ class AdmissionConfig(Strict):
     max_event_streams: int | None = Field(256, ge=1, description=(
         "Event and MP4 streams (GET /v1/videos/{id}/events, .../stream) open at once; one more answers "
         "503. None: no cap."))
-    max_event_streams_per_client: int | None = Field(16, ge=1, description=(
-        "Event streams one client may hold open; one more answers 429. None: no cap."))
+    max_event_streams_per_client: int | None = Field(64, ge=1, description=(
+        "Event and MP4 streams one client may hold open; one more answers 429. None: no cap. A backend "
+        "that follows its users' jobs is one client: leave it room."))
     max_uploads: int | None = Field(64, ge=1, description=(
         "Requests whose body is still arriving, at once; one more answers 503 before its body is read. "
         "None: no cap."))
-    max_uploads_per_client: int | None = Field(8, ge=1, description=(
+    max_uploads_per_client: int | None = Field(16, ge=1, description=(
         "Requests with a body still arriving that one client may have; one more answers 429. None: no cap."))
-    max_talk_turns_per_client: int | None = Field(4, ge=1, description=(
+    max_talk_turns_per_client: int | None = Field(None, ge=1, description=(
         "Talk turns (POST /v1/avatars/{id}/speech) one client may have at once, counted from the "
-        "request's start; one more answers 429. The total is serving.max_talk_turns. None: no cap."))
+        "request's start; one more answers 429. The total is serving.max_talk_turns. None (the "
+        "default): no cap of its own -- a voice-chat backend sends every one of its users' turns from "
+        "one address, so a per-client cap would cap the product; set one where clients are people."))
     retry_after_s: int = Field(5, ge=1, description="Retry-After, in seconds, of these refusals.")
     body_min_bytes_per_s: int = Field(8192, ge=1, description=(
         "After body_grace_s, a request body must have arrived at this many bytes a second on average "
