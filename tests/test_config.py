@@ -156,3 +156,14 @@ def test_a_placement_preset_runs_enough_jobs_at_once_to_keep_its_gpus_busy():
     assert load_profile("tiny").serving.max_running_jobs == 2  # no preset: the ingress default
 
 
+
+
+def test_an_ingress_placement_given_in_part_keeps_the_ingress_defaults():
+    """Pinning the ingress to a node (resources only) must not drop its 1024 request slots to a
+    model stage's default of 4, which would leave /healthz no room beside the admission caps."""
+    cfg = load_profile("tiny", {"stages": {"ingress": {"placement": {"resources": {"head": 1}}}}})
+    placement = cfg.stages.ingress.placement
+    assert placement.max_ongoing_requests == 1024 and placement.resources == {"head": 1.0}
+    assert placement.num_gpus == 0
+    assert load_profile("tiny", {"stages": {"ingress": {"placement": {"max_ongoing_requests": 2048}}}}
+                        ).stages.ingress.placement.max_ongoing_requests == 2048
