@@ -413,16 +413,22 @@ async def served(args, base: str, request: dict, portraits: Portraits, audio: by
                 raise RuntimeError(f"avatar {avatar['status']}: {avatar.get('error')}")
             return {"id": avatar["id"], "created": r.status_code == 201}
 
-        async def turn(avatar_id, keep=False):
-            files = {"audio": ("speech.wav", audio, "audio/wav")}
-            t0, first, pieces = time.perf_counter(), None, []  # from sending: the upload is small and local
-            async with client.stream("POST", f"/v1/avatars/{avatar_id}/speech", files=files) as r:
+        async def streamed(t0, method, url, **kw) -> tuple[float | None, list[bytes]]:
+            """A streamed response's pieces as they come -> (seconds from t0 to the first, pieces)."""
+            first, pieces = None, []
+            async with client.stream(method, url, **kw) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise http_error(r)
                 async for piece in r.aiter_raw():
                     first = time.perf_counter() - t0 if first is None else first
                     pieces.append(piece)
+            return first, pieces
+
+        async def turn(avatar_id, keep=False):
+            files = {"audio": ("speech.wav", audio, "audio/wav")}
+            t0 = time.perf_counter()  # from sending: the upload is small and local
+            first, pieces = await streamed(t0, "POST", f"/v1/avatars/{avatar_id}/speech", files=files)
             if not pieces:
                 raise RuntimeError("empty speech response")
             return {"first_s": first, "bytes": sum(map(len, pieces)), **({"data": b"".join(pieces)} if keep else {})}
@@ -457,14 +463,8 @@ async def served(args, base: str, request: dict, portraits: Portraits, audio: by
             r = await client.post("/v1/videos", data={**fields, "seed": str(seed)}, files=picture(portraits(seed)))
             if r.status_code != 200:
                 raise http_error(r)
-            job_id, first, pieces = r.json()["id"], None, []
-            async with client.stream("GET", f"/v1/videos/{job_id}/stream") as s:
-                if s.status_code != 200:
-                    await s.aread()
-                    raise http_error(s)
-                async for piece in s.aiter_raw():
-                    first = time.perf_counter() - t0 if first is None else first
-                    pieces.append(piece)
+            job_id = r.json()["id"]
+            first, pieces = await streamed(t0, "GET", f"/v1/videos/{job_id}/stream")
             content = await client.get(f"/v1/videos/{job_id}/content")
             if content.status_code != 200:
                 raise http_error(content)

@@ -99,6 +99,24 @@ def write_diffusers_lora(path, pairs, scale: float = 1.0):
     return path
 
 
+def expert_inputs(seed: int = 0):
+    """(latents, timestep, context) for one forward of a tiny expert."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 36, 3, 8, 8, generator=g), torch.tensor([800.0]),
+            torch.randn(1, 8, 32, generator=g))
+
+
+def run_expert(model, inputs=None):
+    """One forward of a tiny expert (no grad) -> its output."""
+    import torch
+
+    x, t, ctx = inputs or expert_inputs()
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+
 # ------------------------------------------------------------------ faces and MP4
 
 

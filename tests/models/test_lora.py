@@ -11,7 +11,14 @@ from deployments.common.errors import LoraError
 from deployments.config_weights import RandomWeights
 from deployments.models.wan.components import load_expert
 from deployments.models.wan.lora import LoraManager
-from helpers import LORA_RANK, TINY_INNER, WAN_LORA_NAMES, lora_pairs, write_diffusers_lora
+from helpers import (
+    LORA_RANK,
+    TINY_INNER,
+    WAN_LORA_NAMES,
+    lora_pairs,
+    run_expert,
+    write_diffusers_lora,
+)
 
 
 def _experts(seed: int = 0):
@@ -19,16 +26,6 @@ def _experts(seed: int = 0):
     return (load_expert(w, "high", torch.float32, "cpu"), load_expert(w, "low", torch.float32, "cpu"))
 
 
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, 36, 3, 8, 8, generator=g), torch.tensor([800.0]),
-            torch.randn(1, 8, 32, generator=g))
-
-
-@torch.no_grad()
-def _run(model, inputs=None):
-    x, t, ctx = inputs or _inputs()
-    return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
 
 
 def write_wan_lora(path, pairs, alpha: float):
@@ -50,20 +47,20 @@ def test_lora_error_is_a_value_error():
 
 def test_lora_reaches_only_its_target_and_removal_restores_bit_exactly(tmp_path):
     high, low = _experts()
-    base_high, base_low = _run(high), _run(low)
+    base_high, base_low = run_expert(high), run_expert(low)
     managers = {"high": LoraManager(high, "high"), "low": LoraManager(low, "low")}
     path = write_diffusers_lora(tmp_path / "style.safetensors", lora_pairs(1))
 
     applied = {role: m.load("style", path, strength=1.0, target="high") for role, m in managers.items()}
     assert applied == {"high": True, "low": False}
-    assert not torch.allclose(_run(high), base_high, atol=1e-3)
-    assert torch.equal(_run(low), base_low)
+    assert not torch.allclose(run_expert(high), base_high, atol=1e-3)
+    assert torch.equal(run_expert(low), base_low)
     assert managers["high"].active() == [{"name": "style", "strength": 1.0, "target": "high",
                                           "path": str(path), "permanent": False}]
     assert managers["low"].active() == []
 
     managers["high"].remove("style")
-    assert torch.equal(_run(high), base_high)
+    assert torch.equal(run_expert(high), base_high)
     assert managers["high"].active() == [] and managers["high"].loaded() == []
     # peft's wrappers are gone: the expert is the plain base model again.
     assert type(high.blocks[0].attn1.to_q) is torch.nn.Linear
@@ -71,10 +68,10 @@ def test_lora_reaches_only_its_target_and_removal_restores_bit_exactly(tmp_path)
 
 def test_both_target_applies_to_each_expert(tmp_path):
     high, low = _experts()
-    base_low = _run(low)
+    base_low = run_expert(low)
     path = write_diffusers_lora(tmp_path / "l.safetensors", lora_pairs(2))
     assert LoraManager(low, "low").load("l", path, target="both")
-    assert not torch.allclose(_run(low), base_low, atol=1e-3)
+    assert not torch.allclose(run_expert(low), base_low, atol=1e-3)
 
 
 def test_wan_style_with_alpha_equals_diffusers_style(tmp_path):
@@ -87,44 +84,44 @@ def test_wan_style_with_alpha_equals_diffusers_style(tmp_path):
                                 target="high")
     LoraManager(b, "high").load("dif", write_diffusers_lora(tmp_path / "d.safetensors", pairs,
                                                             scale=alpha / LORA_RANK), target="high")
-    out_a, out_b = _run(a), _run(b)
+    out_a, out_b = run_expert(a), run_expert(b)
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(out_a, _run(_experts()[0]), atol=1e-3)
+    assert not torch.allclose(out_a, run_expert(_experts()[0]), atol=1e-3)
 
 
 def test_strength_switch_and_disable(tmp_path):
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     m = LoraManager(high, "high")
     m.load("one", write_diffusers_lora(tmp_path / "1.safetensors", lora_pairs(4)), target="high")
     m.load("two", write_diffusers_lora(tmp_path / "2.safetensors", lora_pairs(5)), target="high")
     assert [a["name"] for a in m.active()] == ["one", "two"]
 
     m.activate(["one"], [1.0])
-    only_one = _run(high)
+    only_one = run_expert(high)
     m.activate(["two"], [1.0])
-    only_two = _run(high)
+    only_two = run_expert(high)
     assert not torch.allclose(only_one, only_two, atol=1e-3)
     m.activate(["one"], [0.5])
-    half_one = _run(high)
+    half_one = run_expert(high)
     assert not torch.allclose(half_one, only_one, atol=1e-4)
     assert m.active() == [{"name": "one", "strength": 0.5, "target": "high",
                            "path": str(tmp_path / "1.safetensors"), "permanent": False}]
     m.activate([])
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
     m.activate(["one"], [1.0])
-    assert torch.equal(_run(high), only_one)  # switching back is exact
+    assert torch.equal(run_expert(high), only_one)  # switching back is exact
     m.remove("two")
-    assert torch.equal(_run(high), only_one)  # removing another adapter leaves this one as is
+    assert torch.equal(run_expert(high), only_one)  # removing another adapter leaves this one as is
     m.remove("one")
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 @pytest.mark.parametrize("style", ["diffusers", "wan"])
 def test_lora_matching_nothing_is_refused_and_expert_keeps_working(tmp_path, style):
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     m = LoraManager(high, "high")
     g = torch.Generator().manual_seed(6)
     down, up = torch.randn(LORA_RANK, TINY_INNER, generator=g), torch.randn(TINY_INNER, LORA_RANK, generator=g)
@@ -138,29 +135,29 @@ def test_lora_matching_nothing_is_refused_and_expert_keeps_working(tmp_path, sty
     with pytest.raises(LoraError):
         m.load("bad", tmp_path / "bad.safetensors", target="high")
     assert m.loaded() == [] and not getattr(high, "peft_config", None)
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
     # ... and a good LoRA still loads afterwards.
     assert m.load("good", write_diffusers_lora(tmp_path / "g.safetensors", lora_pairs(7)), target="high")
 
 
 def test_lora_for_another_model_size_is_refused(tmp_path):
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     wide = {(0, "q"): (torch.randn(LORA_RANK, 5120), torch.randn(5120, LORA_RANK))}
     with pytest.raises(LoraError, match="input size"):
         LoraManager(high, "high").load("wide", write_diffusers_lora(tmp_path / "w.safetensors", wide),
                                        target="high")
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 @pytest.mark.parametrize("target", ["middle", "", "HIGH", None])
 def test_invalid_target_is_refused(tmp_path, target):
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     path = write_diffusers_lora(tmp_path / "l.safetensors", lora_pairs(8))
     with pytest.raises(LoraError, match="target"):
         LoraManager(high, "high").load("l", path, target=target)
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 def test_lora_on_fp8_expert_keeps_adapter_in_compute_dtype(tmp_path):
@@ -170,14 +167,14 @@ def test_lora_on_fp8_expert_keeps_adapter_in_compute_dtype(tmp_path):
 
     high, _ = _experts()
     to_fp8(high)
-    base = _run(high)
+    base = run_expert(high)
     m = LoraManager(high, "high")
     m.load("a", write_diffusers_lora(tmp_path / "a.safetensors", lora_pairs(9)), target="high")
     assert high.blocks[0].attn1.to_q.lora_A["a"].weight.dtype == torch.float32
-    assert not torch.allclose(_run(high), base, atol=1e-3)
+    assert not torch.allclose(run_expert(high), base, atol=1e-3)
     m.remove("a")
     assert isinstance(high.blocks[0].attn1.to_q, Fp8Linear)
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 # ------------------------------------------------------------------ lightx2v-style files: every key applied
@@ -259,14 +256,14 @@ def test_lightx2v_file_applied_at_start_up_equals_the_math_by_hand(tmp_path, str
     path = tmp_path / "distill.safetensors"
     save_file(lora, str(path))
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
 
     prepared = prepare_lora(high, "distill", path, strength, "high")
     # Every tensor of the file accounted for: 6 pairs (x3 keys) as adapter, 11 deltas, 4 skipped.
     assert len(prepared.adapter) == 12 and len(prepared.deltas) == len(DELTA_TARGETS)
     assert sorted(prepared.skipped) == sorted(f"diffusion_model.{k}" for k in ZERO_ABSENT)
     assert prepared.n_tensors == 18 + len(DELTA_TARGETS) + len(ZERO_ABSENT) == len(lora)
-    assert torch.equal(_run(high), base)  # checking applies nothing
+    assert torch.equal(run_expert(high), base)  # checking applies nothing
 
     stats = fuse_deltas(high, prepared)
     assert (stats["weight"], stats["bias"], stats["norm"], stats["modulation"]) == (2, 3, 4, 2)
@@ -275,8 +272,8 @@ def test_lightx2v_file_applied_at_start_up_equals_the_math_by_hand(tmp_path, str
     line = describe(prepared, stats)
     assert "6 low-rank pairs" in line and "4 all-zero tensors" in line
 
-    out = _run(high)
-    torch.testing.assert_close(out, _run(_reference(lora, strength)), rtol=1e-5, atol=1e-5)
+    out = run_expert(high)
+    torch.testing.assert_close(out, run_expert(_reference(lora, strength)), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, base, atol=1e-2)
     # The unfused pairs are peft adapters at the configured strength; the deltas are in the weights.
     assert type(high.blocks[0].attn1.to_q).__module__.startswith("peft")
@@ -298,12 +295,12 @@ def test_diffusers_converter_drops_what_the_admin_path_refuses(tmp_path):
     path = tmp_path / "distill.safetensors"
     save_file(lora, str(path))
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     m = LoraManager(high, "high")
     with pytest.raises(LoraError, match=r"norm3\.diff") as exc:
         m.load("distill", path, target="high")
     assert "stages.<role>.loras" in str(exc.value) and "diff_m" in str(exc.value)
-    assert m.loaded() == [] and torch.equal(_run(high), base)
+    assert m.loaded() == [] and torch.equal(run_expert(high), base)
 
 
 def test_admin_lora_with_pair_biases_is_unfused_and_removable(tmp_path):
@@ -316,16 +313,16 @@ def test_admin_lora_with_pair_biases_is_unfused_and_removable(tmp_path):
     path = tmp_path / "pairs.safetensors"
     save_file(lora, str(path))
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     m = LoraManager(high, "high")
     m.load("pairs", path, strength=0.5, target="high")
 
     reference = _experts()[0]
     reference.load_state_dict(apply_by_hand(reference.state_dict(), full, 0.5, deltas={
         "blocks.0.self_attn.q.diff_b": "blocks.0.attn1.to_q.bias"}))
-    torch.testing.assert_close(_run(high), _run(reference), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_expert(high), run_expert(reference), rtol=1e-5, atol=1e-5)
     m.remove("pairs")
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 @pytest.mark.parametrize("bad_key,value,why", [
@@ -346,11 +343,11 @@ def test_a_key_that_cannot_be_applied_is_refused_by_name(tmp_path, bad_key, valu
     lora = {**lightx2v_lora(), bad_key: value}
     save_file(lora, str(tmp_path / "bad.safetensors"))
     high, _ = _experts()
-    base = _run(high)
+    base = run_expert(high)
     with pytest.raises(LoraError, match=re.escape(bad_key)) as exc:
         prepare_lora(high, "bad", tmp_path / "bad.safetensors", 1.0, "high")
     assert why in str(exc.value) and "would be lost" in str(exc.value)
-    assert torch.equal(_run(high), base)
+    assert torch.equal(run_expert(high), base)
 
 
 def test_permanent_lora_survives_admin_calls(tmp_path):
@@ -363,10 +360,10 @@ def test_permanent_lora_survives_admin_calls(tmp_path):
     prepared = prepare_lora(high, "distill", tmp_path / "distill.safetensors", 1.0, "high")
     fuse_deltas(high, prepared)
     m.load_permanent(prepared)
-    recipe = _run(high)
+    recipe = run_expert(high)
 
     m.activate([])                      # "no LoRAs": the profile's stays
-    assert torch.equal(_run(high), recipe)
+    assert torch.equal(run_expert(high), recipe)
     with pytest.raises(LoraError, match="part of the profile"):
         m.remove("distill")
     with pytest.raises(LoraError, match="always active"):
@@ -374,11 +371,11 @@ def test_permanent_lora_survives_admin_calls(tmp_path):
 
     m.load("style", write_diffusers_lora(tmp_path / "s.safetensors", lora_pairs(3)), target="high")
     assert [a["name"] for a in m.active()] == ["distill", "style"]
-    assert not torch.allclose(_run(high), recipe, atol=1e-3)
+    assert not torch.allclose(run_expert(high), recipe, atol=1e-3)
     m.activate([])
-    assert torch.equal(_run(high), recipe)
+    assert torch.equal(run_expert(high), recipe)
     m.remove("style")
-    assert torch.equal(_run(high), recipe) and m.loaded() == ["distill"]
+    assert torch.equal(run_expert(high), recipe) and m.loaded() == ["distill"]
 
 
 def test_gguf_expert_takes_pairs_unfused_and_weight_diffs_on_dequantised_linears(tmp_path):
@@ -432,7 +429,7 @@ def test_gguf_expert_takes_pairs_unfused_and_weight_diffs_on_dequantised_linears
     inputs = (torch.randn(1, 36, 1, 4, 4, generator=g), torch.tensor([800.0]),
               torch.randn(1, 8, 32, generator=g))
     # diffusers dequantises GGUF in fp16, so the two agree to fp16 rounding (test_checkpoints).
-    torch.testing.assert_close(_run(expert, inputs), _run(reference, inputs), rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(run_expert(expert, inputs), run_expert(reference, inputs), rtol=1e-4, atol=2e-4)
 
 
 def test_profile_start_up_loras_load_at_start(tmp_path):
@@ -455,8 +452,8 @@ def test_profile_start_up_loras_load_at_start(tmp_path):
     assert high.list_loras()["active"] == [{"name": "wan2_2_high_lora", "strength": 0.7, "target": "high",
                                             "path": str(path), "permanent": True}]
     assert low.list_loras()["active"] == []
-    torch.testing.assert_close(_run(high.transformer), _run(_reference(lora, 0.7)), rtol=1e-5, atol=1e-5)
-    assert torch.equal(_run(low.transformer), _run(_experts()[1]))
+    torch.testing.assert_close(run_expert(high.transformer), run_expert(_reference(lora, 0.7)), rtol=1e-5, atol=1e-5)
+    assert torch.equal(run_expert(low.transformer), run_expert(_experts()[1]))
 
     # A file that cannot be applied stops the start-up, naming the key.
     save_file({**lora, "diffusion_model.blocks.9.norm3.diff": torch.ones(TINY_INNER)}, str(path))
@@ -499,4 +496,4 @@ def test_non_zero_tensors_for_absent_parts_need_the_profiles_leave(tmp_path, cap
     assert "4 NON-ZERO tensors for parts this expert lacks skipped" in caplog.text
     reference = _experts()[1]
     reference.load_state_dict(apply_by_hand(reference.state_dict(), lora, 1.0))
-    torch.testing.assert_close(_run(low.transformer), _run(reference), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run_expert(low.transformer), run_expert(reference), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from deployments.models.wan.components import load_expert
 from deployments.models.wan.lora import LoraManager
 from deployments.models.wan.lora_match import prepare_lora
 from deployments.models.wan.lora_runtime import LoraRuntime, runtime_lora
-from helpers import DIFFUSERS_LORA_NAMES, lora_pairs, write_diffusers_lora
+from helpers import DIFFUSERS_LORA_NAMES, lora_pairs, run_expert, write_diffusers_lora
 
 # fp32 on a CPU: the unmerged sum x W^T + s (x A^T) B^T and the merged x (W + s B A)^T differ
 # only by rounding order.
@@ -23,16 +23,6 @@ def _expert(role="high"):
     return load_expert(RandomWeights(arch="tiny", seed=0), role, torch.float32, "cpu")
 
 
-def _inputs(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(1, 36, 3, 8, 8, generator=g), torch.tensor([800.0]),
-            torch.randn(1, 8, 32, generator=g))
-
-
-@torch.no_grad()
-def _run(model, inputs=None):
-    x, t, ctx = inputs or _inputs()
-    return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
 
 
 def _runtime_lora(model, tmp_path, name="a", seed=1, scale=1.0):
@@ -50,27 +40,27 @@ def _merge(model, pairs, strength: float):
 
 def test_no_lora_is_bit_identical_and_no_hook_outlives_a_step(tmp_path):
     model = _expert()
-    base = _run(model)
+    base = run_expert(model)
     runtime = LoraRuntime(model)
     lora = _runtime_lora(model, tmp_path)
     with runtime.applied([]):
-        assert torch.equal(_run(model), base)
+        assert torch.equal(run_expert(model), base)
     with runtime.applied([(lora, 1.0)]):
-        assert not torch.allclose(_run(model), base, atol=1e-3)
-    assert torch.equal(_run(model), base)  # the hooks went with the step
+        assert not torch.allclose(run_expert(model), base, atol=1e-3)
+    assert torch.equal(run_expert(model), base)  # the hooks went with the step
     assert not any(m._forward_hooks for m in model.modules())
     with runtime.applied([(lora, 0.0)]):  # strength 0: off on this expert
-        assert torch.equal(_run(model), base)
+        assert torch.equal(run_expert(model), base)
 
 
 def test_hooks_are_removed_when_the_step_raises(tmp_path):
     model = _expert()
-    base = _run(model)
+    base = run_expert(model)
     lora = _runtime_lora(model, tmp_path)
     with pytest.raises(RuntimeError, match="step failed"), LoraRuntime(model).applied([(lora, 1.0)]):
-        _run(model)
+        run_expert(model)
         raise RuntimeError("step failed")
-    assert torch.equal(_run(model), base)
+    assert torch.equal(run_expert(model), base)
     assert not any(m._forward_hooks for m in model.modules())
 
 
@@ -79,11 +69,11 @@ def test_one_lora_equals_its_weights_merged(tmp_path, strength):
     model = _expert()
     lora = _runtime_lora(model, tmp_path)
     with LoraRuntime(model).applied([(lora, strength)]):
-        unmerged = _run(model)
+        unmerged = run_expert(model)
     merged_model = _expert()
     _merge(merged_model, lora_pairs(1), strength)
-    merged = _run(merged_model)
-    assert not torch.allclose(merged, _run(_expert()), atol=1e-3)
+    merged = run_expert(merged_model)
+    assert not torch.allclose(merged, run_expert(_expert()), atol=1e-3)
     torch.testing.assert_close(unmerged, merged, atol=MERGE_ATOL, rtol=0)
 
 
@@ -99,21 +89,21 @@ def test_alpha_over_rank_is_applied(tmp_path):
     save_file(sd, str(tmp_path / "w.safetensors"))
     lora = runtime_lora(prepare_lora(model, "w", tmp_path / "w.safetensors", role="high"), "cpu", torch.float32)
     with LoraRuntime(model).applied([(lora, 0.8)]):
-        unmerged = _run(model)
+        unmerged = run_expert(model)
     merged_model = _expert()
     _merge(merged_model, pairs, 0.8 * 2.0 / 4)  # alpha 2, rank 4
-    torch.testing.assert_close(unmerged, _run(merged_model), atol=MERGE_ATOL, rtol=0)
+    torch.testing.assert_close(unmerged, run_expert(merged_model), atol=MERGE_ATOL, rtol=0)
 
 
 def test_two_loras_add(tmp_path):
     model = _expert()
     a, b = _runtime_lora(model, tmp_path, "a", 1), _runtime_lora(model, tmp_path, "b", 2)
     with LoraRuntime(model).applied([(a, 0.7), (b, 0.3)]):
-        unmerged = _run(model)
+        unmerged = run_expert(model)
     merged_model = _expert()
     _merge(merged_model, lora_pairs(1), 0.7)
     _merge(merged_model, lora_pairs(2), 0.3)
-    torch.testing.assert_close(unmerged, _run(merged_model), atol=MERGE_ATOL, rtol=0)
+    torch.testing.assert_close(unmerged, run_expert(merged_model), atol=MERGE_ATOL, rtol=0)
 
 
 def test_adds_on_top_of_an_admin_adapter(tmp_path):
@@ -124,11 +114,11 @@ def test_adds_on_top_of_an_admin_adapter(tmp_path):
     LoraManager(model, "high").load("admin", write_diffusers_lora(tmp_path / "adm.safetensors",
                                                                   lora_pairs(2)), target="high")
     with LoraRuntime(model).applied([(request_lora, 1.0)]):
-        both = _run(model)
+        both = run_expert(model)
     merged_model = _expert()
     _merge(merged_model, lora_pairs(1), 1.0)
     _merge(merged_model, lora_pairs(2), 1.0)
-    torch.testing.assert_close(both, _run(merged_model), atol=MERGE_ATOL, rtol=0)
+    torch.testing.assert_close(both, run_expert(merged_model), atol=MERGE_ATOL, rtol=0)
 
 
 def test_fp8_expert_takes_a_request_lora(tmp_path):
@@ -140,15 +130,15 @@ def test_fp8_expert_takes_a_request_lora(tmp_path):
     lora = _runtime_lora(model, tmp_path)
     to_fp8(model)
     assert isinstance(model.blocks[0].attn1.to_q, Fp8Linear)
-    base = _run(model)
+    base = run_expert(model)
     with LoraRuntime(model).applied([(lora, 1.0)]):
-        with_lora = _run(model)
-    assert torch.equal(_run(model), base)
+        with_lora = run_expert(model)
+    assert torch.equal(run_expert(model), base)
     # Same delta as the merged LoRA's on the fp32 model, within fp8's own error of the base.
     ref_model = _expert()
-    ref_base = _run(ref_model)
+    ref_base = run_expert(ref_model)
     _merge(ref_model, lora_pairs(1), 1.0)
-    ref_delta = _run(ref_model) - ref_base
+    ref_delta = run_expert(ref_model) - ref_base
     assert (with_lora - base - ref_delta).abs().max() < 0.1 * ref_delta.abs().max()
 
 
