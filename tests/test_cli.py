@@ -206,7 +206,10 @@ def test_ctrl_c_cancels_the_server_job_and_exits_130(slow_url, files, tmp_path):
     before = {j["id"] for j in http.get("/v1/videos").json()["data"]}
     proc = subprocess.Popen([sys.executable, "-m", "deployments.cli", "generate", str(files / "p.png"), "hi",
                              "--steps", "20", "--url", slow_url, "--api-key", KEY, "-o", str(tmp_path / "o.mp4")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C as in a terminal, even when this suite runs with SIGINT ignored
+                            # (a background job of a non-interactive shell), which a child inherits.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while True:  # until the job has started denoising

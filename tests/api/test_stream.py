@@ -91,17 +91,21 @@ def test_an_unknown_job_is_404_and_a_cancelled_one_409(client):
 
 def test_a_stream_open_when_the_job_is_cancelled_ends(client):
     job = create(client, {**LONG_CLIP, "num_inference_steps": "20"})
-    done = threading.Event()
+    opened, done = threading.Event(), threading.Event()
     got = {}
 
     def follow():
-        got["r"] = client.get(f"/v1/videos/{job['id']}/stream")
+        with client.stream("GET", f"/v1/videos/{job['id']}/stream") as r:
+            got["status"] = r.status_code
+            opened.set()  # the response has started: the stream is open
+            got["content"] = r.read()
         done.set()
 
     threading.Thread(target=follow, daemon=True).start()
+    assert opened.wait(30)
     client.delete(f"/v1/videos/{job['id']}")
     assert done.wait(30), "the stream of a cancelled job did not end"
-    assert got["r"].status_code == 200 and got["r"].content == b""
+    assert got["status"] == 200 and got["content"] == b""
 
 
 def test_a_lip_synced_job_streams_its_file_when_it_is_made(client):
